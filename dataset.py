@@ -1,0 +1,308 @@
+"""Loading, splitting and tokenizing an author's paragraphs; building austen_dataset.pkl.
+
+    python dataset.py build                      # data/austen/*.txt -> austen_dataset.pkl
+    python dataset.py build --src novels/ --out my_author.pkl
+
+A training example is one paragraph framed by GPT-2's own end-of-text token,
+`<|endoftext|> paragraph <|endoftext|>`: the leading one tells the model "a new paragraph starts
+here" (as between documents in GPT-2's pre-training), the closing one is a real target so the model
+learns where a paragraph ends. No tokens are added to the vocabulary, so the embedding matrix (and a
+LoRA adapter) keeps its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from cli import UserError, run_cli
+
+TEXT_FIELDS = ("text", "sentence")  # "sentence" is the seed's key
+DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv")
+
+# ----------------------------------------------------------------------------------------------
+# Building the bundled dataset from plain-text novels
+
+
+_HEADING = re.compile(r"(VOLUME|CHAPTER)\s+[IVXLC\d]+\.?", re.IGNORECASE)
+_END_MARKERS = {"THE END", "FINIS", "A NOTE ON THE TEXT"}  # everything from here on is not the novel
+_SMALL_WORDS = {"and", "of", "the"}
+
+
+def novel_title(path: Path) -> str:
+    """`pride_and_prejudice.txt` -> `Pride and Prejudice`."""
+    words = path.stem.split("_")
+    return " ".join(w if i and w in _SMALL_WORDS else w.capitalize() for i, w in enumerate(words))
+
+
+def blank_line_paragraphs(text: str) -> list[str]:
+    """Paragraphs separated by blank lines, each with its lines joined by single spaces."""
+    blocks = re.split(r"\n[ \t]*\n", text)
+    return [p for p in (" ".join(block.split()) for block in blocks) if p]
+
+
+def novel_paragraphs(text: str) -> list[str]:
+    """The novel's own paragraphs: no title page, headings, closing matter, editors' notes or italics marks."""
+    paragraphs = blank_line_paragraphs(text)
+    # The title page is everything before the first VOLUME/CHAPTER heading.
+    start = next((i for i, p in enumerate(paragraphs) if _HEADING.fullmatch(p)), 0)
+    kept = []
+    for paragraph in paragraphs[start:]:
+        if paragraph.upper() in _END_MARKERS:
+            break
+        if _HEADING.fullmatch(paragraph):
+            continue
+        if paragraph.startswith("[") and paragraph.endswith("]"):  # an editor's bracketed note
+            continue
+        kept.append(paragraph.replace("_", ""))  # _italic_ -> italic
+    return kept
+
+
+def build_records(src: Path) -> list[dict[str, str]]:
+    """One `{"sentence", "novel"}` record per paragraph of every `*.txt` novel in `src`, in name order."""
+    files = sorted(src.glob("*.txt"))
+    if not files:
+        raise UserError(f"no .txt novels in {src}; point --src at a folder of plain-text novels")
+    return [
+        {"sentence": paragraph, "novel": novel_title(path)}
+        for path in files
+        for paragraph in novel_paragraphs(read_text(path))
+    ]
+
+
+def build_dataset(src: Path, out: Path) -> list[dict[str, str]]:
+    """Write the records as a pickle of builtins only; the same novels always give the same bytes."""
+    records = build_records(src)
+    out.write_bytes(pickle.dumps(records, protocol=4))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading user data
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); re-save it as UTF-8"
+        ) from None
+
+
+class _BuiltinsOnlyUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, tuples and strings; refuses every class or function reference.
+
+    A pickle can name any importable callable and have it run on load (that is how pickle
+    payloads work), so a dataset file must never get to import anything.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise UserError(
+            f"refusing to unpickle {module}.{name} from {self.path}: pickled datasets may hold only "
+            "lists of strings or of dicts (pickles can run code); convert it to .jsonl or .csv, "
+            "e.g. pandas: df.to_json('data.jsonl', orient='records', lines=True)"
+        )
+
+    def __init__(self, file: io.BufferedIOBase, path: Path):
+        super().__init__(file)
+        self.path = path
+
+
+def record_text(record: Any, where: str) -> str:
+    """The text of one record: a string, or a dict's `text`/`sentence` field."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for field in TEXT_FIELDS:
+            if isinstance(record.get(field), str):
+                return record[field]
+    raise UserError(f"{where} has no 'text' or 'sentence' string field; each record needs one")
+
+
+def _records_from_pickle(path: Path) -> list[Any]:
+    try:
+        with path.open("rb") as f:
+            records = _BuiltinsOnlyUnpickler(f, path).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise UserError(f"{path} is not a readable pickle ({err}); convert it to .jsonl or .csv") from None
+    if not isinstance(records, (list, tuple)):
+        raise UserError(f"{path} holds a {type(records).__name__}; expected a list of strings or dicts")
+    return list(records)
+
+
+def _records_from_jsonl(path: Path) -> list[Any]:
+    records = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from None
+    return records
+
+
+def _records_from_json(path: Path) -> list[Any]:
+    try:
+        records = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file") from None
+    if not isinstance(records, list):
+        raise UserError(f"{path} holds a JSON {type(records).__name__}; expected a list of strings or objects")
+    return records
+
+
+def _records_from_csv(path: Path) -> list[Any]:
+    reader = csv.DictReader(io.StringIO(read_text(path)))
+    field = next((f for f in TEXT_FIELDS if f in (reader.fieldnames or [])), None)
+    if field is None:
+        raise UserError(f"{path} has columns {reader.fieldnames or []}; it needs a 'text' or 'sentence' column")
+    return [row[field] or "" for row in reader]
+
+
+_READERS = {
+    ".pkl": _records_from_pickle,
+    ".jsonl": _records_from_jsonl,
+    ".json": _records_from_json,
+    ".csv": _records_from_csv,
+}
+
+
+def load_paragraphs(path: str | Path) -> list[str]:
+    """Every non-empty paragraph in a .pkl/.txt/.jsonl/.json/.csv file or a folder of .txt files."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise UserError(f"folder {path} holds no .txt files; --data takes a file or a folder of .txt files")
+        paragraphs = [p for file in files for p in blank_line_paragraphs(read_text(file))]
+    elif not path.is_file():
+        raise UserError(f"data file {path} does not exist; pass --data with a path to your dataset")
+    elif path.suffix.lower() == ".txt":
+        paragraphs = blank_line_paragraphs(read_text(path))
+    elif path.suffix.lower() in _READERS:
+        records = _READERS[path.suffix.lower()](path)
+        texts = (record_text(r, f"{path} record {i + 1}") for i, r in enumerate(records))
+        paragraphs = [t.strip() for t in texts if t.strip()]
+    else:
+        raise UserError(f"{path} has an unknown extension; --data accepts {', '.join(DATA_SUFFIXES)} or a folder")
+    if not paragraphs:
+        raise UserError(f"{path} holds no non-empty paragraph; check the file and its text field")
+    return paragraphs
+
+
+def split_paragraphs(paragraphs: list[str], train_size: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded train/validation split by whole paragraph, before tokenization: no paragraph on both sides."""
+    order = list(range(len(paragraphs)))
+    random.Random(seed).shuffle(order)
+    n_train = round(len(paragraphs) * train_size)
+    if not 0 < n_train < len(paragraphs):
+        empty = "validation" if n_train else "training"
+        raise UserError(
+            f"--train-size {train_size} leaves the {empty} split empty for {len(paragraphs)} paragraphs; "
+            "use a value further from 0/1 or more data"
+        )
+    return [paragraphs[i] for i in sorted(order[:n_train])], [paragraphs[i] for i in sorted(order[n_train:])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization and batching
+
+
+def chunk_with_overlap(tokens: list[int], block_size: int) -> list[list[int]]:
+    """Cut a token sequence into blocks of at most `block_size` that overlap by one token.
+
+    The first token of a block is context only (a causal LM predicts token i from tokens < i), so
+    the one-token overlap makes every token after the very first a prediction target exactly once.
+    """
+    stride = block_size - 1
+    return [tokens[start : start + block_size] for start in range(0, max(len(tokens) - 1, 1), stride)]
+
+
+def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack: bool = False) -> list[list[int]]:
+    """Token blocks of at most `block_size`, tokenized in one batched call of the fast tokenizer.
+
+    pack=False: one `<eot> paragraph <eot>` per example (long ones cut in several), padded per batch.
+    pack=True: `<eot> p1 <eot> p2 <eot> ...` in corpus order, cut into full blocks, so no compute is
+    spent on padding and a paragraph is read after the one that precedes it in the novel.
+    """
+    eot = tokenizer.eos_token_id
+    encoded = tokenizer(paragraphs, add_special_tokens=False, verbose=False)["input_ids"]
+    if pack:
+        stream = [eot]
+        for ids in encoded:
+            stream.extend(ids)
+            stream.append(eot)
+        return chunk_with_overlap(stream, block_size)
+    return [block for ids in encoded for block in chunk_with_overlap([eot, *ids, eot], block_size)]
+
+
+def collate(examples: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch; padding gets label -100 by the attention mask (pad may equal end-of-text)."""
+    import torch
+
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example)] = torch.tensor(example)
+        attention_mask[row, : len(example)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class EpochShuffleSampler:
+    """A new permutation every epoch that is a pure function of (seed, epoch).
+
+    Resuming at epoch N therefore replays epoch N's order exactly, whatever happened before.
+    Accelerate's prepared DataLoader forwards `set_epoch` here and shards the batches across processes.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="turn a folder of plain-text novels into a paragraph pickle")
+    build.add_argument(
+        "--src", type=Path, default=Path("data/austen"), help="folder of .txt novels (default: data/austen)"
+    )
+    build.add_argument(
+        "--out", type=Path, default=Path("austen_dataset.pkl"), help="output pickle (default: austen_dataset.pkl)"
+    )
+    args = parser.parse_args(argv)
+
+    records = build_dataset(args.src, args.out)
+    words = sum(len(r["sentence"].split()) for r in records)
+    novels = len({r["novel"] for r in records})
+    print(f"wrote {args.out}: {len(records):,} paragraphs, {words:,} words from {novels} novels")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

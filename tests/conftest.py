@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny GPT-2 (2 layers, 64 wide) with the real GPT-2 tokenizer, small Austen data.
+
+Everything runs offline on a CPU; the models are built at test time, never committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "configs" / "gpt2-tiny"
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
+sys.path.insert(0, str(REPO))
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would, capturing its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one line on stderr starting with 'error:', no traceback, naming the problem."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def tiny_config(**overrides):
+    from transformers import GPT2Config
+
+    settings = dict(
+        vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=2, bos_token_id=50256, eos_token_id=50256
+    )
+    return GPT2Config(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from utils import load_tokenizer
+
+    return load_tokenizer(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 'pretrained' tiny GPT-2: random weights saved with the real tokenizer, like a Hub model folder."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_config()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_config_dir(tmp_path_factory, tokenizer) -> Path:
+    """The same architecture as a config-only folder (no weights), for --from-scratch."""
+    folder = tmp_path_factory.mktemp("tiny-config")
+    tiny_config().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def austen_paragraphs() -> list[str]:
+    from dataset import load_paragraphs
+
+    return load_paragraphs(REPO / "austen_dataset.pkl")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, austen_paragraphs) -> Path:
+    """120 real Austen paragraphs as JSONL: enough to see the loss fall in seconds."""
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in austen_paragraphs[:120]))
+    return path

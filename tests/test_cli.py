@@ -1,0 +1,254 @@
+"""Flags, bad input (one line, exit 2, nothing overwritten) and inference.py."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, assert_user_error, run_script
+
+import inference
+import train
+from cli import run_cli
+
+
+def run_in_process(main, argv, capsys) -> str:
+    """Run a script's main as the CLI does; return its single stderr line after asserting exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ---- flags --------------------------------------------------------------------------------------------
+
+
+def test_seed_defaults_are_kept():
+    args = train.parse_args([])
+    assert (args.data, args.batch_size, args.max_input_length, args.train_size, args.max_output_length) == (
+        "austen_dataset.pkl",
+        8,
+        100,
+        0.9,
+        200,
+    )
+    assert (args.top_k, args.top_p, args.model, args.qlora, args.rank_lora, args.alpha_lora, args.targets_lora) == (
+        50,
+        0.95,
+        "gpt2",
+        False,
+        64,
+        16,
+        ["c_attn"],
+    )
+    assert (args.warmup_steps, args.sample_every, args.epochs, args.lr, args.eps) == (100, 100, 4, 5e-4, 1e-8)
+    assert (args.check_dir, args.restore_file, args.save_interval, args.load_checkpoint, args.output_dir) == (
+        "Checkpoints",
+        None,
+        1,
+        False,
+        "GPT2_fine_tuned_Austen",
+    )
+    args = inference.parse_args([])
+    assert (args.max_length, args.top_p, args.n_return_seqs, args.top_k) == (300, 0.95, 3, 50)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], False),
+        (["--qlora"], True),
+        (["--qlora", "True"], True),
+        (["--qlora", "False"], False),
+        (["--qlora", "false"], False),
+        (["--qlora", "1"], True),
+    ],
+)
+def test_boolean_flags_accept_both_spellings(argv, expected):
+    assert train.parse_args(argv).qlora is expected
+
+
+def test_dash_and_underscore_spellings_are_twins():
+    args = train.parse_args(
+        [
+            "--rank_lora",
+            "8",
+            "--max-input-length",
+            "32",
+            "--check_dir",
+            "C",
+            "--load_checkpoint",
+            "True",
+            "--restore_file",
+            "Epoch_1",
+        ]
+    )
+    assert (args.rank_lora, args.max_input_length, args.check_dir, args.load_checkpoint, args.restore_file) == (
+        8,
+        32,
+        "C",
+        True,
+        "Epoch_1",
+    )
+    args = inference.parse_args(["--top_k", "5", "--top-p", "0.5", "--max-new-tokens", "9", "--n-return-seqs", "2"])
+    assert (args.top_k, args.top_p, args.max_new_tokens, args.n_return_seqs) == (5, 0.5, 9, 2)
+
+
+def test_bad_boolean_is_a_one_line_error(capsys):
+    assert "expected True or False, got 'maybe'" in run_in_process(train.main, ["--qlora", "maybe"], capsys)
+
+
+def test_help_does_not_import_torch():
+    """`--help` and argument errors must answer at once: the scripts import torch only after parsing."""
+    code = "import sys, train, inference; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ---- bad input to train.py ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--lr=-1e-3"], "--lr must be positive"),
+        (["--epochs", "two"], "argument --epochs: invalid int value"),
+        (["--train-size", "1.0"], "--train-size must be between 0 and 1"),
+        (["--train-size", "0"], "--train-size must be between 0 and 1"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k must be 0 (off) or more"),
+        (["--load-checkpoint", "True"], "--load-checkpoint True needs --restore-file"),
+        (["--restore-file", "Epoch_1"], "needs --load-checkpoint True"),
+        (["--qlora"], "--qlora is not available"),
+    ],
+)
+def test_bad_flags(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert message in run_in_process(train.main, argv, capsys)
+
+
+def test_bad_data_through_train(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    assert "broken.jsonl line 2 is not valid JSON" in run_in_process(
+        train.main, ["--data", "broken.jsonl", "--model", str(tiny_model_dir)], capsys
+    )
+    assert "does not exist" in run_in_process(
+        train.main, ["--data", "nope.pkl", "--model", str(tiny_model_dir)], capsys
+    )
+    (tmp_path / "three.txt").write_text("a\n\nb\n\nc\n")
+    assert "split empty" in run_in_process(
+        train.main, ["--data", "three.txt", "--train-size", "0.9", "--model", str(tiny_model_dir)], capsys
+    )
+
+
+def test_refused_pickle_through_the_real_cli(tmp_path):
+    marker = tmp_path / "pwned"
+    from test_dataset import Payload
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps([Payload(str(marker))]))
+    result = run_script("train.py", "--data", "evil.pkl", cwd=tmp_path)
+    assert_user_error(result, "refusing to unpickle", "convert it to .jsonl or .csv")
+    assert not marker.exists()
+
+
+def test_missing_or_incomplete_restore_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    resume = ["--restore-file", "Epoch_3", "--load-checkpoint", "True"]
+    assert "checkpoint Epoch_3 not found in Checkpoints" in run_in_process(train.main, resume, capsys)
+    (tmp_path / "Checkpoints/Epoch_3").mkdir(parents=True)
+    (tmp_path / "Checkpoints/Epoch_3/config.json").write_text("{}")
+    assert "Epoch_3 is not a complete checkpoint" in run_in_process(train.main, resume, capsys)
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.bin").write_text("precious")
+    assert "--output-dir model.bin is a file" in run_in_process(train.main, ["--output-dir", "model.bin"], capsys)
+    assert (tmp_path / "model.bin").read_text() == "precious"
+
+
+def test_existing_outputs_are_never_overwritten(tmp_path, capsys, monkeypatch, tiny_model_dir, small_data):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/model.safetensors").write_text("an earlier model")
+    assert "already holds files" in run_in_process(train.main, ["--output-dir", "out"], capsys)
+    (tmp_path / "Checkpoints/Epoch_1").mkdir(parents=True)
+    (tmp_path / "Checkpoints/Epoch_1/model.safetensors").write_text("an earlier checkpoint")
+    argv = ["--model", str(tiny_model_dir), "--data", str(small_data), "--output-dir", "new"]
+    assert "Epoch_1 already exist and would be overwritten" in run_in_process(train.main, argv, capsys)
+    assert (tmp_path / "out/model.safetensors").read_text() == "an earlier model"
+    assert (tmp_path / "Checkpoints/Epoch_1/model.safetensors").read_text() == "an earlier checkpoint"
+
+
+def test_folder_without_weights_needs_from_scratch(tmp_path, capsys, tiny_config_dir, small_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = run_in_process(train.main, ["--model", str(tiny_config_dir), "--data", str(small_data)], capsys)
+    assert "has a config but no weights; add --from-scratch" in message
+
+
+def test_unreachable_hub_model(tmp_path, capsys, small_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = run_in_process(train.main, ["--model", "no-such-org/no-such-model", "--data", str(small_data)], capsys)
+    assert (
+        "nor in the Hugging Face cache, and the Hub is unreachable" in message
+        and "--model configs/gpt2-tiny --from-scratch" in message
+    )
+
+
+# ---- inference.py ------------------------------------------------------------------------------------
+
+
+def test_inference_prints_numbered_samples_reproducibly(tiny_model_dir, capsys):
+    argv = [
+        "--model_path",
+        str(tiny_model_dir),
+        "--prompt",
+        "Emma was",
+        "--n_return_seqs",
+        "3",
+        "--max-new-tokens",
+        "12",
+    ]
+    assert inference.main([*argv, "--seed", "1"]) == 0
+    first = capsys.readouterr()
+    assert first.err == ""
+    samples = [line for line in first.out.splitlines() if line]
+    assert [s.split(". ", 1)[0] for s in samples] == ["1", "2", "3"]
+    assert all(s.split(". ", 1)[1].startswith("Emma was") for s in samples)
+    inference.main([*argv, "--seed", "1"])
+    assert capsys.readouterr().out == first.out
+    inference.main([*argv, "--seed", "2"])
+    assert capsys.readouterr().out != first.out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "--top-k must be 0 (off) or more"),
+        (["--n_return_seqs", "0"], "--n_return_seqs must be at least 1"),
+        (["--temperature", "0"], "--temperature must be positive"),
+    ],
+)
+def test_inference_bad_flags(argv, message, capsys):
+    assert message in run_in_process(inference.main, argv, capsys)
+
+
+def test_inference_model_path_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/readme.txt").write_text("hello")
+    assert_user_error(
+        run_script("inference.py", "--model_path", "notes", cwd=tmp_path),
+        "notes is not a model folder (no config.json)",
+    )
+    assert_user_error(
+        run_script("inference.py", "--model_path", "./missing", cwd=tmp_path), "model folder ./missing does not exist"
+    )

@@ -1,0 +1,229 @@
+"""Data: the bundled Austen build, every input format, safe unpickling, splitting, tokenization, labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+import dataset
+from cli import UserError
+from dataset import chunk_with_overlap, collate, load_paragraphs, split_paragraphs, tokenize_paragraphs
+
+# ---- the bundled dataset -----------------------------------------------------------------------------
+
+
+def test_build_is_byte_identical_to_the_committed_pickle(tmp_path):
+    first, second = tmp_path / "a.pkl", tmp_path / "b.pkl"
+    dataset.main(["build", "--src", str(REPO / "data/austen"), "--out", str(first)])
+    dataset.main(["build", "--src", str(REPO / "data/austen"), "--out", str(second)])
+    assert first.read_bytes() == second.read_bytes() == (REPO / "austen_dataset.pkl").read_bytes()
+
+
+def test_bundled_dataset_counts_and_cleaning():
+    records = pickle.loads((REPO / "austen_dataset.pkl").read_bytes())
+    assert all(set(r) == {"sentence", "novel"} and type(r["sentence"]) is str for r in records)
+    assert len(records) == 9_997
+    assert sum(len(r["sentence"].split()) for r in records) == 716_698
+    novels = {r["novel"] for r in records}
+    assert novels == {
+        "Emma",
+        "Mansfield Park",
+        "Northanger Abbey",
+        "Persuasion",
+        "Pride and Prejudice",
+        "Sense and Sensibility",
+    }
+    texts = [r["sentence"] for r in records]
+    assert not any(t.upper().startswith(("CHAPTER ", "VOLUME ")) and len(t) < 16 for t in texts)
+    assert not any(t.upper() in {"THE END", "FINIS"} or "A NOTE ON THE TEXT" in t for t in texts)
+    assert not any("_" in t or (t.startswith("[") and t.endswith("]")) for t in texts)
+    assert not any("\n" in t or "  " in t for t in texts)  # lines joined by single spaces
+    first = {}
+    for r in records:
+        first.setdefault(r["novel"], r["sentence"])
+    assert first["Pride and Prejudice"].startswith("It is a truth universally acknowledged")
+    assert first["Emma"].startswith("Emma Woodhouse, handsome, clever, and rich")
+
+
+def test_novel_cleaning_rules():
+    text = (
+        "TITLE\n\nBy Someone\n\nCHAPTER I\n\nFirst _para_\nline two.\n\n[An editor's note.]\n\n"
+        "Chapter 2\n\nSecond.\n\nTHE END\n\nAfterword."
+    )
+    assert dataset.novel_paragraphs(text) == ["First para line two.", "Second."]
+
+
+# ---- every input format ---------------------------------------------------------------------------
+
+PARAGRAPHS = [
+    "It is a truth universally acknowledged.",
+    "Mr. Bennet replied that he had not.",
+    "\u00a3 and \u201cquotes\u201d",
+]
+
+
+def write_formats(folder: Path) -> dict[str, Path]:
+    paths = {
+        "pkl_dicts": folder / "dicts.pkl",
+        "pkl_strings": folder / "strings.pkl",
+        "txt": folder / "text.txt",
+        "jsonl": folder / "data.jsonl",
+        "json": folder / "data.json",
+        "csv": folder / "data.csv",
+        "folder": folder / "novels",
+    }
+    paths["pkl_dicts"].write_bytes(pickle.dumps([{"sentence": p, "novel": "X"} for p in PARAGRAPHS]))
+    paths["pkl_strings"].write_bytes(pickle.dumps(PARAGRAPHS))
+    paths["txt"].write_text("\n\n".join(p.replace(" ", "\n", 1) for p in PARAGRAPHS) + "\n", encoding="utf-8")
+    paths["jsonl"].write_text("".join(json.dumps({"text": p}) + "\n" for p in PARAGRAPHS), encoding="utf-8")
+    paths["json"].write_text(json.dumps([{"sentence": p} for p in PARAGRAPHS]), encoding="utf-8")
+    with paths["csv"].open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows([i, p] for i, p in enumerate(PARAGRAPHS))
+    paths["folder"].mkdir()
+    (paths["folder"] / "a.txt").write_text(PARAGRAPHS[0] + "\n\n" + PARAGRAPHS[1] + "\n", encoding="utf-8")
+    (paths["folder"] / "b.txt").write_text(PARAGRAPHS[2] + "\n", encoding="utf-8")
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["pkl_dicts", "pkl_strings", "txt", "jsonl", "json", "csv", "folder"])
+def test_every_format_gives_the_same_paragraphs(tmp_path, kind):
+    assert load_paragraphs(write_formats(tmp_path)[kind]) == PARAGRAPHS
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps([{"sentence": "hello"}, Payload(str(marker))]))
+    with pytest.raises(UserError, match=r"refusing to unpickle .*system.*convert it to \.jsonl or \.csv"):
+        load_paragraphs(path)
+    assert not marker.exists()
+
+
+def test_pickled_objects_of_other_classes_are_refused(tmp_path):
+    path = tmp_path / "frame.pkl"
+    path.write_bytes(pickle.dumps([Path("x")]))  # stands in for a pandas DataFrame: any class is refused
+    with pytest.raises(UserError, match="refusing to unpickle pathlib"):
+        load_paragraphs(path)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.jsonl", None, "does not exist"),
+        ("data.parquet", b"x", "unknown extension"),
+        ("empty.txt", b"\n\n  \n", "no non-empty paragraph"),
+        ("blank.jsonl", b'{"text": "  "}\n', "no non-empty paragraph"),
+        ("nofield.jsonl", b'{"body": "hi"}\n', "record 1 has no 'text' or 'sentence'"),
+        ("broken.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "line 2 is not valid JSON"),
+        ("latin1.txt", "caf\u00e9".encode("latin-1"), "latin1.txt is not UTF-8"),
+        ("nocol.csv", b"id,body\n1,hi\n", "needs a 'text' or 'sentence' column"),
+        ("dict.json", b'{"text": "hi"}', "expected a list"),
+        ("notpickle.pkl", b"plain text", "not a readable pickle"),
+    ],
+)
+def test_bad_data_gives_a_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_paragraphs(path)
+
+
+def test_folder_without_txt_files_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="holds no .txt files"):
+        load_paragraphs(tmp_path)
+
+
+# ---- split -----------------------------------------------------------------------------------------------
+
+
+def test_split_is_by_paragraph_seeded_and_disjoint(austen_paragraphs):
+    unique = list(dict.fromkeys(austen_paragraphs))  # "Yes." occurs many times; judge by distinct texts
+    train, val = split_paragraphs(unique, 0.9, seed=1)
+    assert len(train) == round(0.9 * len(unique)) and sorted(train + val) == sorted(unique)
+    assert not set(train) & set(val)
+    assert split_paragraphs(unique, 0.9, seed=1) == (train, val)
+    assert split_paragraphs(unique, 0.9, seed=2)[1] != val
+
+
+@pytest.mark.parametrize("train_size", [0.001, 0.999])
+def test_split_that_leaves_an_empty_side_is_an_error(train_size):
+    with pytest.raises(UserError, match="split empty"):
+        split_paragraphs(["a", "b", "c"], train_size, seed=0)
+
+
+# ---- tokenization, chunking, labels --------------------------------------------------------------------
+
+
+def test_overlapping_chunks_make_every_token_a_target_exactly_once():
+    tokens = list(range(1000))
+    for block in (2, 3, 7, 100, 999, 1000, 5000):
+        chunks = chunk_with_overlap(tokens, block)
+        assert all(len(c) <= block for c in chunks)
+        targets = [t for c in chunks for t in c[1:]]  # position 0 of a block is context only
+        assert targets == tokens[1:]
+
+
+def test_long_paragraphs_are_cut_not_dropped(tokenizer, austen_paragraphs):
+    longest = max(austen_paragraphs, key=len)
+    blocks = tokenize_paragraphs(tokenizer, [longest], block_size=100)
+    ids = tokenizer(longest)["input_ids"]
+    assert len(blocks) > 10 and all(len(b) <= 100 for b in blocks)
+    assert [t for b in blocks for t in b[1:]] == [*ids, tokenizer.eos_token_id]
+
+
+def test_batched_tokenization_matches_one_at_a_time(tokenizer, austen_paragraphs):
+    sample = austen_paragraphs[:200]
+    eot = tokenizer.eos_token_id
+    expected = [block for p in sample for block in chunk_with_overlap([eot, *tokenizer.encode(p), eot], 64)]
+    assert tokenize_paragraphs(tokenizer, sample, 64) == expected
+
+
+def test_packing_fills_blocks_and_keeps_every_token(tokenizer, austen_paragraphs):
+    sample = austen_paragraphs[:200]
+    eot = tokenizer.eos_token_id
+    blocks = tokenize_paragraphs(tokenizer, sample, 64, pack=True)
+    assert all(len(b) == 64 for b in blocks[:-1])
+    stream = [eot] + [t for p in sample for t in (*tokenizer.encode(p), eot)]
+    assert [blocks[0][0]] + [t for b in blocks for t in b[1:]] == stream
+
+
+def test_padding_is_masked_and_the_closing_end_of_text_is_a_target(tokenizer):
+    eot = tokenizer.eos_token_id
+    examples = tokenize_paragraphs(tokenizer, ["Short.", "A somewhat longer paragraph than the first one."], 100)
+    batch = collate(examples, pad_id=tokenizer.pad_token_id)
+    assert tokenizer.pad_token_id == eot  # the hard case: pad and end-of-text share an id
+    short_len = len(examples[0])
+    assert batch["labels"][0, short_len:].eq(-100).all()
+    assert batch["attention_mask"][0, short_len:].eq(0).all()
+    assert batch["labels"][0, short_len - 1].item() == eot  # the closing end-of-text is learned
+    assert batch["input_ids"][0, 0].item() == eot  # every paragraph starts after end-of-text
+    assert batch["labels"][1].ne(-100).all()  # the longest row has no padding
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    sampler = dataset.EpochShuffleSampler(100, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) != first and sorted(first) == list(range(100))
+    sampler.set_epoch(1)
+    assert list(sampler) == first

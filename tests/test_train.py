@@ -1,0 +1,146 @@
+"""train.py end to end on a tiny GPT-2: learning, checkpoints, final model, exact epoch resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_script
+from safetensors.torch import load_file
+
+COMMON = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-input-length",
+    "64",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "2",
+    "--sample-every",
+    "10",
+    "--max-output-length",
+    "20",
+    "--precision",
+    "fp32",
+    "--seed",
+    "7",
+]
+
+
+def train(tmp: Path, model: Path, data: Path, *extra: str):
+    return run_script(
+        "train.py",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--check-dir",
+        str(tmp / "Checkpoints"),
+        "--output-dir",
+        str(tmp / "out"),
+        *COMMON,
+        *extra,
+        cwd=tmp,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, small_data) -> Path:
+    """One uninterrupted 2-epoch run, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("run")
+    result = train(tmp, tiny_model_dir, small_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(result.stdout)
+    return tmp
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_falls(trained):
+    metrics = read_jsonl(trained / "Checkpoints/logs/metrics.jsonl")
+    train_losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    val = [m for m in metrics if "val_loss" in m]
+    assert len(val) == 2 and val[1]["val_loss"] < val[0]["val_loss"]
+    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.5
+    assert all(
+        m["val_perplexity"] == pytest.approx(2.718281828 ** m["val_loss"]) and m["val_bits_per_char"] > 0 for m in val
+    )
+    steps = [m["step"] for m in metrics if "train_loss" in m]
+    assert steps == list(range(1, len(steps) + 1))  # one line per optimizer step
+
+
+def test_checkpoint_layout_and_safe_loading(trained):
+    from utils import TRAINER_STATE, TRAINING_STATE
+
+    for epoch in (1, 2):
+        folder = trained / f"Checkpoints/Epoch_{epoch}"
+        for name in (
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            TRAINING_STATE,
+            TRAINER_STATE,
+        ):
+            assert (folder / name).is_file(), name
+        state = torch.load(folder / TRAINING_STATE, weights_only=True)  # no pickled objects inside
+        assert {"optimizer", "scheduler", "rng"} <= set(state)
+        trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+        assert trainer_state["epoch"] == epoch and trainer_state["args"]["seed"] == 7
+    assert not list((trained / "Checkpoints").glob("*.tmp"))
+    assert list((trained / "Checkpoints/logs").glob("events.out.tfevents.*"))
+
+
+def test_samples_are_printed_and_logged(trained):
+    samples = read_jsonl(trained / "Checkpoints/logs/samples.jsonl")
+    assert samples and {s["prompt"] for s in samples} == {"", '"I cannot think," said she,', "The ball at"}
+    assert all(s["text"].startswith(s["prompt"]) for s in samples)
+    assert "[step 10]" in (trained / "stdout.txt").read_text() or samples[0]["step"] == 10
+
+
+def test_final_model_loads_with_plain_transformers_and_pipeline(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    out = trained / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    final = load_file(out / "model.safetensors")
+    assert torch.equal(model.transformer.wte.weight, final["transformer.wte.weight"])
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # embeddings stay tied
+    generated = pipeline("text-generation", model=model, tokenizer=tokenizer)("Emma", max_new_tokens=5)
+    assert generated[0]["generated_text"].startswith("Emma")
+
+
+def test_epoch_resume_equals_uninterrupted(trained, tiny_model_dir, small_data, tmp_path):
+    # The interrupted run: all it left behind is its epoch-1 checkpoint.
+    shutil.copytree(trained / "Checkpoints/Epoch_1", tmp_path / "Checkpoints/Epoch_1")
+    result = train(tmp_path, tiny_model_dir, small_data, "--restore-file", "Epoch_1", "--load-checkpoint", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    resumed, uninterrupted = load_file(tmp_path / "out/model.safetensors"), load_file(trained / "out/model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    # The logs continue where the checkpoint left off: every step once.
+    steps = [m["step"] for m in read_jsonl(tmp_path / "Checkpoints/logs/metrics.jsonl") if "train_loss" in m]
+    assert steps[0] > 1 and steps == list(range(steps[0], steps[0] + len(steps)))
+
+
+def test_from_scratch_trains_a_config_only_folder(tiny_config_dir, small_data, tmp_path):
+    result = train(tmp_path, tiny_config_dir, small_data, "--from-scratch", "--epochs", "1", "--sample-every", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out/model.safetensors").is_file()
+
+
+def test_padded_mode_trains_too(tiny_model_dir, small_data, tmp_path):
+    result = train(tmp_path, tiny_model_dir, small_data, "--packing", "False", "--epochs", "1", "--sample-every", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "examples of <= 64 tokens" in result.stdout

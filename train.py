@@ -1,0 +1,384 @@
+"""Fine-tune a GPT-2-class model on one author's paragraphs (default: Jane Austen's six novels).
+
+  python train.py                                                      # gpt2, austen_dataset.pkl, 4 epochs
+  python train.py --model configs/gpt2-tiny --from-scratch --epochs 1  # offline CPU quickstart
+  python train.py --restore-file Epoch_2 --load-checkpoint True        # resume after epoch 2
+
+One hand-written loop on an accelerate.Accelerator, which owns the device, mixed precision, gradient
+accumulation and multi-process distribution: the same code runs on a CPU, one GPU or many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
+
+# torch, transformers and accelerate are imported inside functions, after the arguments are parsed,
+# so that `--help` and argument errors answer at once.
+
+DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
+# Settings that decide the data split, the batches or the model: a resumed run must keep them.
+MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
+MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__)
+    data = p.add_argument_group("data")
+    add_flag(
+        data,
+        "--data",
+        default="austen_dataset.pkl",
+        help="paragraphs: .pkl, .txt, .jsonl, .json, .csv or a folder of .txt",
+    )
+    add_flag(data, "--train-size", type=float, default=0.9, help="share of paragraphs for training; the rest validate")
+    add_flag(
+        data,
+        "--max-input-length",
+        type=int,
+        default=100,
+        help="tokens per example; longer paragraphs are cut in several",
+    )
+    add_bool_flag(
+        data, "--packing", default=True, help="pack paragraphs into full blocks (no padding) instead of one per example"
+    )
+
+    model = p.add_argument_group("model")
+    add_flag(model, "--model", default="gpt2", help="Hub id or local folder of the base model")
+    add_bool_flag(model, "--from-scratch", help="random weights from the --model config instead of pretrained ones")
+    add_bool_flag(model, "--qlora", help="4-bit QLoRA fine-tuning (not available in this version yet)")
+    add_flag(model, "--rank-lora", type=int, default=64, help="LoRA rank")
+    add_flag(model, "--alpha-lora", type=int, default=16, help="LoRA alpha")
+    add_flag(model, "--targets-lora", nargs="+", default=["c_attn"], help="modules that get LoRA adapters")
+
+    optim = p.add_argument_group("optimization")
+    add_flag(optim, "--epochs", type=int, default=4, help="passes over the training paragraphs")
+    add_flag(optim, "--batch-size", type=int, default=8, help="examples per batch and device")
+    add_flag(optim, "--grad-accum-steps", type=int, default=1, help="batches accumulated into one optimizer step")
+    add_flag(optim, "--lr", type=float, default=5e-4, help="peak learning rate of AdamW")
+    add_flag(optim, "--eps", type=float, default=1e-8, help="AdamW epsilon")
+    add_flag(
+        optim, "--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on biases and LayerNorms)"
+    )
+    add_flag(optim, "--warmup-steps", type=int, default=100, help="linear warm-up steps, then linear decay to 0")
+    add_flag(optim, "--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+    add_flag(optim, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+             help="auto: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32")  # fmt: skip
+    add_flag(optim, "--seed", type=int, default=42, help="seed of the split, the data order and new weights")
+
+    sampling = p.add_argument_group("samples during training")
+    add_flag(sampling, "--sample-every", type=int, default=100, help="print and log samples every N steps; 0 disables")
+    add_flag(
+        sampling, "--sample-prompts", nargs="+", default=DEFAULT_PROMPTS, help="their prompts; '' starts a paragraph"
+    )
+    add_flag(sampling, "--max-output-length", type=int, default=200, help="tokens per sample, prompt included")
+    add_flag(sampling, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
+    add_flag(sampling, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
+
+    io = p.add_argument_group("checkpoints and outputs")
+    add_flag(io, "--check-dir", default="Checkpoints", help="folder of the Epoch_N checkpoints and the run logs")
+    add_flag(io, "--save-interval", type=int, default=1, help="checkpoint every N epochs (the last epoch always)")
+    add_flag(io, "--restore-file", default=None, help="checkpoint to resume from: Epoch_2 (in --check-dir) or a path")
+    add_bool_flag(io, "--load-checkpoint", help="resume from --restore-file: weights, optimizer, schedule, RNG, step")
+    add_flag(io, "--output-dir", default="GPT2_fine_tuned_Austen", help="where the final model and tokenizer go")
+    add_bool_flag(io, "--overwrite-output-dir", help="replace a model already in --output-dir")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible settings before anything is loaded or written."""
+    rules = [
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.lr > 0, "--lr must be positive"),
+        (0 < args.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1], e.g. 0.95"),
+        (args.top_k >= 0, "--top-k must be 0 (off) or more"),
+        (args.max_input_length >= 2, "--max-input-length must be at least 2 tokens"),
+        (args.max_output_length >= 1, "--max-output-length must be at least 1"),
+        (args.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
+        (args.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+        (args.sample_every >= 0, "--sample-every must be 0 (off) or more"),
+        (args.save_interval >= 1, "--save-interval must be at least 1"),
+        (args.eps > 0, "--eps must be positive"),
+        (args.weight_decay >= 0 and args.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must not be negative"),
+        (args.restore_file or not args.load_checkpoint, "--load-checkpoint True needs --restore-file, e.g. Epoch_2"),
+        (
+            args.load_checkpoint or not args.restore_file,
+            f"--restore-file {args.restore_file} needs --load-checkpoint True",
+        ),
+        (not Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file; pass a folder path"),
+        (not args.qlora, "--qlora is not available in this version yet; train without it (full fine-tuning)"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+    output = Path(args.output_dir)
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
+        raise UserError(f"--output-dir {output} already holds files; pass --overwrite-output-dir or another folder")
+
+
+@dataclass
+class Resume:
+    """Where training starts: from nothing, or from a checkpoint's weights and states."""
+
+    checkpoint: Path | None = None
+    training_state: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, RNG tensors
+    epoch: int = 0  # completed epochs
+    global_step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def plan_resume(args: argparse.Namespace) -> Resume:
+    """Load and vet the checkpoint to resume from, and refuse to overwrite checkpoints this run would write."""
+    from utils import find_checkpoint, load_checkpoint_states
+
+    resume = Resume()
+    if args.load_checkpoint:
+        checkpoint = find_checkpoint(Path(args.check_dir), args.restore_file)
+        training_state, trainer_state = load_checkpoint_states(checkpoint)
+        for key in MUST_MATCH_ON_RESUME:
+            was, now = trainer_state["args"].get(key), getattr(args, key)
+            if was != now:
+                flag = "--" + key.replace("_", "-")
+                raise UserError(
+                    f"cannot resume: {checkpoint} was trained with {flag} {was}, not {now}; use the same {flag}"
+                )
+        resume = Resume(
+            checkpoint, training_state, trainer_state["epoch"], trainer_state["global_step"], trainer_state["metrics"]
+        )
+        if resume.epoch >= args.epochs:
+            raise UserError(f"{checkpoint} already completed {resume.epoch} epochs; raise --epochs to train further")
+    clashes = [str(c) for c in checkpoints_to_write(args, resume.epoch) if c.exists()]
+    if clashes:
+        raise UserError(
+            f"{', '.join(clashes)} already exist and would be overwritten; resume, or use another --check-dir"
+        )
+    return resume
+
+
+def checkpoints_to_write(args: argparse.Namespace, done_epochs: int) -> list[Path]:
+    epochs = range(done_epochs + 1, args.epochs + 1)
+    return [Path(args.check_dir) / f"Epoch_{e}" for e in epochs if e % args.save_interval == 0 or e == args.epochs]
+
+
+def resolve_precision(precision: str) -> str:
+    """The Accelerator's mixed_precision for --precision ("no" is fp32)."""
+    import torch
+
+    if precision != "auto":
+        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
+    """Training batches (packed or padded, reshuffled per epoch) and per-paragraph validation batches.
+
+    Validation always reads one paragraph per example, starting from end-of-text as generation does,
+    so its loss means the same whether training packs or pads.
+    """
+    from torch.utils.data import DataLoader
+
+    from dataset import EpochShuffleSampler, collate, tokenize_paragraphs
+
+    def collate_batch(examples: list[list[int]]):
+        return collate(examples, tokenizer.pad_token_id)
+
+    train = tokenize_paragraphs(tokenizer, train_paragraphs, args.max_input_length, pack=args.packing)
+    val = tokenize_paragraphs(tokenizer, val_paragraphs, args.max_input_length)
+    sampler = EpochShuffleSampler(len(train), args.seed)
+    return (
+        DataLoader(train, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_batch),
+        DataLoader(val, batch_size=args.batch_size, collate_fn=collate_batch),
+    )
+
+
+def make_optimizer(model, args: argparse.Namespace):
+    """AdamW with no weight decay on biases and LayerNorm weights (the 1-D tensors), as GPT-2 was trained."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps)
+
+
+def lm_loss_sum(model, batch: dict):
+    """Next-token cross-entropy summed over real targets (label != -100), and the number of targets.
+
+    The labels are shifted left rather than the logits sliced, which would copy batch x length x vocab floats.
+    """
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+def evaluate(model, loader, accelerator, n_chars: int) -> dict[str, float]:
+    """Validation loss per real token (pads excluded), its perplexity, and bits per character."""
+    import torch
+
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device)  # summed loss, number of targets
+    with torch.no_grad():
+        for batch in loader:
+            loss_sum, n_targets = lm_loss_sum(model, batch)
+            totals += torch.stack([loss_sum, n_targets.float()])
+    model.train()
+    nll, n_targets = accelerator.reduce(totals, "sum").tolist()
+    return {
+        "val_loss": nll / n_targets,
+        "val_perplexity": math.exp(nll / n_targets),
+        "val_bits_per_char": nll / math.log(2) / n_chars,
+    }
+
+
+def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> list[str]:
+    """One sample per prompt, in eval mode, with its own seed (training's random stream is untouched)."""
+    from generation import generate_paragraphs
+
+    model.eval()
+    texts = [generate_paragraphs(model, tokenizer, p, 1, settings, seed + i)[0] for i, p in enumerate(prompts)]
+    model.train()
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    quiet_libraries()
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    import utils
+    from dataset import load_paragraphs, split_paragraphs
+    from generation import SamplingSettings, context_length
+    from runlog import RunLog
+
+    # ---- everything that can fail on bad input fails here, before any work or write -------------------
+    resume = plan_resume(args)
+    set_seed(args.seed)
+    train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
+    source = str(resume.checkpoint or args.model)
+    tokenizer = utils.load_tokenizer(source)
+    model = utils.load_model(source, from_scratch=args.from_scratch and not resume.checkpoint)
+    if args.max_input_length > context_length(model):
+        raise UserError(
+            f"--max-input-length {args.max_input_length} exceeds the model's {context_length(model)} positions"
+        )
+    train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
+    val_chars = sum(len(p) + 1 for p in val_paragraphs)  # +1: the closing end-of-text is the paragraph break
+
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(args.precision), gradient_accumulation_steps=args.grad_accum_steps
+    )
+    optimizer = make_optimizer(model, args)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
+    # process), so --warmup-steps counts optimizer steps on any number of devices.
+    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps_per_epoch * args.epochs)
+    if resume.checkpoint:
+        optimizer.load_state_dict(resume.training_state["optimizer"])
+        scheduler.load_state_dict(resume.training_state["scheduler"])
+        utils.set_rng_state(resume.training_state["rng"])
+        accelerator.print(f"resumed from {resume.checkpoint}: {resume.epoch} epochs, {resume.global_step} steps done")
+
+    effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
+    n_params = sum(p.numel() for p in model.parameters())
+    accelerator.print(
+        f"data: {len(train_paragraphs):,} training / {len(val_paragraphs):,} validation paragraphs -> "
+        f"{len(train_loader.dataset):,} / {len(val_loader.dataset):,} examples of <= {args.max_input_length} tokens\n"
+        f"model: {args.model}, {n_params / 1e6:.1f}M parameters, on {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}\n"
+        f"batches: {effective_batch} examples per optimizer step, {steps_per_epoch} steps per epoch, "
+        f"{steps_per_epoch * args.epochs} in all"
+    )
+    run_log = RunLog(Path(args.check_dir) / "logs", resume.global_step, enabled=accelerator.is_main_process)
+    sampling = SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p)
+    global_step, metrics = resume.global_step, resume.metrics
+
+    # ---- the loop: forward, backward, clip, step, schedule; samples, validation, checkpoints ------------
+    model.train()
+    for epoch in range(resume.epoch, args.epochs):
+        train_loader.set_epoch(epoch)  # the epoch's order is a function of (seed, epoch): resumable
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process)
+        started, real_tokens = time.perf_counter(), 0
+        for batch in bar:
+            with accelerator.accumulate(model):
+                loss_sum, n_targets = lm_loss_sum(model, batch)
+                loss = loss_sum / n_targets  # mean over real tokens: padding never counts
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            real_tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue  # inside a gradient-accumulation window
+            scheduler.step()
+            global_step += 1
+            lr, tokens_per_s = scheduler.get_last_lr()[0], real_tokens / (time.perf_counter() - started)
+            bar.set_postfix(step=global_step, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            run_log.metrics(global_step, epoch + 1, train_loss=loss.item(), train_lr=lr)
+            if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
+                texts = sample_texts(
+                    accelerator.unwrap_model(model), tokenizer, args.sample_prompts, sampling, args.seed + global_step
+                )
+                tqdm.write("\n".join(f"[step {global_step}] {text}" for text in texts))
+                run_log.samples(global_step, epoch + 1, args.sample_prompts, texts)
+
+        metrics = evaluate(model, val_loader, accelerator, val_chars)
+        run_log.metrics(global_step, epoch + 1, **metrics)
+        accelerator.print(
+            f"epoch {epoch + 1}: validation loss {metrics['val_loss']:.4f}, "
+            f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_char']:.3f} bits/char"
+        )
+        folder = Path(args.check_dir) / f"Epoch_{epoch + 1}"
+        if folder in checkpoints_to_write(args, epoch) and accelerator.is_main_process:
+            states = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": utils.rng_state(),
+            }
+            progress = {"epoch": epoch + 1, "global_step": global_step, "metrics": metrics, "args": vars(args)}
+            utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress)
+            accelerator.print(f"saved {folder}")
+
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        utils.save_final_model(Path(args.output_dir), final, tokenizer, metrics, top_k=args.top_k, top_p=args.top_p)
+        accelerator.print(
+            f'final model in {args.output_dir}: python inference.py --model_path {args.output_dir} --prompt "..."'
+        )
+    run_log.close()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,227 @@
+"""Model, tokenizer and checkpoint I/O: Hub ids or local folders, safe loading, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from cli import UserError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
+TRAINER_STATE = "trainer_state.json"  # epoch, step, metrics, args; written last, so it marks a complete checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizers from the Hub or from local folders
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine gets an answer now, not after a minute of Hub retries."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_source(name: str) -> str:
+    """A local folder for `name`: the folder itself, or the cached snapshot of a Hub id.
+
+    Resolving the cache ourselves means a cached model loads with no network request at all (Hub
+    lookups retry for about a minute when offline). An uncached Hub id is returned as is, to download.
+    """
+    from huggingface_hub import snapshot_download
+
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if _looks_like_path(name):
+        raise UserError(f"model folder {name} does not exist; check the path")
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached (the exception type differs across huggingface_hub versions)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise UserError(
+            f"'{name}' is neither a local folder nor in the Hugging Face cache, and the Hub is unreachable; "
+            "download it on a connected machine (hf download NAME --local-dir DIR) and pass that folder, "
+            "or train the offline config: --model configs/gpt2-tiny --from-scratch"
+        )
+    return name
+
+
+def from_hub_or_folder(load: Callable[..., Any], name: str, **kwargs) -> Any:
+    """`load(source)` for a local folder, cached Hub id or Hub download; failures become one UserError line."""
+    source = local_source(name)
+    try:
+        return load(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load '{name}' ({str(err).strip().splitlines()[0]})") from None
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / f).exists() for f in WEIGHT_FILES)
+
+
+def load_tokenizer(name: str):
+    """The model's own tokenizer; GPT-2 has no pad token, so padding reuses end-of-text (masked by attention)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_hub_or_folder(AutoTokenizer.from_pretrained, name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, from_scratch: bool = False):
+    """Pretrained weights from a Hub id or folder; random weights only when `from_scratch` is asked for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(name).expanduser()
+    if from_scratch:
+        config = from_hub_or_folder(AutoConfig.from_pretrained, name)
+        return AutoModelForCausalLM.from_config(config)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        raise UserError(f"{name} is not a model folder (no config.json); pass a Hub id or a saved model folder")
+    if folder.is_dir() and not has_weights(folder):
+        raise UserError(
+            f"{name} has a config but no weights; add --from-scratch to train it from random weights, "
+            "or pass a folder with model.safetensors"
+        )
+    return from_hub_or_folder(AutoModelForCausalLM.from_pretrained, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state as plain tensors (so checkpoints load with torch.load(weights_only=True))
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    _, py_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), gauss if has_gauss else None))
+    pos, np_has_gauss, np_gauss = state["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: Checkpoints/Epoch_N/ = model + tokenizer + training_state.pt + trainer_state.json
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / TRAINER_STATE).is_file() and (folder / TRAINING_STATE).is_file()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace: bool = False) -> None:
+    """Let `write` fill `<folder>.tmp`, fsync it, then rename it to `folder` (replacing it only if asked).
+
+    A crash mid-write leaves only a `.tmp` folder, which is never mistaken for a checkpoint or a model.
+    """
+    if folder.exists() and not replace:
+        raise UserError(f"{folder} already exists; refusing to overwrite it")
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # debris of an earlier interrupted write, never a complete folder
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    _fsync_tree(folder.parent)
+
+
+def save_checkpoint(
+    folder: Path, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any]
+) -> None:
+    """Model, tokenizer, tensor state and JSON state; the JSON goes last and marks the checkpoint complete."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(training_state, tmp / TRAINING_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+
+    write_folder_atomically(folder, write)
+
+
+def save_final_model(folder: Path, model, tokenizer, metrics: dict[str, float], top_k: int, top_p: float) -> None:
+    """Model + tokenizer for plain transformers; sampling defaults go in generation_config, so that
+    `pipeline("text-generation")` samples as inference.py does and stops at end-of-text."""
+    model.generation_config.update(do_sample=True, top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    write_folder_atomically(folder, write, replace=True)
+
+
+def find_checkpoint(check_dir: Path, restore_file: str) -> Path:
+    """`--restore-file Epoch_2` names a folder in `--check-dir` (or any path to a checkpoint folder)."""
+    for candidate in (check_dir / restore_file, Path(restore_file)):
+        if is_checkpoint(candidate):
+            return candidate
+    if (check_dir / restore_file).exists() or Path(restore_file).exists():
+        raise UserError(
+            f"{restore_file} is not a complete checkpoint (no {TRAINER_STATE}); "
+            f"pick one of: {list_checkpoints(check_dir)}"
+        )
+    raise UserError(f"checkpoint {restore_file} not found in {check_dir}; pick one of: {list_checkpoints(check_dir)}")
+
+
+def list_checkpoints(check_dir: Path) -> list[str]:
+    return sorted((p.name for p in check_dir.glob("*") if is_checkpoint(p)), key=lambda n: (len(n), n))
+
+
+def load_checkpoint_states(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training_state tensors, trainer_state JSON) of a checkpoint; no pickled objects are executed."""
+    training_state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+    trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+    return training_state, trainer_state
