@@ -188,6 +188,26 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
+    """All an exact resume needs besides the weights, as tensors and numbers (no pickled objects)."""
+    from utils import rng_state
+
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if accelerator.scaler is not None:  # fp16 loss scaling
+        states["scaler"] = accelerator.scaler.state_dict()
+    return states
+
+
+def restore_states(states: dict[str, Any], accelerator, optimizer, scheduler) -> None:
+    from utils import set_rng_state
+
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    set_rng_state(states["rng"])
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(states["scaler"])
+
+
 def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
     """Training batches (packed or padded, reshuffled per epoch) and per-paragraph validation batches.
 
@@ -303,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     # process), so --warmup-steps counts optimizer steps on any number of devices.
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps_per_epoch * args.epochs)
     if resume.checkpoint:
-        optimizer.load_state_dict(resume.training_state["optimizer"])
-        scheduler.load_state_dict(resume.training_state["scheduler"])
-        utils.set_rng_state(resume.training_state["rng"])
+        restore_states(resume.training_state, accelerator, optimizer, scheduler)
         accelerator.print(f"resumed from {resume.checkpoint}: {resume.epoch} epochs, {resume.global_step} steps done")
 
     effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
@@ -360,11 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         folder = Path(args.check_dir) / f"Epoch_{epoch + 1}"
         if folder in checkpoints_to_write(args, epoch) and accelerator.is_main_process:
-            states = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": utils.rng_state(),
-            }
+            states = capture_states(accelerator, optimizer, scheduler)
             progress = {"epoch": epoch + 1, "global_step": global_step, "metrics": metrics, "args": vars(args)}
             utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress)
             accelerator.print(f"saved {folder}")
