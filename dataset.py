@@ -88,9 +88,16 @@ def build_dataset(src: Path, out: Path) -> list[dict[str, str]]:
 # Reading user data
 
 
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
+
+
 def read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return read_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(
             f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); re-save it as UTF-8"
@@ -128,10 +135,12 @@ def record_text(record: Any, where: str) -> str:
 
 
 def _records_from_pickle(path: Path) -> list[Any]:
+    data = read_bytes(path)
     try:
-        with path.open("rb") as f:
-            records = _BuiltinsOnlyUnpickler(f, path).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        records = _BuiltinsOnlyUnpickler(io.BytesIO(data), path).load()
+    except UserError:
+        raise
+    except Exception as err:  # a damaged pickle can fail in many ways; none of them runs code
         raise UserError(f"{path} is not a readable pickle ({err}); convert it to .jsonl or .csv") from None
     if not isinstance(records, (list, tuple)):
         raise UserError(f"{path} holds a {type(records).__name__}; expected a list of strings or dicts")

@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"--max-input-length {args.max_input_length} exceeds the model's {context_length(model)} positions"
         )
+    for prompt in args.sample_prompts:  # a prompt that fills the context would fail mid-run, not now
+        if len(tokenizer(prompt)["input_ids"]) + 1 >= min(args.max_output_length, context_length(model)):
+            raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
     train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     val_chars = sum(len(p) + 1 for p in val_paragraphs)  # +1: the closing end-of-text is the paragraph break
 

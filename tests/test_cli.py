@@ -149,6 +149,21 @@ def test_bad_data_through_train(tmp_path, capsys, tiny_model_dir, monkeypatch):
     )
 
 
+def test_sample_prompt_longer_than_the_samples(tmp_path, capsys, tiny_model_dir, small_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_data),
+        "--sample-prompts",
+        "Emma was here",
+        "--max-output-length",
+        "3",
+    ]
+    assert "leaves no room within --max-output-length" in run_in_process(train.main, argv, capsys)
+
+
 def test_refused_pickle_through_the_real_cli(tmp_path):
     marker = tmp_path / "pwned"
     from test_dataset import Payload

@@ -147,6 +147,18 @@ def test_bad_data_gives_a_clear_error(tmp_path, name, content, message):
         load_paragraphs(path)
 
 
+def test_unreadable_file_is_an_error(tmp_path, monkeypatch):
+    path = tmp_path / "locked.jsonl"
+    path.write_text('{"text": "hi"}\n')
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)  # chmod 000 does not stop root, who runs CI
+    with pytest.raises(UserError, match="cannot read .*locked.jsonl \\(Permission denied\\)"):
+        load_paragraphs(path)
+
+
 def test_folder_without_txt_files_is_an_error(tmp_path):
     with pytest.raises(UserError, match="holds no .txt files"):
         load_paragraphs(tmp_path)
