@@ -61,9 +61,13 @@ def quiet_libraries() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "pip install kernels" hint on AVX512-BF16 CPUs
+    import warnings
+
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    # peft's prepare_model_for_kbit_training asks transformers a deprecated question; not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

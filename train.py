@@ -25,7 +25,8 @@ from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_librar
 DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
 # Settings that decide the data split, the batches or the model: a resumed run must keep them.
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
-MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps")
+MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
+MUST_MATCH_ON_RESUME += ("targets_lora",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,10 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = p.add_argument_group("model")
     add_flag(model, "--model", default="gpt2", help="Hub id or local folder of the base model")
     add_bool_flag(model, "--from-scratch", help="random weights from the --model config instead of pretrained ones")
-    add_bool_flag(model, "--qlora", help="4-bit QLoRA fine-tuning (not available in this version yet)")
+    add_bool_flag(model, "--lora", help="train LoRA adapters on the frozen base model instead of all weights")
+    add_bool_flag(model, "--qlora", help="LoRA on the base model quantized to 4-bit NF4 (bitsandbytes)")
+    add_bool_flag(model, "--load-in-8bit", help="LoRA on the base model quantized to 8-bit (bitsandbytes)")
     add_flag(model, "--rank-lora", type=int, default=64, help="LoRA rank")
-    add_flag(model, "--alpha-lora", type=int, default=16, help="LoRA alpha")
-    add_flag(model, "--targets-lora", nargs="+", default=["c_attn"], help="modules that get LoRA adapters")
+    add_flag(model, "--alpha-lora", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/rank)")
+    add_flag(
+        model, "--targets-lora", nargs="+", default=["c_attn"], help="layers that get adapters, e.g. c_attn c_proj"
+    )
+    add_flag(model, "--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
 
     optim = p.add_argument_group("optimization")
     add_flag(optim, "--epochs", type=int, default=4, help="passes over the training paragraphs")
@@ -114,7 +120,11 @@ def check_args(args: argparse.Namespace) -> None:
             f"--restore-file {args.restore_file} needs --load-checkpoint True",
         ),
         (not Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file; pass a folder path"),
-        (not args.qlora, "--qlora is not available in this version yet; train without it (full fine-tuning)"),
+        (not (args.qlora and args.load_in_8bit), "--qlora (4-bit) and --load-in-8bit exclude each other; pick one"),
+        (args.rank_lora >= 1, "--rank-lora must be at least 1, e.g. 16"),
+        (args.alpha_lora > 0, "--alpha-lora must be positive, e.g. 16"),
+        (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (not (uses_adapters(args) and args.from_scratch), "LoRA freezes the base model: drop --from-scratch"),
     ]
     for ok, message in rules:
         if not ok:
@@ -122,6 +132,10 @@ def check_args(args: argparse.Namespace) -> None:
     output = Path(args.output_dir)
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output-dir {output} already holds files; pass --overwrite-output-dir or another folder")
+
+
+def uses_adapters(args: argparse.Namespace) -> bool:
+    return args.lora or args.qlora or args.load_in_8bit
 
 
 @dataclass
@@ -186,6 +200,45 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_model(args: argparse.Namespace, resume: Resume, precision: str):
+    """The model to train: all weights, or LoRA adapters on a frozen (optionally 4/8-bit) base.
+
+    A full fine-tune resumes from the checkpoint's weights; a LoRA run reloads --model and then the
+    checkpoint's adapters.
+    """
+    import torch
+    from accelerate import PartialState
+
+    import lora
+    from utils import load_model
+
+    if not uses_adapters(args):
+        return load_model(
+            str(resume.checkpoint or args.model), from_scratch=args.from_scratch and not resume.checkpoint
+        )
+    bits = 4 if args.qlora else 8 if args.load_in_8bit else None
+    kwargs = {}
+    if bits:
+        device = PartialState().device
+        lora.require_bitsandbytes(device, "--qlora" if bits == 4 else "--load-in-8bit")
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        kwargs = {"quantization_config": lora.quantization_config(bits, compute_dtype), "device_map": {"": device}}
+    model = load_model(args.model, **kwargs)
+    if bits == 4:
+        lora.keep_4bit_weights_trainable(model)
+    if resume.checkpoint:
+        return lora.load_lora(model, resume.checkpoint, quantized=bool(bits), trainable=True)
+    return lora.add_lora(
+        model,
+        args.rank_lora,
+        args.alpha_lora,
+        args.lora_dropout,
+        args.targets_lora,
+        quantized=bool(bits),
+        base_name=args.model,
+    )
 
 
 def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
@@ -297,15 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     import utils
     from dataset import load_paragraphs, split_paragraphs
     from generation import SamplingSettings, context_length
+    from lora import parameter_counts
     from runlog import RunLog
 
     # ---- everything that can fail on bad input fails here, before any work or write -------------------
     resume = plan_resume(args)
     set_seed(args.seed)
     train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
-    source = str(resume.checkpoint or args.model)
-    tokenizer = utils.load_tokenizer(source)
-    model = utils.load_model(source, from_scratch=args.from_scratch and not resume.checkpoint)
+    precision = resolve_precision(args.precision)
+    tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))
+    model = build_model(args, resume, precision)
     if args.max_input_length > context_length(model):
         raise UserError(
             f"--max-input-length {args.max_input_length} exceeds the model's {context_length(model)} positions"
@@ -316,9 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     val_chars = sum(len(p) + 1 for p in val_paragraphs)  # +1: the closing end-of-text is the paragraph break
 
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(args.precision), gradient_accumulation_steps=args.grad_accum_steps
-    )
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=args.grad_accum_steps)
     optimizer = make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
@@ -330,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"resumed from {resume.checkpoint}: {resume.epoch} epochs, {resume.global_step} steps done")
 
     effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
-    n_params = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
+    footprint = accelerator.unwrap_model(model).get_memory_footprint() / 2**20
     accelerator.print(
         f"data: {len(train_paragraphs):,} training / {len(val_paragraphs):,} validation paragraphs -> "
         f"{len(train_loader.dataset):,} / {len(val_loader.dataset):,} examples of <= {args.max_input_length} tokens\n"
-        f"model: {args.model}, {n_params / 1e6:.1f}M parameters, on {accelerator.device}, "
+        f"model: {args.model}{' + LoRA' * uses_adapters(args)}, {trainable:,} of {total:,} parameters trainable "
+        f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}\n"
         f"batches: {effective_batch} examples per optimizer step, {steps_per_epoch} steps per epoch, "
         f"{steps_per_epoch * args.epochs} in all"
@@ -388,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
-        utils.save_final_model(Path(args.output_dir), final, tokenizer, metrics, top_k=args.top_k, top_p=args.top_p)
+        # Sampling defaults, so that pipeline("text-generation") samples as inference.py does.
+        final.generation_config.update(
+            do_sample=True, top_k=args.top_k, top_p=args.top_p, pad_token_id=tokenizer.pad_token_id
+        )
+        notes = {"training_metrics.json": {"global_step": global_step, **metrics}}
+        utils.save_model_folder(Path(args.output_dir), final, tokenizer, replace=True, notes=notes)
         accelerator.print(
             f'final model in {args.output_dir}: python inference.py --model_path {args.output_dir} --prompt "..."'
         )

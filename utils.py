@@ -23,6 +23,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
 TRAINER_STATE = "trainer_state.json"  # epoch, step, metrics, args; written last, so it marks a complete checkpoint
 
@@ -87,14 +88,27 @@ def load_tokenizer(name: str):
     """The model's own tokenizer; GPT-2 has no pad token, so padding reuses end-of-text (masked by attention)."""
     from transformers import AutoTokenizer
 
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        # transformers would quietly build an empty-vocabulary tokenizer from config.json alone
+        raise UserError(
+            f"{name} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); save the tokenizer beside the model"
+        )
     tokenizer = from_hub_or_folder(AutoTokenizer.from_pretrained, name)
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            f"the tokenizer of {name} has no end-of-text token; this project needs one to mark paragraph ends"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name: str, from_scratch: bool = False):
-    """Pretrained weights from a Hub id or folder; random weights only when `from_scratch` is asked for."""
+def load_model(name: str, from_scratch: bool = False, **load_kwargs):
+    """Pretrained weights from a Hub id or folder; random weights only when `from_scratch` is asked for.
+
+    `load_kwargs` go to `from_pretrained` (e.g. a bitsandbytes quantization_config and device_map).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(name).expanduser()
@@ -108,7 +122,7 @@ def load_model(name: str, from_scratch: bool = False):
             f"{name} has a config but no weights; add --from-scratch to train it from random weights, "
             "or pass a folder with model.safetensors"
         )
-    return from_hub_or_folder(AutoModelForCausalLM.from_pretrained, name)
+    return from_hub_or_folder(AutoModelForCausalLM.from_pretrained, name, **load_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,17 +204,21 @@ def save_checkpoint(
     write_folder_atomically(folder, write)
 
 
-def save_final_model(folder: Path, model, tokenizer, metrics: dict[str, float], top_k: int, top_p: float) -> None:
-    """Model + tokenizer for plain transformers; sampling defaults go in generation_config, so that
-    `pipeline("text-generation")` samples as inference.py does and stops at end-of-text."""
-    model.generation_config.update(do_sample=True, top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id)
+def save_model_folder(
+    folder: Path, model, tokenizer, replace: bool = False, notes: dict[str, Any] | None = None
+) -> None:
+    """A model (or adapter) folder that plain transformers/peft load, written atomically.
+
+    `notes` maps file names to JSON-serializable content written beside the model.
+    """
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for name, content in (notes or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
-    write_folder_atomically(folder, write, replace=True)
+    write_folder_atomically(folder, write, replace=replace)
 
 
 def find_checkpoint(check_dir: Path, restore_file: str) -> Path:

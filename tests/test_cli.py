@@ -126,7 +126,6 @@ def test_help_does_not_import_torch():
         (["--top-k", "-1"], "--top-k must be 0 (off) or more"),
         (["--load-checkpoint", "True"], "--load-checkpoint True needs --restore-file"),
         (["--restore-file", "Epoch_1"], "needs --load-checkpoint True"),
-        (["--qlora"], "--qlora is not available"),
     ],
 )
 def test_bad_flags(argv, message, capsys, tmp_path, monkeypatch):
