@@ -243,3 +243,14 @@ def test_adapter_whose_base_model_is_unavailable(tmp_path, tiny_model_dir):
         result = run_script(script, *argv, cwd=tmp_path)
         assert_user_error(result, "need their base model", "no-org/no-model", "--base_model")
     assert not (tmp_path / "m").exists()
+
+
+def test_bench_compares_full_lora_and_qlora(tmp_path):
+    """A smoke run of the side-by-side benchmark (no timing assertions: this machine is shared)."""
+    result = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--block-size", "32",
+                        "--json", "bench.json", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["mode"] for r in rows] == ["full", "lora", "qlora"]
+    assert rows[1]["trainable_params"] < rows[0]["trainable_params"] / 10 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| qlora |" in result.stdout
