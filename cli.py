@@ -10,8 +10,16 @@ import sys
 from collections.abc import Callable
 
 
-class UserError(Exception):
+class CliError(Exception):
+    """A run that cannot go on: reported as one line on stderr, no traceback, exit code `exit_code`."""
+
+    exit_code = 1
+
+
+class UserError(CliError):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+    exit_code = 2
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -71,10 +79,10 @@ def quiet_libraries() -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main`, turning a UserError into one line on stderr and exit code 2."""
+    """Run `main`, turning a CliError into one line on stderr and its exit code (2 for bad input)."""
     try:
         code = main(argv)
-    except UserError as err:
+    except CliError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     sys.exit(code or 0)

@@ -6,6 +6,14 @@ import json
 from pathlib import Path
 
 
+def _step(line: str) -> float:
+    """The step of a log line; a line cut short by a crash counts as after any resume point."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLog:
     """One JSON line per step/epoch and per sample, mirrored to TensorBoard; continued across resumes.
 
@@ -24,7 +32,7 @@ class RunLog:
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
         for path in (self.metrics_path, self.samples_path):
             lines = path.read_text().splitlines() if path.exists() else []
-            path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= resume_step))
+            path.write_text("".join(line + "\n" for line in lines if _step(line) <= resume_step))
         self.tensorboard = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
 
     def _append(self, path: Path, record: dict) -> None:
@@ -44,6 +52,9 @@ class RunLog:
                 self._append(self.samples_path, {"step": step, "epoch": epoch, "prompt": prompt, "text": text})
             self.tensorboard.add_text("samples", "\n\n---\n\n".join(texts), step)
 
-    def close(self) -> None:
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         if self.enabled:
             self.tensorboard.close()

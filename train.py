@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
+from cli import ArgumentParser, CliError, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
 
 # torch, transformers and accelerate are imported inside functions, after the arguments are parsed,
 # so that `--help` and argument errors answer at once.
@@ -74,8 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_flag(optim, "--warmup-steps", type=int, default=100, help="linear warm-up steps, then linear decay to 0")
     add_flag(optim, "--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
-    add_flag(optim, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-             help="auto: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32")  # fmt: skip
+    add_flag(
+        optim,
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32",
+    )
     add_flag(optim, "--seed", type=int, default=42, help="seed of the split, the data order and new weights")
 
     sampling = p.add_argument_group("samples during training")
@@ -90,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io = p.add_argument_group("checkpoints and outputs")
     add_flag(io, "--check-dir", default="Checkpoints", help="folder of the Epoch_N checkpoints and the run logs")
     add_flag(io, "--save-interval", type=int, default=1, help="checkpoint every N epochs (the last epoch always)")
+    add_flag(io, "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (Step_N); 0: off")
+    add_flag(io, "--keep-last", type=int, default=0, help="keep only the newest K Step_N checkpoints; 0 keeps all")
+    add_bool_flag(io, "--resume", help="continue from the newest complete checkpoint in --check-dir (if any)")
     add_flag(io, "--restore-file", default=None, help="checkpoint to resume from: Epoch_2 (in --check-dir) or a path")
     add_bool_flag(io, "--load-checkpoint", help="resume from --restore-file: weights, optimizer, schedule, RNG, step")
     add_flag(io, "--output-dir", default="GPT2_fine_tuned_Austen", help="where the final model and tokenizer go")
@@ -112,6 +124,11 @@ def check_args(args: argparse.Namespace) -> None:
         (args.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
         (args.sample_every >= 0, "--sample-every must be 0 (off) or more"),
         (args.save_interval >= 1, "--save-interval must be at least 1"),
+        (args.save_steps >= 0 and args.keep_last >= 0, "--save-steps and --keep-last must be 0 (off) or more"),
+        (
+            not (args.resume and args.restore_file),
+            "--resume picks the newest checkpoint, --restore-file names one: use one",
+        ),
         (args.eps > 0, "--eps must be positive"),
         (args.weight_decay >= 0 and args.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must not be negative"),
         (args.restore_file or not args.load_checkpoint, "--load-checkpoint True needs --restore-file, e.g. Epoch_2"),
@@ -146,40 +163,119 @@ class Resume:
     training_state: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, RNG tensors
     epoch: int = 0  # completed epochs
     global_step: int = 0
+    batches_in_epoch: int = 0  # batches of the next epoch already trained on (a mid-epoch checkpoint)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
 def plan_resume(args: argparse.Namespace) -> Resume:
-    """Load and vet the checkpoint to resume from, and refuse to overwrite checkpoints this run would write."""
-    from utils import find_checkpoint, load_checkpoint_states
+    """Find, load and vet the checkpoint to resume from (--resume or --restore-file), if any."""
+    from accelerate import PartialState
 
-    resume = Resume()
+    from utils import find_checkpoint, incomplete_checkpoints, load_checkpoint_states, sorted_checkpoints
+
+    check_dir = Path(args.check_dir)
+    if not (args.resume or args.load_checkpoint):
+        return Resume()
+    skipped = incomplete_checkpoints(check_dir)
+    if skipped:
+        PartialState().print(f"ignoring incomplete checkpoints (an interrupted save): {', '.join(skipped)}")
     if args.load_checkpoint:
-        checkpoint = find_checkpoint(Path(args.check_dir), args.restore_file)
-        training_state, trainer_state = load_checkpoint_states(checkpoint)
-        for key in MUST_MATCH_ON_RESUME:
-            was, now = trainer_state["args"].get(key), getattr(args, key)
-            if was != now:
-                flag = "--" + key.replace("_", "-")
-                raise UserError(
-                    f"cannot resume: {checkpoint} was trained with {flag} {was}, not {now}; use the same {flag}"
-                )
-        resume = Resume(
-            checkpoint, training_state, trainer_state["epoch"], trainer_state["global_step"], trainer_state["metrics"]
-        )
-        if resume.epoch >= args.epochs:
-            raise UserError(f"{checkpoint} already completed {resume.epoch} epochs; raise --epochs to train further")
-    clashes = [str(c) for c in checkpoints_to_write(args, resume.epoch) if c.exists()]
-    if clashes:
-        raise UserError(
-            f"{', '.join(clashes)} already exist and would be overwritten; resume, or use another --check-dir"
-        )
+        checkpoint = find_checkpoint(check_dir, args.restore_file)
+    elif complete := sorted_checkpoints(check_dir):
+        checkpoint = complete[-1]
+    else:
+        PartialState().print(f"--resume: no complete checkpoint in {check_dir} yet, starting from the beginning")
+        return Resume()
+    training_state, trainer_state = load_checkpoint_states(checkpoint)
+    check_resume_settings(trainer_state["args"], args, checkpoint)
+    resume = Resume(
+        checkpoint,
+        training_state,
+        trainer_state["epoch"],
+        trainer_state["global_step"],
+        trainer_state["batches_in_epoch"],
+        trainer_state["metrics"],
+    )
+    if resume.epoch >= args.epochs:
+        raise UserError(f"{checkpoint} already completed {resume.epoch} epochs; raise --epochs to train further")
     return resume
 
 
-def checkpoints_to_write(args: argparse.Namespace, done_epochs: int) -> list[Path]:
-    epochs = range(done_epochs + 1, args.epochs + 1)
-    return [Path(args.check_dir) / f"Epoch_{e}" for e in epochs if e % args.save_interval == 0 or e == args.epochs]
+def check_resume_settings(saved: dict[str, Any], args: argparse.Namespace, checkpoint: Path) -> None:
+    """Settings that shape the data or the model must match the checkpoint's; others may change, and are logged."""
+    from accelerate import PartialState
+
+    for key in MUST_MATCH_ON_RESUME:
+        if saved.get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(
+                f"cannot resume: {checkpoint} was trained with {flag} {saved.get(key)}, not {getattr(args, key)}"
+            )
+    ignored = {"resume", "restore_file", "load_checkpoint", "overwrite_output_dir"}
+    changed = [
+        f"--{key.replace('_', '-')} {saved.get(key)} -> {value}"
+        for key, value in vars(args).items()
+        if key not in ignored and saved.get(key) != value
+    ]
+    if changed:
+        PartialState().print(f"resuming with changed settings: {'; '.join(changed)}")
+
+
+def refuse_overwrites(args: argparse.Namespace, resume: Resume, total_steps: int) -> None:
+    """Stop before training if this run would overwrite, prune or mix up another run's checkpoints or logs."""
+    from utils import checkpoint_progress, sorted_checkpoints
+
+    check_dir = Path(args.check_dir)
+    start = (resume.global_step, resume.epoch)
+    later = [p.name for p in sorted_checkpoints(check_dir) if checkpoint_progress(p) > start]
+    if later or (not resume.checkpoint and not args.resume and (check_dir / "logs").exists()):
+        found = f"checkpoints ({', '.join(later[-3:])})" if later else "the logs of another run"
+        where = f"beyond {resume.checkpoint.name}" if resume.checkpoint else "from another run"
+        raise UserError(f"{check_dir} holds {found} {where}; continue with --resume, or use another --check-dir")
+    epochs = range(resume.epoch + 1, args.epochs + 1)
+    planned = [check_dir / f"Epoch_{e}" for e in epochs if e % args.save_interval == 0 or e == args.epochs]
+    if args.save_steps:
+        steps = range(resume.global_step + 1, total_steps + 1)
+        planned += [check_dir / f"Step_{s}" for s in steps if s % args.save_steps == 0]
+    clashes = [p.name for p in planned if p.exists()]
+    if clashes:
+        raise UserError(f"{check_dir} holds {', '.join(clashes[:3])}, which this run would write; move them away")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) asks the loop to stop after the current
+    optimizer step, with a checkpoint. A second signal exits at once: checkpoint writes are atomic,
+    so an interrupted save leaves only a `.tmp` folder that is never resumed from."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving a checkpoint ({name} again quits at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command(argv: list[str]) -> str:
+    """This run's command line with --resume in place of any restore flags."""
+    restore_flags = {"--resume", "--restore-file", "--restore_file", "--load-checkpoint", "--load_checkpoint"}
+    kept, drop_value = [], False
+    for token in argv:
+        if drop_value and not token.startswith("--"):
+            drop_value = False
+            continue
+        name = token.split("=", 1)[0]
+        drop_value = name in restore_flags and "=" not in token
+        if name not in restore_flags:
+            kept.append(token)
+    return shlex.join(["python", "train.py", *kept, "--resume"])
 
 
 def resolve_precision(precision: str) -> str:
@@ -267,6 +363,7 @@ def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str
     Validation always reads one paragraph per example, starting from end-of-text as generation does,
     so its loss means the same whether training packs or pads.
     """
+    import torch
     from torch.utils.data import DataLoader
 
     from dataset import EpochShuffleSampler, collate, tokenize_paragraphs
@@ -276,11 +373,14 @@ def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str
 
     train = tokenize_paragraphs(tokenizer, train_paragraphs, args.max_input_length, pack=args.packing)
     val = tokenize_paragraphs(tokenizer, val_paragraphs, args.max_input_length)
-    sampler = EpochShuffleSampler(len(train), args.seed)
-    return (
-        DataLoader(train, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_batch),
-        DataLoader(val, batch_size=args.batch_size, collate_fn=collate_batch),
-    )
+
+    def loader(examples: list[list[int]], sampler=None) -> DataLoader:
+        # Its own generator: starting an epoch must not draw from the global RNG, or a run resumed
+        # mid-epoch (whose epoch starts after the restore) would see other dropout masks.
+        generator = torch.Generator().manual_seed(args.seed)
+        return DataLoader(examples, args.batch_size, sampler=sampler, collate_fn=collate_batch, generator=generator)
+
+    return loader(train, EpochShuffleSampler(len(train), args.seed)), loader(val)
 
 
 def make_optimizer(model, args: argparse.Namespace):
@@ -337,11 +437,28 @@ def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> l
     return texts
 
 
+def epoch_batches(accelerator, loader, epoch: int, skip: int):
+    """The epoch's batches in their (seed, epoch) order, minus the first `skip` (already trained on)."""
+    loader.set_epoch(epoch)
+    if skip:
+        loader = accelerator.skip_first_batches(loader, skip)
+        loader.set_epoch(epoch)  # the skipping loader is a new object: it needs the epoch too
+    return loader
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     quiet_libraries()
+    stop = StopSignals()
+    try:
+        return train(args, stop, resume_command(sys.argv[1:] if argv is None else argv))
+    finally:
+        stop.restore()
 
+
+def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -369,17 +486,21 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
     train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     val_chars = sum(len(p) + 1 for p in val_paragraphs)  # +1: the closing end-of-text is the paragraph break
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    refuse_overwrites(args, resume, steps_per_epoch * args.epochs)
 
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=args.grad_accum_steps)
     optimizer = make_optimizer(model, args)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
     # process), so --warmup-steps counts optimizer steps on any number of devices.
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps_per_epoch * args.epochs)
     if resume.checkpoint:
         restore_states(resume.training_state, accelerator, optimizer, scheduler)
-        accelerator.print(f"resumed from {resume.checkpoint}: {resume.epoch} epochs, {resume.global_step} steps done")
+        accelerator.print(
+            f"resumed from {resume.checkpoint}: step {resume.global_step}, epoch {resume.epoch + 1} "
+            f"after {resume.batches_in_epoch} of its {len(train_loader)} batches"
+        )
 
     effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
     trainable, total = parameter_counts(model)
@@ -393,52 +514,97 @@ def main(argv: list[str] | None = None) -> int:
         f"batches: {effective_batch} examples per optimizer step, {steps_per_epoch} steps per epoch, "
         f"{steps_per_epoch * args.epochs} in all"
     )
-    run_log = RunLog(Path(args.check_dir) / "logs", resume.global_step, enabled=accelerator.is_main_process)
     sampling = SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p)
-    global_step, metrics = resume.global_step, resume.metrics
+    global_step, metrics, last_saved = resume.global_step, resume.metrics, resume.checkpoint
+
+    def save(name: str, epochs_done: int, batches_in_epoch: int) -> Path:
+        """A checkpoint of this exact moment: weights (or adapters), optimizer, schedule, RNG, position."""
+        folder, started = Path(args.check_dir) / name, time.perf_counter()
+        if accelerator.is_main_process:
+            progress = {
+                "epoch": epochs_done,
+                "global_step": global_step,
+                "batches_in_epoch": batches_in_epoch,
+                "metrics": metrics,
+                "args": vars(args),
+            }
+            states = capture_states(accelerator, optimizer, scheduler)
+            utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress)
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+            accelerator.print(f"saved {folder} ({size:,.1f} MiB in {time.perf_counter() - started:.2f} s)")
+        return folder
+
+    def stopped() -> int:
+        accelerator.print(
+            f"stopped by {signal.Signals(stop.received).name} at step {global_step}; resume with:\n  {resume_cmd}"
+        )
+        return 128 + stop.received  # 130 for Ctrl-C, 143 for SIGTERM
 
     # ---- the loop: forward, backward, clip, step, schedule; samples, validation, checkpoints ------------
     model.train()
-    for epoch in range(resume.epoch, args.epochs):
-        train_loader.set_epoch(epoch)  # the epoch's order is a function of (seed, epoch): resumable
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process)
-        started, real_tokens = time.perf_counter(), 0
-        for batch in bar:
-            with accelerator.accumulate(model):
-                loss_sum, n_targets = lm_loss_sum(model, batch)
-                loss = loss_sum / n_targets  # mean over real tokens: padding never counts
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            real_tokens += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue  # inside a gradient-accumulation window
-            scheduler.step()
-            global_step += 1
-            lr, tokens_per_s = scheduler.get_last_lr()[0], real_tokens / (time.perf_counter() - started)
-            bar.set_postfix(step=global_step, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            run_log.metrics(global_step, epoch + 1, train_loss=loss.item(), train_lr=lr)
-            if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
-                texts = sample_texts(
-                    accelerator.unwrap_model(model), tokenizer, args.sample_prompts, sampling, args.seed + global_step
+    with RunLog(Path(args.check_dir) / "logs", resume.global_step, enabled=accelerator.is_main_process) as run_log:
+        for epoch in range(resume.epoch, args.epochs):
+            skip = resume.batches_in_epoch if epoch == resume.epoch else 0
+            batches = epoch_batches(accelerator, train_loader, epoch, skip)
+            bar = tqdm(
+                batches,
+                desc=f"epoch {epoch + 1}/{args.epochs}",
+                initial=skip,
+                total=len(train_loader),
+                disable=not accelerator.is_main_process,
+            )
+            started, real_tokens = time.perf_counter(), 0
+            for batches_done, batch in enumerate(bar, start=skip + 1):
+                with accelerator.accumulate(model):
+                    loss_sum, n_targets = lm_loss_sum(model, batch)
+                    loss = loss_sum / n_targets  # mean over real tokens: padding never counts
+                    if not torch.isfinite(loss):
+                        raise CliError(
+                            f"the loss became {loss.item()} at step {global_step + 1}; stopped without "
+                            f"saving. Last good checkpoint: {last_saved}; resume from it with a lower --lr"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                real_tokens += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue  # inside a gradient-accumulation window
+                scheduler.step()
+                global_step += 1
+                lr, tokens_per_s = scheduler.get_last_lr()[0], real_tokens / (time.perf_counter() - started)
+                bar.set_postfix(
+                    step=global_step, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}"
                 )
-                tqdm.write("\n".join(f"[step {global_step}] {text}" for text in texts))
-                run_log.samples(global_step, epoch + 1, args.sample_prompts, texts)
+                run_log.metrics(global_step, epoch + 1, train_loss=loss.item(), train_lr=lr)
+                if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
+                    texts = sample_texts(
+                        accelerator.unwrap_model(model),
+                        tokenizer,
+                        args.sample_prompts,
+                        sampling,
+                        args.seed + global_step,
+                    )
+                    tqdm.write("\n".join(f"[step {global_step}] {text}" for text in texts))
+                    run_log.samples(global_step, epoch + 1, args.sample_prompts, texts)
+                if stop.received or (args.save_steps and global_step % args.save_steps == 0):
+                    last_saved = save(f"Step_{global_step}", epoch, batches_done)
+                    if args.keep_last and accelerator.is_main_process:
+                        utils.prune_step_checkpoints(Path(args.check_dir), args.keep_last)
+                if stop.received:
+                    return stopped()
 
-        metrics = evaluate(model, val_loader, accelerator, val_chars)
-        run_log.metrics(global_step, epoch + 1, **metrics)
-        accelerator.print(
-            f"epoch {epoch + 1}: validation loss {metrics['val_loss']:.4f}, "
-            f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_char']:.3f} bits/char"
-        )
-        folder = Path(args.check_dir) / f"Epoch_{epoch + 1}"
-        if folder in checkpoints_to_write(args, epoch) and accelerator.is_main_process:
-            states = capture_states(accelerator, optimizer, scheduler)
-            progress = {"epoch": epoch + 1, "global_step": global_step, "metrics": metrics, "args": vars(args)}
-            utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress)
-            accelerator.print(f"saved {folder}")
+            metrics = evaluate(model, val_loader, accelerator, val_chars)
+            run_log.metrics(global_step, epoch + 1, **metrics)
+            accelerator.print(
+                f"epoch {epoch + 1}: validation loss {metrics['val_loss']:.4f}, perplexity "
+                f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_char']:.3f} bits/char"
+            )
+            if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.epochs or stop.received:
+                last_saved = save(f"Epoch_{epoch + 1}", epoch + 1, 0)
+            if stop.received:
+                return stopped()
 
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
@@ -451,7 +617,6 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(
             f'final model in {args.output_dir}: python inference.py --model_path {args.output_dir} --prompt "..."'
         )
-    run_log.close()
     accelerator.end_training()
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 from collections.abc import Callable
@@ -159,7 +160,9 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def is_checkpoint(folder: Path) -> bool:
-    return (folder / TRAINER_STATE).is_file() and (folder / TRAINING_STATE).is_file()
+    """Complete and in place: a `.tmp` folder (a save not yet renamed) never counts, even when full."""
+    in_place = not folder.name.endswith((".tmp", ".old"))
+    return in_place and (folder / TRAINER_STATE).is_file() and (folder / TRAINING_STATE).is_file()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -184,10 +187,13 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace
     tmp.mkdir(parents=True)
     write(tmp)
     _fsync_tree(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():  # replace=True: keep the old one until the new one is in place
+        folder.rename(old)
     tmp.rename(folder)
     _fsync_tree(folder.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def save_checkpoint(
@@ -235,11 +241,45 @@ def find_checkpoint(check_dir: Path, restore_file: str) -> Path:
 
 
 def list_checkpoints(check_dir: Path) -> list[str]:
-    return sorted((p.name for p in check_dir.glob("*") if is_checkpoint(p)), key=lambda n: (len(n), n))
+    return [p.name for p in sorted_checkpoints(check_dir)]
+
+
+def checkpoint_progress(folder: Path) -> tuple[int, int]:
+    """(global step, completed epochs): an epoch checkpoint sorts after a step checkpoint of the same
+    step, since it also holds that epoch's validation."""
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    return state["global_step"], state["epoch"]
+
+
+def sorted_checkpoints(check_dir: Path, prefix: str = "") -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folders = [p for p in check_dir.glob(f"{prefix}*") if is_checkpoint(p)] if check_dir.is_dir() else []
+    return sorted(folders, key=checkpoint_progress)
+
+
+def incomplete_checkpoints(check_dir: Path) -> list[str]:
+    """Checkpoint folders an interrupted save left behind (no completion marker): never resumed from."""
+    if not check_dir.is_dir():
+        return []
+    pattern = re.compile(r"(Epoch|Step)_\d+(\.tmp|\.old)?")
+    return sorted(p.name for p in check_dir.iterdir() if pattern.fullmatch(p.name) and not is_checkpoint(p))
+
+
+def prune_step_checkpoints(check_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete Step_N checkpoints; incomplete folders are not touched."""
+    doomed = sorted_checkpoints(check_dir, prefix="Step_")[:-keep]
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return [folder.name for folder in doomed]
 
 
 def load_checkpoint_states(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(training_state tensors, trainer_state JSON) of a checkpoint; no pickled objects are executed."""
-    training_state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
-    trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+    try:
+        training_state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+        trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+    except Exception as err:  # damaged or foreign files: say which, never execute them
+        raise UserError(
+            f"checkpoint {folder} cannot be read ({str(err).strip().splitlines()[0]}); resume from another"
+        ) from None
     return training_state, trainer_state

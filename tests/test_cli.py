@@ -196,8 +196,12 @@ def test_existing_outputs_are_never_overwritten(tmp_path, capsys, monkeypatch, t
     assert "already holds files" in run_in_process(train.main, ["--output-dir", "out"], capsys)
     (tmp_path / "Checkpoints/Epoch_1").mkdir(parents=True)
     (tmp_path / "Checkpoints/Epoch_1/model.safetensors").write_text("an earlier checkpoint")
+    (tmp_path / "Checkpoints/Epoch_1/training_state.pt").write_text("")
+    (tmp_path / "Checkpoints/Epoch_1/trainer_state.json").write_text('{"global_step": 10, "epoch": 1}')
     argv = ["--model", str(tiny_model_dir), "--data", str(small_data), "--output-dir", "new"]
-    assert "Epoch_1 already exist and would be overwritten" in run_in_process(train.main, argv, capsys)
+    assert "Checkpoints holds checkpoints (Epoch_1) from another run; continue with --resume" in run_in_process(
+        train.main, argv, capsys
+    )
     assert (tmp_path / "out/model.safetensors").read_text() == "an earlier model"
     assert (tmp_path / "Checkpoints/Epoch_1/model.safetensors").read_text() == "an earlier checkpoint"
 

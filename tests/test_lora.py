@@ -19,30 +19,10 @@ import lora
 import train
 from cli import UserError
 
-COMMON = [
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--max-input-length",
-    "64",
-    "--lr",
-    "2e-2",
-    "--warmup-steps",
-    "2",
-    "--rank-lora",
-    "8",
-    "--alpha-lora",
-    "16",
-    "--targets-lora",
-    "c_attn",
-    "c_proj",
-    "c_fc",
-    "--precision",
-    "fp32",
-    "--seed",
-    "3",
-]
+COMMON = (
+    "--epochs 2 --batch-size 8 --max-input-length 64 --lr 2e-2 --warmup-steps 2 --rank-lora 8 "
+    "--alpha-lora 16 --targets-lora c_attn c_proj c_fc --precision fp32 --seed 3"
+).split()
 
 
 def train_adapters(tmp: Path, base: Path, data: Path, mode: str, *extra: str):
@@ -247,8 +227,20 @@ def test_adapter_whose_base_model_is_unavailable(tmp_path, tiny_model_dir):
 
 def test_bench_compares_full_lora_and_qlora(tmp_path):
     """A smoke run of the side-by-side benchmark (no timing assertions: this machine is shared)."""
-    result = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--block-size", "32",
-                        "--json", "bench.json", cwd=tmp_path)  # fmt: skip
+    result = run_script(
+        "bench.py",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "32",
+        "--json",
+        "bench.json",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["mode"] for r in rows] == ["full", "lora", "qlora"]

@@ -11,26 +11,10 @@ import torch
 from conftest import run_script
 from safetensors.torch import load_file
 
-COMMON = [
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--max-input-length",
-    "64",
-    "--lr",
-    "3e-3",
-    "--warmup-steps",
-    "2",
-    "--sample-every",
-    "10",
-    "--max-output-length",
-    "20",
-    "--precision",
-    "fp32",
-    "--seed",
-    "7",
-]
+COMMON = (
+    "--epochs 2 --batch-size 8 --max-input-length 64 --lr 3e-3 --warmup-steps 2 --sample-every 10 "
+    "--max-output-length 20 --precision fp32 --seed 7"
+).split()
 
 
 def train(tmp: Path, model: Path, data: Path, *extra: str):
