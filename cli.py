@@ -64,6 +64,13 @@ def add_bool_flag(parser: argparse.ArgumentParser, name: str, help: str, default
     add_flag(parser, name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
+def require(rules: list[tuple[object, str]]) -> None:
+    """Raise the UserError of the first rule whose condition is false."""
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
 def quiet_libraries() -> None:
     """Keep the console to our own lines: no save progress bars, no optional-kernel notices."""
     import logging

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
+from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,23 +21,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--model_path", default="GPT2_fine_tuned_Austen", help="model or adapter folder, or a Hub id")
     add_flag(p, "--prompt", default="", help="text the samples continue; empty starts a fresh paragraph")
     add_flag(p, "--n_return_seqs", type=int, default=3, help="number of samples")
-    add_flag(
-        p, "--max_length", type=int, default=300, help="tokens per sample, prompt included (capped at the context)"
-    )
-    add_flag(
-        p,
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="tokens to generate after the prompt; overrides --max_length",
-    )
+    add_flag(p, "--max_length", type=int, default=300, help="tokens per sample with the prompt, within the context")
+    add_flag(p, "--max-new-tokens", type=int, default=None, help="tokens after the prompt; overrides --max_length")
     add_flag(p, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
     add_flag(p, "--top_p", type=float, default=0.95, help="nucleus sampling probability mass")
     add_flag(p, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative")
     add_flag(p, "--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens; 1.0 is none")
-    add_flag(
-        p, "--seed", type=int, default=None, help="makes the samples reproducible; without it they differ each run"
-    )
+    add_flag(p, "--seed", type=int, default=None, help="makes samples reproducible; without it they differ each run")
     add_bool_flag(p, "--qlora", help="--model_path holds adapters: load them on a 4-bit base (the seed's spelling)")
     add_flag(p, "--base_model", default=None, help="base model of an adapter folder (default: its adapter_config.json)")
     add_bool_flag(p, "--load-in-4bit", help="quantize the (base) model to 4-bit NF4 with bitsandbytes")
@@ -54,9 +44,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.temperature > 0, "--temperature must be positive, e.g. 0.8"),
         (args.repetition_penalty > 0, "--repetition-penalty must be positive, e.g. 1.1"),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
+    require(rules)
 
 
 def load_for_sampling(args: argparse.Namespace):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli import ArgumentParser, CliError, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
+from cli import ArgumentParser, CliError, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
 
 # torch, transformers and accelerate are imported inside functions, after the arguments are parsed,
 # so that `--help` and argument errors answer at once.
@@ -143,9 +143,7 @@ def check_args(args: argparse.Namespace) -> None:
         (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (not (uses_adapters(args) and args.from_scratch), "LoRA freezes the base model: drop --from-scratch"),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
+    require(rules)
     output = Path(args.output_dir)
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output-dir {output} already holds files; pass --overwrite-output-dir or another folder")
@@ -516,6 +514,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     )
     sampling = SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p)
     global_step, metrics, last_saved = resume.global_step, resume.metrics, resume.checkpoint
+    best_val_loss = metrics.get("val_best_loss", math.inf)
 
     def save(name: str, epochs_done: int, batches_in_epoch: int) -> Path:
         """A checkpoint of this exact moment: weights (or adapters), optimizer, schedule, RNG, position."""
@@ -596,10 +595,11 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                     return stopped()
 
             metrics = evaluate(model, val_loader, accelerator, val_chars)
+            metrics["val_best_loss"] = best_val_loss = min(best_val_loss, metrics["val_loss"])
             run_log.metrics(global_step, epoch + 1, **metrics)
             accelerator.print(
-                f"epoch {epoch + 1}: validation loss {metrics['val_loss']:.4f}, perplexity "
-                f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_char']:.3f} bits/char"
+                f"epoch {epoch + 1}: validation loss {metrics['val_loss']:.4f} (best {metrics['val_best_loss']:.4f}), "
+                f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_char']:.3f} bits/char"
             )
             if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.epochs or stop.received:
                 last_saved = save(f"Epoch_{epoch + 1}", epoch + 1, 0)

@@ -27,6 +27,21 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subp
     )
 
 
+def train_args(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    """train.py arguments that keep every output of a test run inside its tmp folder."""
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--check-dir",
+        str(tmp / "Checkpoints"),
+        "--output-dir",
+        str(tmp / "out"),
+        *extra,
+    ]
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 2, one line on stderr starting with 'error:', no traceback, naming the problem."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])

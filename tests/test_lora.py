@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_script, tiny_config
+from conftest import assert_user_error, run_script, tiny_config, train_args
 from safetensors.torch import load_file
 from test_cli import run_in_process
 
@@ -26,21 +26,7 @@ COMMON = (
 
 
 def train_adapters(tmp: Path, base: Path, data: Path, mode: str, *extra: str):
-    return run_script(
-        "train.py",
-        "--model",
-        str(base),
-        "--data",
-        str(data),
-        mode,
-        "--check-dir",
-        str(tmp / "Checkpoints"),
-        "--output-dir",
-        str(tmp / "out"),
-        *COMMON,
-        *extra,
-        cwd=tmp,
-    )
+    return run_script("train.py", *train_args(tmp, base, data, mode, *COMMON, *extra), cwd=tmp)
 
 
 @pytest.fixture(scope="module", params=["--lora", "--qlora"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script
+from conftest import REPO, assert_user_error, run_script, train_args
 from safetensors.torch import load_file
 from test_cli import run_in_process
 
@@ -57,19 +57,7 @@ cli.run_cli(train.main)
 
 
 def arguments(tmp: Path, base: Path, data: Path, mode: str, *extra: str) -> list[str]:
-    return [
-        "--model",
-        str(base),
-        "--data",
-        str(data),
-        "--check-dir",
-        str(tmp / "Checkpoints"),
-        "--output-dir",
-        str(tmp / "out"),
-        *COMMON,
-        *MODES[mode],
-        *extra,
-    ]
+    return train_args(tmp, base, data, *COMMON, *MODES[mode], *extra)
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -82,6 +70,19 @@ def run_killer(tmp: Path, argv: list[str], **kill: str) -> subprocess.CompletedP
     )
     assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
     return result
+
+
+def start_training(tmp: Path, argv: list[str], **streams) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=tmp, env=env(), text=True, **streams)
+
+
+def wait_for_step(tmp: Path, child: subprocess.Popen, step: int) -> None:
+    """Poll the run's metrics until it has logged `step` optimizer steps (or ended)."""
+    metrics, deadline = tmp / "Checkpoints/logs/metrics.jsonl", time.monotonic() + 120
+    while child.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("train_loss") >= step:
+            return
+        time.sleep(0.005)
 
 
 def final_weights(tmp: Path, mode: str) -> dict[str, torch.Tensor]:
@@ -147,17 +148,8 @@ def test_external_sigkill_at_a_random_moment(uninterrupted, tiny_model_dir, smal
     """A real outside SIGKILL, wherever the run happens to be once it has passed step 5."""
     mode, (expected, _) = "full", uninterrupted("full")
     argv = arguments(tmp_path, tiny_model_dir, small_data, mode)
-    child = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *argv],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    metrics = tmp_path / "Checkpoints/logs/metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("train_loss") >= 5) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    child = start_training(tmp_path, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(tmp_path, child, 5)
     child.kill()
     assert child.wait() == -signal.SIGKILL
     resumed = run_script("train.py", *argv, "--resume", cwd=tmp_path)
@@ -171,17 +163,8 @@ def test_ctrl_c_or_sigterm_saves_and_prints_the_resume_command(
 ):
     mode, (expected, _) = "full", uninterrupted("full")
     argv = arguments(tmp_path, tiny_model_dir, small_data, mode)
-    child = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *argv],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "Checkpoints/logs/metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("train_loss") >= 4) and child.poll() is None:
-        time.sleep(0.005)
+    child = start_training(tmp_path, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(tmp_path, child, 4)
     child.send_signal(sig)
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == code, stderr[-2000:]
@@ -204,17 +187,8 @@ def test_ctrl_c_or_sigterm_saves_and_prints_the_resume_command(
 
 def test_second_ctrl_c_quits_at_once_without_corrupting_anything(tiny_model_dir, small_data, tmp_path):
     argv = arguments(tmp_path, tiny_model_dir, small_data, "full", "--save-steps", "1", "--epochs", "1")
-    child = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *argv],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "Checkpoints/logs/metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("train_loss") >= 3) and child.poll() is None:
-        time.sleep(0.005)
+    child = start_training(tmp_path, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_step(tmp_path, child, 3)
     child.send_signal(signal.SIGINT)
     time.sleep(0.01)
     child.send_signal(signal.SIGINT)

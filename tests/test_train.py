@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, train_args
 from safetensors.torch import load_file
 
 COMMON = (
@@ -18,20 +18,7 @@ COMMON = (
 
 
 def train(tmp: Path, model: Path, data: Path, *extra: str):
-    return run_script(
-        "train.py",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--check-dir",
-        str(tmp / "Checkpoints"),
-        "--output-dir",
-        str(tmp / "out"),
-        *COMMON,
-        *extra,
-        cwd=tmp,
-    )
+    return run_script("train.py", *train_args(tmp, model, data, *COMMON, *extra), cwd=tmp)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +40,7 @@ def test_loss_falls(trained):
     train_losses = [m["train_loss"] for m in metrics if "train_loss" in m]
     val = [m for m in metrics if "val_loss" in m]
     assert len(val) == 2 and val[1]["val_loss"] < val[0]["val_loss"]
+    assert val[1]["val_best_loss"] == min(v["val_loss"] for v in val)
     assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.5
     assert all(
         m["val_perplexity"] == pytest.approx(2.718281828 ** m["val_loss"]) and m["val_bits_per_char"] > 0 for m in val
