@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
 import pickle
 import random
 import re
@@ -252,6 +254,44 @@ def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack:
             stream.append(eot)
         return chunk_with_overlap(stream, block_size)
     return [block for ids in encoded for block in chunk_with_overlap([eot, *ids, eot], block_size)]
+
+
+def cache_key(tokenizer, paragraphs: list[str], block_size: int, pack: bool) -> str:
+    """A hash of everything that decides the token blocks: the text, the tokenizer and the settings."""
+    digest = hashlib.sha256(json.dumps({"format": 1, "block_size": block_size, "pack": pack}).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())  # vocabulary, merges, normalization
+    digest.update(str(tokenizer.eos_token_id).encode())
+    for paragraph in paragraphs:
+        digest.update(paragraph.encode() + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def tokenize_cached(tokenizer, paragraphs: list[str], block_size: int, pack: bool, cache_dir: Path | None):
+    """tokenize_paragraphs, remembered in `cache_dir` under a hash of its inputs (None: no cache).
+
+    The blocks are stored as two integer tensors (torch.load(weights_only=True) reads them back); a
+    damaged entry is rebuilt, and entries are written to a temporary file and renamed into place.
+    """
+    import torch
+
+    if cache_dir is None:
+        return tokenize_paragraphs(tokenizer, paragraphs, block_size, pack)
+    path = Path(cache_dir).expanduser() / f"blocks-{cache_key(tokenizer, paragraphs, block_size, pack)}.pt"
+    try:
+        cached = torch.load(path, weights_only=True)
+        return [chunk.tolist() for chunk in cached["tokens"].split(cached["lengths"].tolist())]
+    except Exception:  # missing or damaged: (re)build it
+        pass
+    blocks = tokenize_paragraphs(tokenizer, paragraphs, block_size, pack)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokens = torch.tensor([t for block in blocks for t in block], dtype=torch.int32)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"tokens": tokens, "lengths": torch.tensor([len(b) for b in blocks])}, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full disk costs speed, not the run
+        pass
+    return blocks
 
 
 def collate(examples: list[list[int]], pad_id: int) -> dict[str, Any]:

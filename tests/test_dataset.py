@@ -239,3 +239,47 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert list(sampler) != first and sorted(first) == list(range(100))
     sampler.set_epoch(1)
     assert list(sampler) == first
+
+
+# ---- the tokenization cache -------------------------------------------------------------------------
+
+
+def test_cache_returns_exactly_what_tokenizing_gives(tokenizer, austen_paragraphs, tmp_path, monkeypatch):
+    sample = austen_paragraphs[:300]
+    fresh = dataset.tokenize_paragraphs(tokenizer, sample, 64, pack=True)
+    assert dataset.tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # miss: builds and stores
+    assert len(list(tmp_path.glob("blocks-*.pt"))) == 1 and not list(tmp_path.glob("*.tmp*"))
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a cache hit must not tokenize")
+
+    monkeypatch.setattr(dataset, "tokenize_paragraphs", no_tokenizing)
+    assert dataset.tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # hit
+
+
+def test_cache_key_covers_text_tokenizer_and_settings(tokenizer, austen_paragraphs):
+    import copy
+
+    sample = austen_paragraphs[:50]
+    key = dataset.cache_key(tokenizer, sample, 64, True)
+    assert key == dataset.cache_key(tokenizer, list(sample), 64, True)
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["<|startoftext|>"], special_tokens=True)
+    variants = [
+        dataset.cache_key(tokenizer, sample, 65, True),
+        dataset.cache_key(tokenizer, sample, 64, False),
+        dataset.cache_key(tokenizer, sample[:-1] + [sample[-1] + "!"], 64, True),
+        dataset.cache_key(other_tokenizer, sample, 64, True),
+    ]
+    assert key not in variants and len(set(variants)) == len(variants)
+
+
+def test_damaged_cache_entry_is_rebuilt(tokenizer, austen_paragraphs, tmp_path):
+    sample = austen_paragraphs[:40]
+    dataset.tokenize_cached(tokenizer, sample, 64, False, tmp_path)
+    entry = next(tmp_path.glob("blocks-*.pt"))
+    entry.write_bytes(b"not a tensor file")
+    assert dataset.tokenize_cached(tokenizer, sample, 64, False, tmp_path) == dataset.tokenize_paragraphs(
+        tokenizer, sample, 64
+    )
+    assert entry.read_bytes() != b"not a tensor file"

@@ -116,3 +116,13 @@ def test_padded_mode_trains_too(tiny_model_dir, small_data, tmp_path):
     result = train(tmp_path, tiny_model_dir, small_data, "--packing", "False", "--epochs", "1", "--sample-every", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "examples of <= 64 tokens" in result.stdout
+
+
+def test_gradient_checkpointing_changes_memory_not_results(trained, tiny_model_dir, small_data, tmp_path):
+    result = train(tmp_path, tiny_model_dir, small_data, "--gradient-checkpointing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with_checkpointing, without = (
+        load_file(tmp_path / "out/model.safetensors"),
+        load_file(trained / "out/model.safetensors"),
+    )
+    assert all(torch.equal(with_checkpointing[k], without[k]) for k in without)
