@@ -195,7 +195,7 @@ def plan_resume(args: argparse.Namespace) -> Resume:
         training_state,
         trainer_state["epoch"],
         trainer_state["global_step"],
-        trainer_state["batches_in_epoch"],
+        trainer_state.get("batches_in_epoch", 0),
         trainer_state["metrics"],
     )
     if resume.epoch >= args.epochs:
@@ -454,6 +454,25 @@ def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> l
     return texts
 
 
+def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val_loader, steps_per_epoch: int) -> str:
+    """The start-of-run summary: data, model, trainable share, memory, device, batch and schedule."""
+    from lora import parameter_counts
+
+    trainable, total = parameter_counts(model)
+    footprint = accelerator.unwrap_model(model).get_memory_footprint() / 2**20
+    effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
+    return (
+        f"examples: {len(train_loader.dataset):,} training / {len(val_loader.dataset):,} validation of "
+        f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
+        f"model: {args.model}{' + LoRA' * uses_adapters(args)}, {trainable:,} of {total:,} parameters trainable "
+        f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}\n"
+        f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
+        f"accumulated x {accelerator.num_processes} processes), {steps_per_epoch} steps per epoch, "
+        f"{steps_per_epoch * args.epochs} in all"
+    )
+
+
 def epoch_batches(accelerator, loader, epoch: int, skip: int):
     """The epoch's batches in their (seed, epoch) order, minus the first `skip` (already trained on)."""
     loader.set_epoch(epoch)
@@ -484,7 +503,6 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     import utils
     from dataset import load_paragraphs, split_paragraphs
     from generation import SamplingSettings, context_length
-    from lora import parameter_counts
     from runlog import RunLog
 
     # ---- everything that can fail on bad input fails here, before any work or write -------------------
@@ -523,18 +541,8 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             f"after {resume.batches_in_epoch} of its {len(train_loader)} batches"
         )
 
-    effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
-    trainable, total = parameter_counts(model)
-    footprint = accelerator.unwrap_model(model).get_memory_footprint() / 2**20
-    accelerator.print(
-        f"data: {len(train_paragraphs):,} training / {len(val_paragraphs):,} validation paragraphs -> "
-        f"{len(train_loader.dataset):,} / {len(val_loader.dataset):,} examples of <= {args.max_input_length} tokens\n"
-        f"model: {args.model}{' + LoRA' * uses_adapters(args)}, {trainable:,} of {total:,} parameters trainable "
-        f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}\n"
-        f"batches: {effective_batch} examples per optimizer step, {steps_per_epoch} steps per epoch, "
-        f"{steps_per_epoch * args.epochs} in all"
-    )
+    accelerator.print(f"data: {len(train_paragraphs):,} training / {len(val_paragraphs):,} validation paragraphs")
+    accelerator.print(describe_run(args, accelerator, model, train_loader, val_loader, steps_per_epoch))
     sampling = SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p)
     global_step, metrics, last_saved = resume.global_step, resume.metrics, resume.checkpoint
     best_val_loss = metrics.get("val_best_loss", math.inf)

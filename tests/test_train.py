@@ -115,7 +115,7 @@ def test_from_scratch_trains_a_config_only_folder(tiny_config_dir, small_data, t
 def test_padded_mode_trains_too(tiny_model_dir, small_data, tmp_path):
     result = train(tmp_path, tiny_model_dir, small_data, "--packing", "False", "--epochs", "1", "--sample-every", "0")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "examples of <= 64 tokens" in result.stdout
+    assert "validation of <= 64 tokens (one paragraph each)" in result.stdout
 
 
 def test_gradient_checkpointing_changes_memory_not_results(trained, tiny_model_dir, small_data, tmp_path):
