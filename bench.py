@@ -1,18 +1,32 @@
-"""Training speed and memory of full fine-tuning, LoRA and QLoRA, side by side in one run.
+"""Training speed, data preparation and memory, side by side in one run: this project's loop against
+the seed's way and Hugging Face's Trainer, and full fine-tuning against LoRA and QLoRA.
 
-  python bench.py                                              # gpt2-tiny on this machine (CPU or GPU)
-  python bench.py --config gpt2-medium --modes qlora --steps 50 # the QLoRA memory check on a CUDA GPU
+  python bench.py                                  # GPT-2 124M config: ours vs seed-style vs Trainer (~10 min CPU)
+  python bench.py --quick                          # gpt2-tiny, 2 steps each: a smoke run
+  python bench.py --config gpt2-tiny --modes ours lora qlora --steps 12   # full vs adapters
+  python bench.py --config gpt2-medium --modes qlora --steps 50 --batch-size 8 --block-size 512  # CUDA QLoRA check
 
-Each mode runs in its own fresh process (so peak memory is its own) on the same model config with
-random weights (the FLOPs are the real ones), the same packed Austen batches and the same precision.
-It reports useful (non-pad) tokens/s as the median over the timed steps after warm-up, peak memory
-(max allocated on CUDA, peak RSS on CPU) and the ratios to the first mode.
+Contenders, each in its own fresh process (so its peak memory is its own), on the same model config with
+random weights (the FLOPs are the real ones) and the same Austen paragraphs:
+  ours              this project: one batched tokenizer call, packed blocks, --precision (auto: bf16 where native)
+  ours-fp32         the same loop in fp32
+  seed              the seed's way: per-paragraph Python tokenization, every example padded to --block-size,
+                    pads trained on, fp32
+  trainer-ours      transformers.Trainer in fp32, fed our exact packed batches
+  trainer-collator  transformers.Trainer in fp32 with its usual DataCollatorForLanguageModeling(mlm=False):
+                    one paragraph per example, padded per batch
+  lora, qlora       our loop training LoRA adapters (on a 4-bit base for qlora)
+Reported: whole-corpus data preparation seconds; useful (non-pad) tokens/s, the median over the timed
+steps after warm-up; peak memory (max allocated on CUDA, peak RSS on CPU); achieved FLOP/s (6N + 12LdT per
+computed token) as a share of a matmul peak measured in the same process at the same precision; and
+ratios to the first contender.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -20,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, add_flag, quiet_libraries, run_cli
+from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
 
 REPO = Path(__file__).resolve().parent
 PRESETS = {  # GPT-2 sizes by name, so no Hub access is needed; anything else is a config folder
@@ -28,31 +42,30 @@ PRESETS = {  # GPT-2 sizes by name, so no Hub access is needed; anything else is
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
 }
+CONTENDERS = ["ours", "ours-fp32", "seed", "trainer-ours", "trainer-collator", "lora", "qlora"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
-    add_flag(p, "--config", default="configs/gpt2-tiny", help=f"model config: {', '.join(PRESETS)} or a config folder")
+    add_flag(p, "--config", default="gpt2", help=f"model config: {', '.join(PRESETS)}, gpt2-tiny or a config folder")
     add_flag(
-        p,
-        "--modes",
-        nargs="+",
-        choices=["full", "lora", "qlora"],
-        default=["full", "lora", "qlora"],
-        help="what to run",
+        p, "--modes", nargs="+", choices=CONTENDERS, default=CONTENDERS[:5], help="contenders, first is the baseline"
     )
-    add_flag(p, "--steps", type=int, default=12, help="timed optimizer steps per mode")
-    add_flag(p, "--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, caches)")
-    add_flag(p, "--batch-size", type=int, default=16, help="blocks per step")
-    add_flag(p, "--block-size", type=int, default=128, help="tokens per block")
-    add_flag(
-        p, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as train.py's --precision"
-    )
+    add_flag(p, "--steps", type=int, default=4, help="timed optimizer steps per contender")
+    add_flag(p, "--warmup", type=int, default=2, help="untimed steps first (allocator, kernels, caches)")
+    add_flag(p, "--batch-size", type=int, default=8, help="examples per step")
+    add_flag(p, "--block-size", type=int, default=100, help="tokens per example (the seed pads every one to it)")
+    add_flag(p, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="precision of 'ours'")
     add_flag(p, "--rank-lora", type=int, default=64, help="LoRA rank")
     add_flag(p, "--targets-lora", nargs="+", default=["c_attn"], help="layers with adapters")
+    add_bool_flag(p, "--quick", help="smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples")
     add_flag(p, "--json", default=None, help="also write the results as JSON here")
-    add_flag(p, "--one-mode", default=None, help=argparse.SUPPRESS)  # internal: measure one mode, print JSON
-    return p.parse_args(argv)
+    add_flag(p, "--markdown", default=None, help="also write the table as Markdown here")
+    add_flag(p, "--one", default=None, help=argparse.SUPPRESS)  # internal: measure one contender, print JSON
+    args = p.parse_args(argv)
+    if args.quick:
+        args.config, args.steps, args.warmup, args.batch_size = "gpt2-tiny", 2, 1, 4
+    return args
 
 
 def model_config(name: str):
@@ -60,25 +73,27 @@ def model_config(name: str):
 
     if name in PRESETS:
         return GPT2Config(n_positions=1024, **PRESETS[name])
-    folder = next((f for f in (Path(name), REPO / name) if (f / "config.json").is_file()), None)
+    candidates = (Path(name), REPO / name, REPO / "configs" / name)
+    folder = next((f for f in candidates if (f / "config.json").is_file()), None)
     if folder is None:
         raise UserError(f"--config {name}: not a preset ({', '.join(PRESETS)}) nor a folder with config.json")
     return AutoConfig.from_pretrained(folder)
 
 
 def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: Path):
-    """A random-weight model for `mode`; QLoRA goes through a saved copy, as bitsandbytes quantizes on load."""
+    """A random-weight model; QLoRA goes through a saved copy, as bitsandbytes quantizes on load."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import lora
 
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.config))
-    if mode == "full":
+    if mode not in ("lora", "qlora"):
         return model.to(device)
     if mode == "lora":
         return lora.add_lora(
-            model.to(device), args.rank_lora, 16, 0.05, args.targets_lora, quantized=False, base_name="bench"
+            model.to(device), args.rank_lora, 16, 0.05, args.targets_lora, quantized=False, base_name="-"
         )
     lora.require_bitsandbytes(device, "qlora")
     model.save_pretrained(workdir)
@@ -87,106 +102,257 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
         workdir, quantization_config=lora.quantization_config(4, compute_dtype), device_map={"": device}
     )
     lora.keep_4bit_weights_trainable(model)
-    return lora.add_lora(model, args.rank_lora, 16, 0.05, args.targets_lora, quantized=True, base_name="bench")
+    return lora.add_lora(model, args.rank_lora, 16, 0.05, args.targets_lora, quantized=True, base_name="-")
 
 
-def measure(mode: str, args: argparse.Namespace) -> dict:
-    """Train `mode` for warm-up + timed steps on packed Austen blocks; runs inside its own process."""
-    import resource
+def prepare_examples(mode: str, tokenizer, paragraphs: list[str], block: int) -> tuple[list, float]:
+    """(examples, seconds) for the whole corpus, each contender's own way."""
+    from dataset import tokenize_paragraphs
 
+    started = time.perf_counter()
+    if mode == "seed":  # one paragraph at a time in Python, padded to the block, overflow kept
+        eot = tokenizer.eos_token
+        examples = []
+        for paragraph in paragraphs:
+            encoded = tokenizer(
+                eot + paragraph + eot,
+                truncation=True,
+                max_length=block,
+                padding="max_length",
+                return_overflowing_tokens=True,
+            )
+            examples.extend(zip(encoded["input_ids"], encoded["attention_mask"], strict=True))
+    elif mode == "trainer-collator":  # the usual recipe: batched tokenization, one paragraph per example
+        encoded = tokenizer([p + tokenizer.eos_token for p in paragraphs], truncation=True, max_length=block)
+        examples = [{"input_ids": ids} for ids in encoded["input_ids"]]
+    else:
+        examples = tokenize_paragraphs(tokenizer, paragraphs, block, pack=True)
+    return examples, time.perf_counter() - started
+
+
+def batches_for(mode: str, examples: list, n: int, args: argparse.Namespace, tokenizer) -> list[dict]:
+    """The first n batches of a contender, as tensors (labels of the seed style include the pads)."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    from dataset import collate
+
+    chunks = [examples[i * args.batch_size : (i + 1) * args.batch_size] for i in range(n)]
+    if mode == "seed":
+        return [
+            {
+                "input_ids": (ids := torch.tensor([e[0] for e in chunk])),
+                "attention_mask": torch.tensor([e[1] for e in chunk]),
+                "labels": ids.clone(),
+            }
+            for chunk in chunks
+        ]
+    if mode == "trainer-collator":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        return [collator(chunk) for chunk in chunks]
+    return [collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
+
+
+def train_own_loop(model, batches: list[dict], precision: str, mode: str) -> list[float]:
+    """Seconds per optimizer step of our loop (or the seed-style one: the model's loss over every position)."""
     import torch
     from accelerate import Accelerator
 
     import train
-    from dataset import collate, load_paragraphs, tokenize_paragraphs
-    from lora import parameter_counts
-    from utils import load_tokenizer
 
-    precision = train.resolve_precision(args.precision)
     accelerator = Accelerator(mixed_precision=precision)
-    tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
-    n_blocks = args.batch_size * (args.warmup + args.steps)
-    paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
-    blocks = tokenize_paragraphs(tokenizer, paragraphs, args.block_size, pack=True)[:n_blocks]
-    if len(blocks) < n_blocks:
-        raise UserError(f"not enough Austen text for {n_blocks} blocks; lower --steps or --batch-size")
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as workdir:
-        model = build(mode, args, precision, accelerator.device, Path(workdir))
     optimizer = train.make_optimizer(model, train.parse_args(["--lr", "1e-4"]))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], 0
-    for step in range(args.warmup + args.steps):
-        batch = collate(blocks[step * args.batch_size : (step + 1) * args.batch_size], tokenizer.pad_token_id)
+    seconds = []
+    for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         started = time.perf_counter()
-        loss_sum, n_targets = train.lm_loss_sum(model, batch)
-        accelerator.backward(loss_sum / n_targets)
+        if mode == "seed":
+            loss = model(**batch).loss
+        else:
+            loss_sum, n_targets = train.lm_loss_sum(model, batch)
+            loss = loss_sum / n_targets
+        accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - started)
-            tokens = int(batch["attention_mask"].sum())
-    trainable, total = parameter_counts(accelerator.unwrap_model(model))
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def train_with_trainer(model, batches: list[dict], workdir: Path) -> list[float]:
+    """Seconds per optimizer step of transformers.Trainer (fp32), fed exactly `batches` in order."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.started = [], 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self.started)
+
+    class Batches(torch.utils.data.Dataset):  # one item per ready-made batch, collated as is
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            return batches[i]
+
+    settings = TrainingArguments(
+        output_dir=str(workdir),
+        per_device_train_batch_size=1,
+        max_steps=len(batches),
+        learning_rate=1e-4,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        seed=0,
+    )
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=settings, train_dataset=Batches(), data_collator=lambda items: items[0])
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Batches())  # keep our order
+    trainer.add_callback(timer)
+    trainer.train()
+    return timer.seconds
+
+
+def matmul_peak(precision: str, device) -> float:
+    """FLOP/s of the best of several large square matmuls at `precision`, on this device, now."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    n = 4096 if torch.cuda.is_available() else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        started = time.perf_counter()
+        a @ b
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
+def measure(mode: str, args: argparse.Namespace) -> dict:
+    """One contender, in this process: prepare the corpus, train warm-up + timed steps, report."""
+    import torch
+    from accelerate import PartialState
+
+    import train
+    from dataset import load_paragraphs
+    from lora import parameter_counts
+    from utils import load_tokenizer
+
+    own_precision = train.resolve_precision(args.precision) if mode in ("ours", "lora", "qlora") else "no"
+    device = PartialState().device
+    tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
+    paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
+    examples, prep_seconds = prepare_examples(mode, tokenizer, paragraphs, args.block_size)
+    n = args.warmup + args.steps
+    if len(examples) < n * args.batch_size:
+        raise UserError(f"the corpus has too few examples for {n} steps of {args.batch_size}")
+    batches = batches_for(mode, examples, n, args, tokenizer)
+    with tempfile.TemporaryDirectory() as workdir:
+        model = build(mode, args, own_precision, device, Path(workdir))
+        trainable, total = parameter_counts(model)
+        config = model_config(args.config)
+        if mode.startswith("trainer"):
+            seconds = train_with_trainer(model, batches, Path(workdir))
+        else:
+            seconds = train_own_loop(model, batches, own_precision, mode)
+    timed = list(zip(seconds[args.warmup :], batches[args.warmup :], strict=True))
+    useful = statistics.median(int(b["attention_mask"].sum()) / s for s, b in timed)
+    computed = statistics.median(b["input_ids"].numel() / s for s, b in timed)
+    # FLOPs per computed token: 6 per weight used in a matmul (the tied embedding once, as the output
+    # layer) plus attention scores and values (nanoGPT's estimate_mfu); position embeddings excluded.
+    weights = total - config.n_positions * config.n_embd
+    flops_per_token = 6 * weights + 12 * config.n_layer * config.n_embd * args.block_size
+    peak = matmul_peak(own_precision, device)
     on_cuda = torch.cuda.is_available()
-    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    memory = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "mode": mode,
-        "tokens_per_s": tokens / statistics.median(times),
-        "peak_memory_mib": peak / 2**20,
+        "precision": {"no": "fp32"}.get(own_precision, own_precision),
+        "data_prep_s": prep_seconds,
+        "useful_tokens_per_s": useful,
+        "computed_tokens_per_s": computed,
+        "flops_share_of_matmul_peak": computed * flops_per_token / peak,
+        "matmul_peak_tflops": peak / 1e12,
+        "peak_memory_mib": memory / 2**20,
         "memory_kind": "CUDA max allocated" if on_cuda else "peak RSS",
         "trainable_params": trainable,
         "total_params": total,
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
-        "precision": precision,
     }
 
 
 def results_table(results: list[dict], args: argparse.Namespace) -> str:
-    """A Markdown table of the modes, with ratios to the first one."""
+    """A Markdown table of the contenders, with ratios to the first one."""
     base = results[0]
     lines = [
-        f"{args.config}, batch {args.batch_size} x {args.block_size} tokens, {base['precision']} on {base['device']}, "
+        f"{args.config}, batches of {args.batch_size} x {args.block_size} tokens on {base['device']}, "
         f"median of {args.steps} steps after {args.warmup} warm-up",
-        f"| mode | trainable params | tokens/s | vs {base['mode']} | {base['memory_kind']} (MiB) | vs {base['mode']} |",
-        "|---|---|---|---|---|---|",
+        "",
+        f"| contender | precision | data prep (s) | useful tokens/s | vs {base['mode']} | FLOP/s share of matmul peak "
+        f"| {base['memory_kind']} (MiB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        speed, memory = r["tokens_per_s"] / base["tokens_per_s"], r["peak_memory_mib"] / base["peak_memory_mib"]
-        params = f"{r['trainable_params']:,} of {r['total_params']:,}"
-        memory_mib = f"{r['peak_memory_mib']:,.0f}"
-        lines.append(
-            f"| {r['mode']} | {params} | {r['tokens_per_s']:,.0f} | {speed:.2f}x | {memory_mib} | {memory:.2f}x |"
-        )
+        speed = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
+        cells = [
+            r["mode"],
+            r["precision"],
+            f"{r['data_prep_s']:.2f}",
+            f"{r['useful_tokens_per_s']:,.0f}",
+            f"{speed:.2f}x",
+            f"{100 * r['flops_share_of_matmul_peak']:.0f}%",
+            f"{r['peak_memory_mib']:,.0f}",
+            f"{r['trainable_params']:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.block_size < 2:
-        raise UserError("--steps and --batch-size must be at least 1, --warmup at least 0, --block-size at least 2")
+    require(
+        [
+            (args.steps >= 1 and args.warmup >= 0, "--steps must be at least 1 and --warmup at least 0"),
+            (args.batch_size >= 1 and args.block_size >= 2, "--batch-size must be at least 1, --block-size 2"),
+        ]
+    )
     quiet_libraries()
-    if args.one_mode:
-        print(json.dumps(measure(args.one_mode, args)))
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
         return 0
 
     results = []
     for mode in args.modes:
-        argv_mode = [*(argv if argv is not None else sys.argv[1:]), "--one-mode", mode]
-        done = subprocess.run([sys.executable, str(REPO / "bench.py"), *argv_mode], capture_output=True, text=True)
+        command = [sys.executable, str(REPO / "bench.py"), *(argv if argv is not None else sys.argv[1:]), "--one", mode]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise UserError(
-                f"{mode} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-            )
+            raise UserError(f"{mode} failed: {(done.stderr.strip().splitlines() or [str(done.returncode)])[-1]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(results_table(results, args))
+    table = results_table(results, args)
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
     return 0
 
 

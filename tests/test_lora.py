@@ -211,24 +211,19 @@ def test_adapter_whose_base_model_is_unavailable(tmp_path, tiny_model_dir):
     assert not (tmp_path / "m").exists()
 
 
-def test_bench_compares_full_lora_and_qlora(tmp_path):
+def test_bench_runs_every_kind_of_contender(tmp_path):
     """A smoke run of the side-by-side benchmark (no timing assertions: this machine is shared)."""
+    modes = ["ours", "seed", "trainer-ours", "trainer-collator", "qlora"]
     result = run_script(
-        "bench.py",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--batch-size",
-        "2",
-        "--block-size",
-        "32",
-        "--json",
-        "bench.json",
-        cwd=tmp_path,
+        "bench.py", "--quick", "--modes", *modes, "--json", "bench.json", "--markdown", "bench.md", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["mode"] for r in rows] == ["full", "lora", "qlora"]
-    assert rows[1]["trainable_params"] < rows[0]["trainable_params"] / 10 and all(r["tokens_per_s"] > 0 for r in rows)
-    assert "| qlora |" in result.stdout
+    assert [r["mode"] for r in rows] == modes
+    assert rows[-1]["trainable_params"] < rows[0]["trainable_params"] / 10
+    assert all(
+        r["useful_tokens_per_s"] > 0 and 0 < r["flops_share_of_matmul_peak"] and r["data_prep_s"] > 0 for r in rows
+    )
+    seed = rows[1]  # padded to the block, so fewer useful than computed tokens
+    assert seed["useful_tokens_per_s"] < seed["computed_tokens_per_s"]
+    assert "| trainer-collator |" in (tmp_path / "bench.md").read_text()
