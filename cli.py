@@ -38,6 +38,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none: for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def str2bool(value: str | bool) -> bool:
     """Parse the seed's `--flag True/False` spelling (its `type=bool` made `--qlora False` true)."""
     if isinstance(value, bool):

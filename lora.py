@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli import UserError
+from cli import UserError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -49,8 +49,9 @@ def require_bitsandbytes(device, flag: str) -> None:
     try:
         bnb_functional.quantize_4bit(torch.ones(64, 64, device=device))
     except Exception as err:  # no backend for this device: the error types differ between releases
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{flag}: bitsandbytes cannot quantize on {device} ({cause}); use --lora instead") from None
+        raise UserError(
+            f"{flag}: bitsandbytes cannot quantize on {device} ({first_line(err)}); use --lora instead"
+        ) from None
 
 
 def keep_4bit_weights_trainable(model) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from cli import UserError
+from cli import UserError, first_line
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -78,7 +78,7 @@ def from_hub_or_folder(load: Callable[..., Any], name: str, **kwargs) -> Any:
     try:
         return load(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load '{name}' ({str(err).strip().splitlines()[0]})") from None
+        raise UserError(f"could not load '{name}' ({first_line(err)})") from None
 
 
 def has_weights(folder: Path) -> bool:
@@ -279,7 +279,5 @@ def load_checkpoint_states(folder: Path) -> tuple[dict[str, Any], dict[str, Any]
         training_state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
         trainer_state = json.loads((folder / TRAINER_STATE).read_text())
     except Exception as err:  # damaged or foreign files: say which, never execute them
-        raise UserError(
-            f"checkpoint {folder} cannot be read ({str(err).strip().splitlines()[0]}); resume from another"
-        ) from None
+        raise UserError(f"checkpoint {folder} cannot be read ({first_line(err)}); resume from another") from None
     return training_state, trainer_state
