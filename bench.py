@@ -16,6 +16,8 @@ random weights (the FLOPs are the real ones) and the same Austen paragraphs:
   trainer-collator  transformers.Trainer in fp32 with its usual DataCollatorForLanguageModeling(mlm=False):
                     one paragraph per example, padded per batch
   lora, qlora       our loop training LoRA adapters (on a 4-bit base for qlora)
+Generation (unless --gen-samples 0): inference.py's sampling, --gen-samples x --gen-tokens new tokens from one
+batched `generate` call with the KV cache, against one call per sample, in generated tokens/s.
 Reported: whole-corpus data preparation seconds; useful (non-pad) tokens/s, the median over the timed
 steps after warm-up; peak memory (max allocated on CUDA, peak RSS on CPU); achieved FLOP/s (6N + 12LdT per
 computed token) as a share of a matmul peak measured in the same process at the same precision; and
@@ -58,13 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="precision of 'ours'")
     add_flag(p, "--rank-lora", type=int, default=64, help="LoRA rank")
     add_flag(p, "--targets-lora", nargs="+", default=["c_attn"], help="layers with adapters")
-    add_bool_flag(p, "--quick", help="smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples")
+    add_flag(p, "--gen-samples", type=int, default=3, help="samples in the generation benchmark (0: skip it)")
+    add_flag(p, "--gen-tokens", type=int, default=300, help="new tokens per sample in the generation benchmark")
+    add_bool_flag(p, "--profile", help="also profile one step of each of our loops (torch.profiler): where time goes")
+    add_bool_flag(p, "--quick", help="smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples, 20 new tokens")
     add_flag(p, "--json", default=None, help="also write the results as JSON here")
     add_flag(p, "--markdown", default=None, help="also write the table as Markdown here")
     add_flag(p, "--one", default=None, help=argparse.SUPPRESS)  # internal: measure one contender, print JSON
     args = p.parse_args(argv)
     if args.quick:
-        args.config, args.steps, args.warmup, args.batch_size = "gpt2-tiny", 2, 1, 4
+        args.config, args.steps, args.warmup, args.batch_size, args.gen_tokens = "gpt2-tiny", 2, 1, 4, 20
     return args
 
 
@@ -153,8 +158,30 @@ def batches_for(mode: str, examples: list, n: int, args: argparse.Namespace, tok
     return [collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
 
 
-def train_own_loop(model, batches: list[dict], precision: str, mode: str) -> list[float]:
-    """Seconds per optimizer step of our loop (or the seed-style one: the model's loss over every position)."""
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention"}
+
+
+def profile_step(step) -> dict:
+    """Where one training step spends its time: the matmul share and the ten costliest operators."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    attribute = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    times = {e.key: getattr(e, attribute) for e in prof.key_averages()}
+    total = sum(times.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "matmul_share_of_step": sum(t for k, t in times.items() if k in MATMUL_OPS) / total,
+        "top_ops": {k: t / total for k, t in top},
+    }
+
+
+def train_own_loop(model, batches: list[dict], precision: str, mode: str, profile: bool = False):
+    """Seconds per optimizer step of our loop (or the seed-style one: the model's loss over every position),
+    and with `profile` a profile of one more step (the last batch, untimed)."""
     import torch
     from accelerate import Accelerator
 
@@ -164,10 +191,8 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str) -> lis
     optimizer = train.make_optimizer(model, train.parse_args(["--lr", "1e-4"]))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    seconds = []
-    for batch in batches:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        started = time.perf_counter()
+
+    def step(batch: dict) -> None:
         if mode == "seed":
             loss = model(**batch).loss
         else:
@@ -178,8 +203,17 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str) -> lis
         optimizer.zero_grad()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+    seconds = []
+    for batch in batches[: len(batches) - profile]:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        started = time.perf_counter()
+        step(batch)
         seconds.append(time.perf_counter() - started)
-    return seconds
+    if not profile:
+        return seconds, None
+    last = {k: v.to(accelerator.device) for k, v in batches[-1].items()}
+    return seconds, profile_step(lambda: step(last))
 
 
 def train_with_trainer(model, batches: list[dict], workdir: Path) -> list[float]:
@@ -262,7 +296,8 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
     paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
     examples, prep_seconds = prepare_examples(mode, tokenizer, paragraphs, args.block_size)
-    n = args.warmup + args.steps
+    profile = args.profile and not mode.startswith("trainer")
+    n = args.warmup + args.steps + profile
     if len(examples) < n * args.batch_size:
         raise UserError(f"the corpus has too few examples for {n} steps of {args.batch_size}")
     batches = batches_for(mode, examples, n, args, tokenizer)
@@ -271,10 +306,10 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         trainable, total = parameter_counts(model)
         config = model_config(args.config)
         if mode.startswith("trainer"):
-            seconds = train_with_trainer(model, batches, Path(workdir))
+            seconds, profiled = train_with_trainer(model, batches, Path(workdir)), None
         else:
-            seconds = train_own_loop(model, batches, own_precision, mode)
-    timed = list(zip(seconds[args.warmup :], batches[args.warmup :], strict=True))
+            seconds, profiled = train_own_loop(model, batches, own_precision, mode, profile)
+    timed = list(zip(seconds[args.warmup :], batches[args.warmup : len(seconds)], strict=True))
     useful = statistics.median(int(b["attention_mask"].sum()) / s for s, b in timed)
     computed = statistics.median(b["input_ids"].numel() / s for s, b in timed)
     # FLOPs per computed token: 6 per weight used in a matmul (the tied embedding once, as the output
@@ -297,7 +332,59 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
+        "profile": profiled,
     }
+
+
+def measure_generation(args: argparse.Namespace) -> dict:
+    """Generated tokens/s of inference.py's sampling: all samples in one batched call, then one call each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from generation import SamplingSettings, generate_ids
+    from utils import load_tokenizer
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_config(model_config(args.config)).to(device).eval()
+    tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))
+    settings = SamplingSettings(max_new_tokens=args.gen_tokens)
+    prompt = "It is a truth universally acknowledged"
+    prompt_length = 1 + len(tokenizer.encode(prompt))
+
+    def tokens_per_second(n: int, calls: int) -> float:
+        started, generated = time.perf_counter(), 0
+        for call in range(calls):
+            new = generate_ids(model, tokenizer, prompt, n, settings, seed=call)[:, prompt_length:]
+            ended = (new == tokenizer.eos_token_id).cumsum(dim=1) > 0  # pads after the first end-of-text
+            generated += int((~ended).sum()) + int(ended.any(dim=1).sum())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return generated / (time.perf_counter() - started)
+
+    generate_ids(model, tokenizer, prompt, 1, SamplingSettings(max_new_tokens=8), seed=0)  # warm-up
+    return {
+        "samples": args.gen_samples,
+        "new_tokens": args.gen_tokens,
+        "batched_tokens_per_s": tokens_per_second(args.gen_samples, 1),
+        "one_by_one_tokens_per_s": tokens_per_second(1, args.gen_samples),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def generation_table(result: dict, args: argparse.Namespace) -> str:
+    ratio = result["batched_tokens_per_s"] / result["one_by_one_tokens_per_s"]
+    return "\n".join(
+        [
+            f"Generation, {args.config} (fp32, KV cache, top-k 50, top-p 0.95) on {result['device']}: "
+            f"{result['samples']} samples x {result['new_tokens']} new tokens",
+            "",
+            "| sampling | generated tokens/s | vs one by one |",
+            "|---|---|---|",
+            f"| one batched call (inference.py) | {result['batched_tokens_per_s']:,.0f} | {ratio:.2f}x |",
+            f"| one call per sample | {result['one_by_one_tokens_per_s']:,.0f} | 1.00x |",
+        ]
+    )
 
 
 def results_table(results: list[dict], args: argparse.Namespace) -> str:
@@ -324,6 +411,11 @@ def results_table(results: list[dict], args: argparse.Namespace) -> str:
             f"{r['trainable_params']:,}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in results:
+        if r["profile"]:
+            ops = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(r["profile"]["top_ops"].items())[:6])
+            share = r["profile"]["matmul_share_of_step"]
+            lines.append(f"\nProfile of one {r['mode']} step: matmuls {100 * share:.0f}% of the time; costliest: {ops}")
     return "\n".join(lines)
 
 
@@ -333,24 +425,30 @@ def main(argv: list[str] | None = None) -> int:
         [
             (args.steps >= 1 and args.warmup >= 0, "--steps must be at least 1 and --warmup at least 0"),
             (args.batch_size >= 1 and args.block_size >= 2, "--batch-size must be at least 1, --block-size 2"),
+            (args.gen_samples >= 0 and args.gen_tokens >= 1, "--gen-samples must be 0 or more, --gen-tokens 1 or more"),
         ]
     )
     quiet_libraries()
     if args.one:
-        print(json.dumps(measure(args.one, args)))
+        print(json.dumps(measure_generation(args) if args.one == "generation" else measure(args.one, args)))
         return 0
 
-    results = []
-    for mode in args.modes:
+    def in_own_process(mode: str) -> dict:
         command = [sys.executable, str(REPO / "bench.py"), *(argv if argv is not None else sys.argv[1:]), "--one", mode]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise UserError(f"{mode} failed: {(done.stderr.strip().splitlines() or [str(done.returncode)])[-1]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    results = [in_own_process(mode) for mode in args.modes]
     table = results_table(results, args)
+    generation = in_own_process("generation") if args.gen_samples > 0 else None
+    if generation:
+        table += "\n\n" + generation_table(generation, args)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        report = {"args": vars(args), "results": results, "generation": generation}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -13,7 +14,14 @@ from conftest import REPO
 
 import dataset
 from cli import UserError
-from dataset import chunk_with_overlap, collate, load_paragraphs, split_paragraphs, tokenize_paragraphs
+from dataset import (
+    chunk_with_overlap,
+    collate,
+    encode_batch,
+    load_paragraphs,
+    split_paragraphs,
+    tokenize_paragraphs,
+)
 
 # ---- the bundled dataset -----------------------------------------------------------------------------
 
@@ -207,6 +215,14 @@ def test_batched_tokenization_matches_one_at_a_time(tokenizer, austen_paragraphs
     eot = tokenizer.eos_token_id
     expected = [block for p in sample for block in chunk_with_overlap([eot, *tokenizer.encode(p), eot], 64)]
     assert tokenize_paragraphs(tokenizer, sample, 64) == expected
+
+
+def test_a_tokenizer_json_that_truncates_does_not_cut_paragraphs(tokenizer, austen_paragraphs):
+    truncating = copy.deepcopy(tokenizer)
+    truncating.backend_tokenizer.enable_truncation(max_length=8)
+    longest = max(austen_paragraphs, key=len)
+    assert encode_batch(truncating, [longest]) == [tokenizer.encode(longest)]
+    assert len(tokenizer.encode(longest)) > 8
 
 
 def test_packing_fills_blocks_and_keeps_every_token(tokenizer, austen_paragraphs):

@@ -227,3 +227,7 @@ def test_bench_runs_every_kind_of_contender(tmp_path):
     seed = rows[1]  # padded to the block, so fewer useful than computed tokens
     assert seed["useful_tokens_per_s"] < seed["computed_tokens_per_s"]
     assert "| trainer-collator |" in (tmp_path / "bench.md").read_text()
+    generation = json.loads((tmp_path / "bench.json").read_text())["generation"]
+    assert generation["samples"] == 3 and generation["new_tokens"] == 20
+    assert generation["batched_tokens_per_s"] > 0 and generation["one_by_one_tokens_per_s"] > 0
+    assert "one batched call (inference.py)" in (tmp_path / "bench.md").read_text()
