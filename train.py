@@ -99,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(sampling, "--max-output-length", type=int, default=200, help="tokens per sample, prompt included")
     add_flag(sampling, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
     add_flag(sampling, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
+    add_bool_flag(
+        sampling,
+        "--eval-style",
+        help="at each epoch end, sample continuations of data/eval_prompts.txt and log how much they read like the "
+        "training text (a classifier against data/contrast novels), the share of copied word 8-grams and "
+        "character names per 1,000 words (evaluate.py gives the full report)",
+    )
+    add_flag(sampling, "--eval-style-samples", type=int, default=12, help="samples of --eval-style, 100 tokens each")
 
     io = p.add_argument_group("checkpoints and outputs")
     add_flag(io, "--check-dir", default="Checkpoints", help="folder of the Epoch_N checkpoints and the run logs")
@@ -127,6 +135,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (args.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
         (args.sample_every >= 0, "--sample-every must be 0 (off) or more"),
+        (args.eval_style_samples >= 1, "--eval-style-samples must be at least 1"),
         (args.save_interval >= 1, "--save-interval must be at least 1"),
         (args.save_steps >= 0 and args.keep_last >= 0, "--save-steps and --keep-last must be 0 (off) or more"),
         (
@@ -408,7 +417,9 @@ def make_optimizer(model, args: argparse.Namespace):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for p in params)  # one kernel for all parameters on CUDA
+    # The fused kernel updates every parameter in one pass; on CPU it is ~6x faster than the default
+    # per-tensor loop, which took a fifth of a GPT-2 124M bf16 step (bench.py, torch.profiler).
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps, fused=fused or None)
 
 
@@ -452,6 +463,43 @@ def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> l
     texts = [generate_paragraphs(model, tokenizer, p, 1, settings, seed + i)[0] for i, p in enumerate(prompts)]
     model.train()
     return texts
+
+
+STYLE_PROBE_TOKENS = 100  # per --eval-style sample: long enough to judge, short enough for every epoch
+
+
+def make_style_probe(args: argparse.Namespace, train_paragraphs: list[str]):
+    """--eval-style: fit once a classifier of the training text against the contrast novels and a copying
+    index; returns measure(model, tokenizer, seed) -> the style metrics of fresh samples."""
+    import statistics
+
+    import style
+    from generation import SamplingSettings, generate_samples, read_prompts
+
+    repo = Path(__file__).resolve().parent
+    contrast = style.load_novels(repo / "data/contrast")
+    names = style.character_names(train_paragraphs)
+    masked = names | style.character_names([p for ps in contrast.values() for p in ps])
+    words = round(STYLE_PROBE_TOKENS * 0.75)  # GPT-2 tokens per English word: about 4/3
+    classifier = style.AuthorClassifier.fit({"training text": train_paragraphs}, contrast, words, masked, False)
+    copying = style.Copying(train_paragraphs, names)
+    prompts = read_prompts(repo / "data/eval_prompts.txt")
+    settings = SamplingSettings(
+        max_new_tokens=STYLE_PROBE_TOKENS, top_k=args.top_k, top_p=args.top_p, stop_at_end_of_text=False
+    )
+
+    def measure(model, tokenizer, seed: int) -> dict[str, float]:
+        model.eval()
+        samples = generate_samples(model, tokenizer, prompts, args.eval_style_samples, settings, seed)
+        model.train()
+        texts = [s["text"] for s in samples]
+        return {
+            "style_p_author": statistics.mean(classifier.p_author(texts)),
+            "style_copied_8grams": copying.ngram_rate(texts),
+            "style_names_per_1000_words": copying.names_per_1000_words(texts),
+        }
+
+    return measure
 
 
 def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val_loader, steps_per_epoch: int) -> str:
@@ -501,7 +549,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     from transformers import get_linear_schedule_with_warmup
 
     import utils
-    from dataset import load_paragraphs, split_paragraphs
+    from dataset import load_paragraphs, split_paragraphs, text_chars
     from generation import SamplingSettings, context_length
     from runlog import RunLog
 
@@ -520,7 +568,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
         if len(tokenizer(prompt)["input_ids"]) + 1 >= min(args.max_output_length, context_length(model)):
             raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
     train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
-    val_chars = sum(len(p) + 1 for p in val_paragraphs)  # +1: the closing end-of-text is the paragraph break
+    val_chars = text_chars(val_paragraphs)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     refuse_overwrites(args, resume, steps_per_epoch * args.epochs)
 
@@ -544,6 +592,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     accelerator.print(f"data: {len(train_paragraphs):,} training / {len(val_paragraphs):,} validation paragraphs")
     accelerator.print(describe_run(args, accelerator, model, train_loader, val_loader, steps_per_epoch))
     sampling = SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p)
+    style_probe = make_style_probe(args, train_paragraphs) if args.eval_style and accelerator.is_main_process else None
     global_step, metrics, last_saved = resume.global_step, resume.metrics, resume.checkpoint
     best_val_loss = metrics.get("val_best_loss", math.inf)
 
@@ -627,6 +676,13 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
 
             metrics = evaluate(model, val_loader, accelerator, val_chars)
             metrics["val_best_loss"] = best_val_loss = min(best_val_loss, metrics["val_loss"])
+            if style_probe:
+                metrics.update(style_probe(accelerator.unwrap_model(model), tokenizer, args.seed + epoch))
+                accelerator.print(
+                    f"epoch {epoch + 1} style: P(reads like the training text) {metrics['style_p_author']:.2f}, "
+                    f"copied 8-grams {metrics['style_copied_8grams']:.1%}, "
+                    f"{metrics['style_names_per_1000_words']:.1f} character names per 1,000 words"
+                )
             run_log.metrics(global_step, epoch + 1, **metrics)
             accelerator.print(
                 f"epoch {epoch + 1}: validation loss {metrics['val_loss']:.4f} (best {metrics['val_best_loss']:.4f}), "
