@@ -1,0 +1,160 @@
+"""Style evaluation: the classifier, Delta, copying and fluency measures, evaluate.py and --eval-style."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import assert_user_error, run_script, train_args
+
+import evaluate
+import style
+
+PASSAGE_WORDS = 130  # about what 200 sampled tokens come to
+
+
+@pytest.fixture(scope="module")
+def refs():
+    """evaluate.py's references on the real data: the split, the classifier (validated), Delta, copying."""
+    return evaluate.build_references(evaluate.parse_args(["--models", "unused"]), PASSAGE_WORDS)
+
+
+def held_out(refs) -> tuple[list[str], list[str]]:
+    """Passages of held-out Austen (validation paragraphs) and of held-out contrast (novel endings)."""
+    contrast = [p for ps in refs.contrast_held_out.values() for p in ps]
+    return style.passages(refs.val_paragraphs, PASSAGE_WORDS), style.passages(contrast, PASSAGE_WORDS)
+
+
+def test_the_classifier_recognizes_austen_in_novels_it_never_saw(refs):
+    classifier = refs.classifier
+    assert classifier.heldout_accuracy >= 0.9 and classifier.reliable, classifier.heldout_by_novel
+    assert len(classifier.heldout_by_novel) == 9  # every novel was held out once
+
+
+def test_held_out_austen_scores_high_and_held_out_contrast_low(refs):
+    austen, contrast = held_out(refs)
+    assert sum(refs.classifier.p_author(austen)) / len(austen) > 0.8
+    assert sum(refs.classifier.p_author(contrast)) / len(contrast) < 0.2
+
+
+def test_delta_puts_held_out_austen_closer_to_austen_than_the_contrast_novels(refs):
+    austen, contrast = held_out(refs)
+    assert refs.delta.distance(austen, refs.train_paragraphs) < refs.delta.distance(contrast, refs.train_paragraphs)
+    for contrast_novel in refs.contrast_train.values():
+        assert refs.delta.distance(austen, refs.train_paragraphs) < refs.delta.distance(austen, contrast_novel)
+
+
+def test_character_names_come_from_the_text(refs):
+    names = refs.copying.names
+    assert {"elizabeth", "darcy", "emma", "knightley", "elinor", "marianne", "wentworth"} <= names
+    assert not names & {"she", "he", "the", "ah", "oh", "mr", "miss", "i"}
+    # a name is never written in lower case in the novels ("rose", "hope", "grant" are words too)
+    assert not names & {"rose", "hope", "will"}
+
+
+def test_a_copied_sample_scores_full_copying_and_a_shuffled_one_none(refs):
+    copied = " ".join(refs.train_paragraphs[100:103])
+    n_words = len(style.words(copied))
+    assert refs.copying.ngram_rate([copied]) == 1.0
+    assert refs.copying.longest_run([copied])[0] == n_words
+    shuffled = style.words(copied)
+    random.Random(0).shuffle(shuffled)
+    assert refs.copying.ngram_rate([" ".join(shuffled)]) < 0.02
+    assert refs.copying.longest_run(["no such words anywhere in her novels at all today"]) == (0, "")
+
+
+def test_names_rate_counts_names_per_thousand_words(refs):
+    assert refs.copying.names_per_1000_words(["Elizabeth said to Darcy that the weather was very fine"]) == 200
+    assert refs.copying.names_per_1000_words(["the weather was fine"]) == 0
+
+
+def test_normalize_makes_editions_typography_alike():
+    curly = "\u201cWell,\u201d said Pip\u2014\u2018I don\u2019t know.\u2019 _Really_ 1801"
+    straight = "\"Well,\" said Pip -- 'I don't know.' Really 1802"
+    assert (
+        style.normalize(curly, {"pip"})
+        == style.normalize(straight, {"pip"})
+        == ("well, said name - i don't know. really 0")
+    )
+
+
+def test_fluency_measures():
+    assert style.distinct_n(["one two three four"], 1) == 1.0
+    assert style.repetition_rate(["the cat sat down " * 10]) > 0.8
+    assert style.repetition_rate(["every word in this sample is different from the others"]) == 0.0
+
+
+def evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, small_data, out: str) -> list[str]:
+    return [
+        "--models",
+        str(tiny_config_dir),
+        str(tiny_model_dir),
+        "--names",
+        "untrained",
+        "tiny",
+        "--from-scratch",
+        "--n-samples",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--data",
+        str(small_data),
+        "--out",
+        str(tmp_path / out),
+    ]
+
+
+def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_report(
+    tmp_path, tiny_model_dir, tiny_config_dir, small_data
+):
+    for out in ("first", "second"):
+        result = run_script(
+            "evaluate.py", *evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, small_data, out), cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert sorted(p.name for p in first.iterdir()) == ["report.json", "report.md", "style.png"]
+    report = json.loads((first / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["untrained", "tiny"]
+    assert all(len(report["samples"][name]) == 4 for name in ("untrained", "tiny"))
+    for row in report["models"]:
+        assert row["val_perplexity"] > 1 and 0 <= row["p_author"] <= 1 and 0 <= row["copied_ngram_share"] <= 1
+    assert report["classifier"]["heldout_novel_accuracy"] > 0.5
+    assert len(report["references"]) == 2
+    table = (first / "report.md").read_text()
+    assert table.startswith("# Style report\n\n| |") and "| untrained |" in table and "## Samples: tiny" in table
+    again = json.loads((second / "report.json").read_text())
+    assert report["settings"].pop("out") != again["settings"].pop("out")
+    assert report == again
+    for name in ("report.md", "style.png"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_evaluate_refuses_bad_input_and_keeps_an_existing_report(tmp_path, tiny_model_dir, small_data):
+    base = ["--models", str(tiny_model_dir), "--data", str(small_data)]
+    assert_user_error(run_script("evaluate.py", *base, "--n-samples", "0", cwd=tmp_path), "--n-samples")
+    missing = run_script("evaluate.py", "--models", str(tmp_path / "nope"), cwd=tmp_path)
+    assert_user_error(missing, "no such folder")
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    assert_user_error(run_script("evaluate.py", *base, "--prompts", str(empty), cwd=tmp_path), "no prompt")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("an earlier report")
+    assert_user_error(run_script("evaluate.py", *base, "--out", str(report), cwd=tmp_path), "--overwrite")
+    assert (report / "report.md").read_text() == "an earlier report"
+
+
+def test_eval_style_logs_style_and_copying_at_each_epoch_end(tmp_path, tiny_model_dir, small_data):
+    args = train_args(tmp_path, tiny_model_dir, small_data, "--epochs", "2", "--batch-size", "16")
+    args += ["--max-input-length", "64", "--sample-every", "0", "--eval-style", "--eval-style-samples", "3"]
+    result = run_script("train.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
+    styled = [r for r in records if "style_p_author" in r]
+    assert [r["epoch"] for r in styled] == [1, 2]
+    for r in styled:
+        assert 0 <= r["style_p_author"] <= 1 and 0 <= r["style_copied_8grams"] <= 1
+        assert r["style_names_per_1000_words"] >= 0
+    assert "epoch 2 style: P(reads like the training text)" in result.stdout
