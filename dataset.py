@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -316,6 +317,8 @@ def collate(examples: list[list[int]], pad_id: int) -> dict[str, Any]:
     """Right-pad a batch; padding gets label -100 by the attention mask (pad may equal end-of-text)."""
     import torch
 
+    if not examples:  # a process's empty share of a last batch: one token, which has no target
+        examples = [[pad_id]]
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -326,27 +329,40 @@ def collate(examples: list[list[int]], pad_id: int) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class EpochShuffleSampler:
-    """A new permutation every epoch that is a pure function of (seed, epoch).
+class EpochBatches:
+    """One process's batches of an epoch, a pure function of (seed, epoch, process, number of processes).
 
-    Resuming at epoch N therefore replays epoch N's order exactly, whatever happened before.
-    Accelerate's prepared DataLoader forwards `set_epoch` here and shards the batches across processes.
+    The epoch's order is a fresh permutation drawn from seed + epoch (seed None: corpus order, for
+    validation), cut into global batches of batch_size x processes examples; process r takes the r-th
+    slice of each. The last, short global batch is shared out as evenly as possible. So every example
+    is read exactly once per epoch, whatever the number of processes, and every process runs the
+    same number of steps (a process whose share is empty gets an empty batch: see collate). Resuming
+    at epoch N replays epoch N's order exactly; `skip` leaves out the batches already trained on.
     """
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, batch_size: int, seed: int | None, rank: int = 0, processes: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.processes = rank, processes
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         import torch
 
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        if self.seed is None:
+            order = list(range(self.size))
+        else:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        step = self.batch_size * self.processes
+        for start in range(self.skip * step, self.size, step):
+            chunk = order[start : start + step]
+            n = len(chunk)  # = step except in the last global batch
+            yield chunk[self.rank * n // self.processes : (self.rank + 1) * n // self.processes]
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / (self.batch_size * self.processes))
 
 
 # ----------------------------------------------------------------------------------------------

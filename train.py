@@ -11,6 +11,7 @@ accumulation and multi-process distribution: the same code runs on a CPU, one GP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -66,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(model, "--alpha-lora", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/rank)")
     add_flag(
         model, "--targets-lora", nargs="+", default=["c_attn"], help="layers that get adapters, e.g. c_attn c_proj"
+    )
+    add_flag(
+        model,
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout of the model's embeddings, attention and residual stream (default: the model's own, 0.1 for "
+        "GPT-2); not the adapters' (--lora-dropout)",
     )
     add_flag(model, "--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
 
@@ -154,6 +163,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.rank_lora >= 1, "--rank-lora must be at least 1, e.g. 16"),
         (args.alpha_lora > 0, "--alpha-lora must be positive, e.g. 16"),
         (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1), e.g. 0.1 or 0"),
         (not (uses_adapters(args) and args.from_scratch), "LoRA freezes the base model: drop --from-scratch"),
     ]
     require(rules)
@@ -176,6 +186,7 @@ class Resume:
     global_step: int = 0
     batches_in_epoch: int = 0  # batches of the next epoch already trained on (a mid-epoch checkpoint)
     metrics: dict[str, float] = field(default_factory=dict)
+    processes: int = 1  # the number of processes that trained the checkpoint
 
 
 def plan_resume(args: argparse.Namespace) -> Resume:
@@ -206,6 +217,7 @@ def plan_resume(args: argparse.Namespace) -> Resume:
         trainer_state["global_step"],
         trainer_state.get("batches_in_epoch", 0),
         trainer_state["metrics"],
+        trainer_state.get("processes", 1),
     )
     if resume.epoch >= args.epochs:
         raise UserError(f"{checkpoint} already completed {resume.epoch} epochs; raise --epochs to train further")
@@ -312,11 +324,25 @@ def cpu_has_bf16() -> bool:
 def build_model(args: argparse.Namespace, resume: Resume, precision: str):
     """The model to train, with activation checkpointing if asked for."""
     model = load_trainable_model(args, resume, precision)
+    if args.dropout is not None:
+        set_dropout(model, args.dropout)
     if args.gradient_checkpointing:
         # Recompute each block's activations in the backward pass: far less memory, ~1/3 more compute.
         # The non-reentrant kind replays the same dropout masks, so the result does not change.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def set_dropout(model, p: float) -> None:
+    """Every dropout of the model (GPT-2: embeddings, attention, residual) but the adapters', and its config."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = p
+    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):  # so the saved config says what was trained
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
 
 
 def load_trainable_model(args: argparse.Namespace, resume: Resume, precision: str):
@@ -359,10 +385,17 @@ def load_trainable_model(args: argparse.Namespace, resume: Resume, precision: st
 
 
 def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
-    """All an exact resume needs besides the weights, as tensors and numbers (no pickled objects)."""
+    """All an exact resume needs besides the weights, as tensors and numbers (no pickled objects).
+
+    Every process calls it; with several processes the optimizer state is the same on each (DDP).
+    """
+    from accelerate.utils import gather_object
+
     from utils import rng_state
 
-    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    # Every process's random state (its dropout masks differ), in process order; a collective call.
+    rngs = gather_object([rng_state()])
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
     if accelerator.scaler is not None:  # fp16 loss scaling
         states["scaler"] = accelerator.scaler.state_dict()
     return states
@@ -373,21 +406,23 @@ def restore_states(states: dict[str, Any], accelerator, optimizer, scheduler) ->
 
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    set_rng_state(states["rng"])
+    rng = states["rng"]
+    set_rng_state(rng[accelerator.process_index] if isinstance(rng, list) else rng)  # a list since v2 checkpoints
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(states["scaler"])
 
 
 def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
-    """Training batches (packed or padded, reshuffled per epoch) and per-paragraph validation batches.
+    """This process's training batches (packed or padded, reshuffled per epoch) and validation batches.
 
     Validation always reads one paragraph per example, starting from end-of-text as generation does,
     so its loss means the same whether training packs or pads.
     """
     import torch
+    from accelerate import PartialState
     from torch.utils.data import DataLoader
 
-    from dataset import EpochShuffleSampler, collate, tokenize_cached
+    from dataset import EpochBatches, collate, tokenize_cached
 
     def collate_batch(examples: list[list[int]]):
         return collate(examples, tokenizer.pad_token_id)
@@ -396,16 +431,20 @@ def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str
     train = tokenize_cached(tokenizer, train_paragraphs, args.max_input_length, args.packing, cache)
     val = tokenize_cached(tokenizer, val_paragraphs, args.max_input_length, False, cache)
 
-    def loader(examples: list[list[int]], sampler=None) -> DataLoader:
-        # Its own generator: starting an epoch must not draw from the global RNG, or a run resumed
-        # mid-epoch (whose epoch starts after the restore) would see other dropout masks.
+    state = PartialState()
+
+    def loader(examples: list[list[int]], seed: int | None) -> DataLoader:
+        # Our own sharding (accelerate's pads the last batch with repeated examples). Its own generator:
+        # starting an epoch must not draw from the global RNG, or a run resumed mid-epoch (whose epoch
+        # starts after the restore) would see other dropout masks.
+        batches = EpochBatches(len(examples), args.batch_size, seed, state.process_index, state.num_processes)
         generator = torch.Generator().manual_seed(args.seed)
         pin = torch.cuda.is_available()  # page-locked batches copy to the GPU faster
         return DataLoader(
-            examples, args.batch_size, sampler=sampler, collate_fn=collate_batch, generator=generator, pin_memory=pin
+            examples, batch_sampler=batches, collate_fn=collate_batch, generator=generator, pin_memory=pin
         )
 
-    return loader(train, EpochShuffleSampler(len(train), args.seed)), loader(val)
+    return loader(train, args.seed), loader(val, None)
 
 
 def make_optimizer(model, args: argparse.Namespace):
@@ -436,15 +475,22 @@ def lm_loss_sum(model, batch: dict):
     return loss, (targets != -100).sum()
 
 
+def to_device(batch: dict, device) -> dict:
+    return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+
+
 def evaluate(model, loader, accelerator, n_chars: int) -> dict[str, float]:
-    """Validation loss per real token (pads excluded), its perplexity, and bits per character."""
+    """Validation loss per real token (pads excluded), its perplexity, and bits per character.
+
+    Each process reads its own share of the paragraphs; the sums are added up across processes.
+    """
     import torch
 
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)  # summed loss, number of targets
     with torch.no_grad():
         for batch in loader:
-            loss_sum, n_targets = lm_loss_sum(model, batch)
+            loss_sum, n_targets = lm_loss_sum(model, to_device(batch, accelerator.device))
             totals += torch.stack([loss_sum, n_targets.float()])
     model.train()
     nll, n_targets = accelerator.reduce(totals, "sum").tolist()
@@ -521,13 +567,35 @@ def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val
     )
 
 
-def epoch_batches(accelerator, loader, epoch: int, skip: int):
+def start_processes():
+    """Accelerate's process state, set up before anything asks for it.
+
+    Launched by torchrun on a machine without CUDA, the processes train on CPU over gloo; accelerate
+    does so only when told (ACCELERATE_USE_CPU=true), and otherwise runs each process alone.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available()))
+
+
+def max_over_processes(accelerator, value: int) -> int:
+    """The largest `value` of all processes, so that they all take the same decision at the same step."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=accelerator.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def epoch_batches(loader, epoch: int, skip: int, device):
     """The epoch's batches in their (seed, epoch) order, minus the first `skip` (already trained on)."""
-    loader.set_epoch(epoch)
-    if skip:
-        loader = accelerator.skip_first_batches(loader, skip)
-        loader.set_epoch(epoch)  # the skipping loader is a new object: it needs the epoch too
-    return loader
+    loader.batch_sampler.set_epoch(epoch, skip)
+    return (to_device(batch, device) for batch in loader)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import TorchDynamoPlugin, set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -554,8 +622,14 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     from runlog import RunLog
 
     # ---- everything that can fail on bad input fails here, before any work or write -------------------
+    processes = start_processes().num_processes
     resume = plan_resume(args)
-    set_seed(args.seed)
+    if resume.checkpoint and resume.processes != processes:
+        raise UserError(
+            f"{resume.checkpoint} was trained by {resume.processes} processes; resume it with {resume.processes}, "
+            f"not {processes} (the data order and random states are per process)"
+        )
+    set_seed(args.seed + PartialState().process_index)  # each process its own dropout masks
     train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
     precision = resolve_precision(args.precision)
     tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))
@@ -567,18 +641,19 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     for prompt in args.sample_prompts:  # a prompt that fills the context would fail mid-run, not now
         if len(tokenizer(prompt)["input_ids"]) + 1 >= min(args.max_output_length, context_length(model)):
             raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
-    train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
+    with PartialState().main_process_first():  # the first process fills the token cache, the others read it
+        train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     val_chars = text_chars(val_paragraphs)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     refuse_overwrites(args, resume, steps_per_epoch * args.epochs)
 
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs
     dynamo = TorchDynamoPlugin(backend="inductor" if args.compile else "no")
-    accelerator = Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=args.grad_accum_steps, dynamo_plugin=dynamo
-    )
+    # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
+    # are not prepare()d, as they already hold this process's share of the data.
+    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
     optimizer = make_optimizer(model, args)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
     # process), so --warmup-steps counts optimizer steps on any number of devices.
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps_per_epoch * args.epochs)
@@ -599,21 +674,23 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     def save(name: str, epochs_done: int, batches_in_epoch: int) -> Path:
         """A checkpoint of this exact moment: weights (or adapters), optimizer, schedule, RNG, position."""
         folder, started = Path(args.check_dir) / name, time.perf_counter()
+        states = capture_states(accelerator, optimizer, scheduler)  # on every process: they send their RNG
         if accelerator.is_main_process:
             progress = {
                 "epoch": epochs_done,
                 "global_step": global_step,
                 "batches_in_epoch": batches_in_epoch,
                 "metrics": metrics,
+                "processes": accelerator.num_processes,
                 "args": vars(args),
             }
-            states = capture_states(accelerator, optimizer, scheduler)
             utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress)
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
             accelerator.print(f"saved {folder} ({size:,.1f} MiB in {time.perf_counter() - started:.2f} s)")
         return folder
 
     def stopped() -> int:
+        accelerator.wait_for_everyone()  # until the first process has written the checkpoint
         accelerator.print(
             f"stopped by {signal.Signals(stop.received).name} at step {global_step}; resume with:\n  {resume_cmd}"
         )
@@ -624,7 +701,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     with RunLog(Path(args.check_dir) / "logs", resume.global_step, enabled=accelerator.is_main_process) as run_log:
         for epoch in range(resume.epoch, args.epochs):
             skip = resume.batches_in_epoch if epoch == resume.epoch else 0
-            batches = epoch_batches(accelerator, train_loader, epoch, skip)
+            batches = epoch_batches(train_loader, epoch, skip, accelerator.device)
             bar = tqdm(
                 batches,
                 desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -634,22 +711,29 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             )
             started, real_tokens = time.perf_counter(), 0
             for batches_done, batch in enumerate(bar, start=skip + 1):
-                with accelerator.accumulate(model):
+                # One optimizer step per window of --grad-accum-steps batches; an epoch's last may be shorter.
+                window_start = (batches_done - 1) // args.grad_accum_steps * args.grad_accum_steps
+                window = min(args.grad_accum_steps, len(train_loader) - window_start)
+                last_in_window = batches_done == window_start + window
+                with contextlib.nullcontext() if last_in_window else accelerator.no_sync(model):
                     loss_sum, n_targets = lm_loss_sum(model, batch)
-                    loss = loss_sum / n_targets  # mean over real tokens: padding never counts
-                    if not torch.isfinite(loss):
+                    # The mean over the real tokens of every process's batch (padding never counts), the
+                    # same loss one process would get from all of them; x processes, as DDP averages gradients.
+                    totals = accelerator.reduce(torch.stack([loss_sum.detach(), n_targets.float()]), "sum")
+                    loss = totals[0] / totals[1]
+                    if not torch.isfinite(loss):  # the same verdict on every process: all stop together
                         raise CliError(
                             f"the loss became {loss.item()} at step {global_step + 1}; stopped without "
                             f"saving. Last good checkpoint: {last_saved}; resume from it with a lower --lr"
                         )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    accelerator.backward(loss_sum * accelerator.num_processes / totals[1] / window)
                 real_tokens += int(batch["attention_mask"].sum())
-                if not accelerator.sync_gradients:
-                    continue  # inside a gradient-accumulation window
+                if not last_in_window:
+                    continue
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
                 scheduler.step()
                 global_step += 1
                 lr, tokens_per_s = scheduler.get_last_lr()[0], real_tokens / (time.perf_counter() - started)
@@ -667,6 +751,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                     )
                     tqdm.write("\n".join(f"[step {global_step}] {text}" for text in texts))
                     run_log.samples(global_step, epoch + 1, args.sample_prompts, texts)
+                stop.received = max_over_processes(accelerator, stop.received or 0) or None  # one stopped: all stop
                 if stop.received or (args.save_steps and global_step % args.save_steps == 0):
                     last_saved = save(f"Step_{global_step}", epoch, batches_done)
                     if args.keep_last and accelerator.is_main_process:
@@ -704,6 +789,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
         accelerator.print(
             f'final model in {args.output_dir}: python inference.py --model_path {args.output_dir} --prompt "..."'
         )
+    accelerator.wait_for_everyone()  # a process leaving while the first still saves can hang its shutdown
     accelerator.end_training()
     return 0
 

@@ -248,13 +248,35 @@ def test_padding_is_masked_and_the_closing_end_of_text_is_a_target(tokenizer):
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
-    sampler = dataset.EpochShuffleSampler(100, seed=3)
-    sampler.set_epoch(1)
-    first = list(sampler)
-    sampler.set_epoch(0)
-    assert list(sampler) != first and sorted(first) == list(range(100))
-    sampler.set_epoch(1)
-    assert list(sampler) == first
+    batches = dataset.EpochBatches(100, 8, seed=3)
+    batches.set_epoch(1)
+    first = [i for batch in batches for i in batch]
+    batches.set_epoch(0)
+    assert [i for batch in batches for i in batch] != first and sorted(first) == list(range(100))
+    batches.set_epoch(1)
+    assert [i for batch in batches for i in batch] == first
+    batches.set_epoch(1, skip=3)
+    assert [i for batch in batches for i in batch] == first[24:]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_processes_share_every_epoch_exactly_once_in_the_same_number_of_steps(processes):
+    shares = [dataset.EpochBatches(101, 8, seed=3, rank=r, processes=processes) for r in range(processes)]
+    single = dataset.EpochBatches(101, 8 * processes, seed=3)
+    for share in (*shares, single):
+        share.set_epoch(2)
+    per_process = [list(share) for share in shares]
+    assert len({len(batches) for batches in per_process}) == 1 == len({len(share) for share in shares})
+    # step by step, the processes together read exactly the one-process batch of the same global size
+    for step, batch in enumerate(single):
+        assert sorted(i for batches in per_process for i in batches[step]) == sorted(batch)
+    seen = [i for batches in per_process for b in batches for i in b]
+    assert sorted(seen) == list(range(101))
+
+
+def test_an_empty_share_collates_to_a_batch_without_targets():
+    batch = collate([], pad_id=50256)
+    assert batch["input_ids"].shape == (1, 1)  # one token: nothing after it to predict
 
 
 # ---- the tokenization cache -------------------------------------------------------------------------
