@@ -189,7 +189,7 @@ COLUMNS = [  # (key, heading, format)
     ("p_author", "P(author)", "{:.2f}"),
     ("delta_to_author", "Delta to author", "{:.3f}"),
     ("delta_to_nearest_contrast", "Delta to nearest contrast", "{:.3f}"),
-    ("copied_ngram_share", "copied word n-grams", "{:.1%}"),
+    ("copied_ngram_share", "copied word n-grams", "{:.2%}"),
     ("longest_copied_run", "longest copied run (words)", "{}"),
     ("names_per_1000_words", "names per 1,000 words", "{:.1f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),

@@ -567,6 +567,20 @@ def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val
     )
 
 
+def refuse_sharded_resume(accelerator, args: argparse.Namespace, resume: Resume) -> None:
+    """What this loop does not do under FSDP and DeepSpeed (whose optimizer state is split over processes)."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and resume.checkpoint:
+        raise UserError(
+            "resuming under FSDP or DeepSpeed is not supported (the optimizer state is split over the processes); "
+            "resume with DDP (torchrun or configs/accelerate/ddp.yaml), or start anew from the checkpoint's weights"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.grad_accum_steps > 1:
+        raise UserError("under DeepSpeed use --grad-accum-steps 1 (DeepSpeed steps at every backward)")
+
+
 def start_processes():
     """Accelerate's process state, set up before anything asks for it.
 
@@ -652,6 +666,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
     # are not prepare()d, as they already hold this process's share of the data.
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
+    refuse_sharded_resume(accelerator, args, resume)
     optimizer = make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
@@ -667,7 +682,8 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     accelerator.print(f"data: {len(train_paragraphs):,} training / {len(val_paragraphs):,} validation paragraphs")
     accelerator.print(describe_run(args, accelerator, model, train_loader, val_loader, steps_per_epoch))
     sampling = SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p)
-    style_probe = make_style_probe(args, train_paragraphs) if args.eval_style and accelerator.is_main_process else None
+    # Samples and the style probe run on every process: under FSDP each forward gathers the sharded weights.
+    style_probe = make_style_probe(args, train_paragraphs) if args.eval_style else None
     global_step, metrics, last_saved = resume.global_step, resume.metrics, resume.checkpoint
     best_val_loss = metrics.get("val_best_loss", math.inf)
 
@@ -675,6 +691,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
         """A checkpoint of this exact moment: weights (or adapters), optimizer, schedule, RNG, position."""
         folder, started = Path(args.check_dir) / name, time.perf_counter()
         states = capture_states(accelerator, optimizer, scheduler)  # on every process: they send their RNG
+        weights = accelerator.get_state_dict(model)  # on every process: under FSDP, gathers the shards
         if accelerator.is_main_process:
             progress = {
                 "epoch": epochs_done,
@@ -684,7 +701,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                 "processes": accelerator.num_processes,
                 "args": vars(args),
             }
-            utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress)
+            utils.save_checkpoint(folder, accelerator.unwrap_model(model), tokenizer, states, progress, weights)
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
             accelerator.print(f"saved {folder} ({size:,.1f} MiB in {time.perf_counter() - started:.2f} s)")
         return folder
@@ -741,15 +758,11 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                     step=global_step, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}"
                 )
                 run_log.metrics(global_step, epoch + 1, train_loss=loss.item(), train_lr=lr)
-                if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
-                    texts = sample_texts(
-                        accelerator.unwrap_model(model),
-                        tokenizer,
-                        args.sample_prompts,
-                        sampling,
-                        args.seed + global_step,
-                    )
-                    tqdm.write("\n".join(f"[step {global_step}] {text}" for text in texts))
+                if args.sample_every and global_step % args.sample_every == 0:
+                    unwrapped, seed = accelerator.unwrap_model(model), args.seed + global_step
+                    texts = sample_texts(unwrapped, tokenizer, args.sample_prompts, sampling, seed)
+                    if accelerator.is_main_process:
+                        tqdm.write("\n".join(f"[step {global_step}] {text}" for text in texts))
                     run_log.samples(global_step, epoch + 1, args.sample_prompts, texts)
                 stop.received = max_over_processes(accelerator, stop.received or 0) or None  # one stopped: all stop
                 if stop.received or (args.save_steps and global_step % args.save_steps == 0):
@@ -778,6 +791,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             if stop.received:
                 return stopped()
 
+    weights = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         # Sampling defaults, so that pipeline("text-generation") samples as inference.py does.
@@ -785,7 +799,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             do_sample=True, top_k=args.top_k, top_p=args.top_p, pad_token_id=tokenizer.pad_token_id
         )
         notes = {"training_metrics.json": {"global_step": global_step, **metrics}}
-        utils.save_model_folder(Path(args.output_dir), final, tokenizer, replace=True, notes=notes)
+        utils.save_model_folder(Path(args.output_dir), final, tokenizer, replace=True, notes=notes, state_dict=weights)
         accelerator.print(
             f'final model in {args.output_dir}: python inference.py --model_path {args.output_dir} --prompt "..."'
         )

@@ -197,12 +197,20 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace
 
 
 def save_checkpoint(
-    folder: Path, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any]
+    folder: Path,
+    model,
+    tokenizer,
+    training_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Model, tokenizer, tensor state and JSON state; the JSON goes last and marks the checkpoint complete."""
+    """Model, tokenizer, tensor state and JSON state; the JSON goes last and marks the checkpoint complete.
+
+    `state_dict`: the model's weights when they are not in `model` itself (gathered from FSDP shards).
+    """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(training_state, tmp / TRAINING_STATE)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -211,15 +219,21 @@ def save_checkpoint(
 
 
 def save_model_folder(
-    folder: Path, model, tokenizer, replace: bool = False, notes: dict[str, Any] | None = None
+    folder: Path,
+    model,
+    tokenizer,
+    replace: bool = False,
+    notes: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """A model (or adapter) folder that plain transformers/peft load, written atomically.
 
-    `notes` maps file names to JSON-serializable content written beside the model.
+    `notes` maps file names to JSON-serializable content written beside the model; `state_dict` as in
+    save_checkpoint.
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, content in (notes or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")

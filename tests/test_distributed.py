@@ -26,7 +26,8 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(REPO / "train.py"), *args]
-    with subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=PIPE, stderr=PIPE, start_new_session=True) as run:
+    options = dict(cwd=cwd, env=env, text=True, stdout=PIPE, stderr=PIPE, start_new_session=True)
+    with subprocess.Popen(command, **options) as run:
         try:
             stdout, stderr = run.communicate(timeout=300)
         except subprocess.TimeoutExpired:
@@ -51,11 +52,12 @@ def val_losses(run: Path) -> list[float]:
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data):
     one, two = tmp_path / "one", tmp_path / "two"
+    settings = [*COMMON, *EXACT, "--sample-every", "10"]  # samples are drawn on every process, printed by one
     single = run_script(
-        "train.py", *train_args(one, tiny_model_dir, small_data, *COMMON, *EXACT, "--batch-size", "8"), cwd=tmp_path
+        "train.py", *train_args(one, tiny_model_dir, small_data, *settings, "--batch-size", "8"), cwd=tmp_path
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(*train_args(two, tiny_model_dir, small_data, *COMMON, *EXACT, "--batch-size", "4"), cwd=tmp_path)
+    double = torchrun(*train_args(two, tiny_model_dir, small_data, *settings, "--batch-size", "4"), cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes)" in double.stdout
     assert max_difference(weights(one / "out"), weights(two / "out")) < 1e-4
@@ -64,11 +66,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
     metrics = (two / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()
     assert len(metrics) == len((one / "Checkpoints/logs/metrics.jsonl").read_text().splitlines())
     assert double.stdout.count("saved ") == 1 and double.stdout.count("final model in") == 1
+    samples = (two / "Checkpoints/logs/samples.jsonl").read_text().splitlines()
+    assert len(samples) == len((one / "Checkpoints/logs/samples.jsonl").read_text().splitlines()) == 6
+    assert double.stdout.count("[step 10]") == 3  # three prompts, printed once
 
 
 def test_two_process_resume_is_exact_and_needs_two_processes(tmp_path, tiny_model_dir, small_data):
     """Dropout on: each process draws its own masks, and its random state is in the checkpoint."""
-    settings = [*COMMON, "--batch-size", "4", "--epochs", "2", "--save-steps", "10"]
+    settings = [*COMMON, "--batch-size", "4", "--epochs", "1", "--save-steps", "10"]
     whole = torchrun(*train_args(tmp_path / "whole", tiny_model_dir, small_data, *settings), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
@@ -83,7 +88,8 @@ def test_two_process_resume_is_exact_and_needs_two_processes(tmp_path, tiny_mode
 
     one = tmp_path / "one"  # the same global batch in one process: other masks, about the same loss
     single = run_script(
-        "train.py", *train_args(one, tiny_model_dir, small_data, *COMMON, "--batch-size", "8", "--epochs", "2"),
+        "train.py",
+        *train_args(one, tiny_model_dir, small_data, *COMMON, "--batch-size", "8", "--epochs", "1"),
         cwd=tmp_path,
     )
     assert single.returncode == 0, single.stderr[-3000:]
