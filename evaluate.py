@@ -154,10 +154,12 @@ def load_model(path: str, args: argparse.Namespace):
     import torch
     from accelerate.utils import set_seed
 
+    import lora
     import utils
     from inference import load_for_sampling
 
-    if args.from_scratch and Path(path).is_dir() and not utils.has_weights(Path(path)):
+    weightless = Path(path).is_dir() and not utils.has_weights(Path(path)) and not lora.is_adapter_folder(path)
+    if args.from_scratch and weightless:
         set_seed(args.split_seed)  # as train.py does before drawing the weights
         model = utils.load_model(path, from_scratch=True).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     else:

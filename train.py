@@ -563,7 +563,9 @@ def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val
         f"mixed precision {accelerator.mixed_precision}\n"
         f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
         f"accumulated x {accelerator.num_processes} processes), {steps_per_epoch} steps per epoch, "
-        f"{steps_per_epoch * args.epochs} in all"
+        f"{steps_per_epoch * args.epochs} in all\n"
+        f"schedule: AdamW lr {args.lr:g}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0 at "
+        f"step {steps_per_epoch * args.epochs}"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from conftest import assert_user_error, run_script, train_args
@@ -85,14 +86,30 @@ def test_fluency_measures():
     assert style.repetition_rate(["every word in this sample is different from the others"]) == 0.0
 
 
-def evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, small_data, out: str) -> list[str]:
+@pytest.fixture
+def adapter_dir(tmp_path, tiny_model_dir, tokenizer) -> Path:
+    """A fresh LoRA adapter folder on the tiny model (B = 0: it samples exactly as its base)."""
+    from transformers import AutoModelForCausalLM
+
+    import lora
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = lora.add_lora(base, 4, 8, 0.0, ["c_attn"], quantized=False, base_name=str(tiny_model_dir))
+    adapted.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data, out: str) -> list[str]:
     return [
         "--models",
         str(tiny_config_dir),
         str(tiny_model_dir),
+        str(adapter_dir),
         "--names",
         "untrained",
         "tiny",
+        "tiny + LoRA",
         "--from-scratch",
         "--n-samples",
         "4",
@@ -106,18 +123,20 @@ def evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, small_data, out: st
 
 
 def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_report(
-    tmp_path, tiny_model_dir, tiny_config_dir, small_data
+    tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data
 ):
     for out in ("first", "second"):
-        result = run_script(
-            "evaluate.py", *evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, small_data, out), cwd=tmp_path
-        )
+        arguments = evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data, out)
+        result = run_script("evaluate.py", *arguments, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     first, second = tmp_path / "first", tmp_path / "second"
     assert sorted(p.name for p in first.iterdir()) == ["report.json", "report.md", "style.png"]
     report = json.loads((first / "report.json").read_text())
-    assert [m["name"] for m in report["models"]] == ["untrained", "tiny"]
-    assert all(len(report["samples"][name]) == 4 for name in ("untrained", "tiny"))
+    assert [m["name"] for m in report["models"]] == ["untrained", "tiny", "tiny + LoRA"]
+    assert all(len(samples) == 4 for samples in report["samples"].values())
+    # the untrained adapter changes nothing: the same samples and perplexity as its base
+    assert report["samples"]["tiny + LoRA"] == report["samples"]["tiny"]
+    assert report["models"][2]["val_perplexity"] == pytest.approx(report["models"][1]["val_perplexity"], rel=1e-4)
     for row in report["models"]:
         assert row["val_perplexity"] > 1 and 0 <= row["p_author"] <= 1 and 0 <= row["copied_ngram_share"] <= 1
     assert report["classifier"]["heldout_novel_accuracy"] > 0.5
