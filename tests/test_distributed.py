@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from subprocess import PIPE
 
@@ -21,19 +21,39 @@ COMMON = ["--max-input-length", "64", "--sample-every", "0", "--lr", "1e-3"]
 EXACT = ["--precision", "fp32", "--dropout", "0", "--epochs", "1"]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """train.py in two CPU processes, as the README's multi-process command runs it."""
+def torchrun(*args: str, cwd: Path, while_running=None) -> subprocess.CompletedProcess:
+    """train.py in two CPU processes, as the README's multi-process command runs it.
+
+    `while_running(launcher)` is called once the processes are started (e.g. to signal one of them).
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(REPO / "train.py"), *args]
     options = dict(cwd=cwd, env=env, text=True, stdout=PIPE, stderr=PIPE, start_new_session=True)
     with subprocess.Popen(command, **options) as run:
         try:
+            if while_running:
+                while_running(run)
             stdout, stderr = run.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
+        except BaseException:
             os.killpg(run.pid, signal.SIGKILL)  # the workers too, not only torchrun
             raise
     return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
+
+
+def sigterm_one_worker_after_step(step: int, run_dir: Path):
+    """A while_running hook: once `step` optimizer steps are logged, SIGTERM the second worker alone."""
+
+    def hook(launcher: subprocess.Popen) -> None:
+        log, deadline = run_dir / "Checkpoints/logs/metrics.jsonl", time.monotonic() + 240
+        while not (log.exists() and len(log.read_text().splitlines()) >= step):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(max(workers, key=int)), signal.SIGTERM)
+
+    return hook
 
 
 def weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
@@ -72,20 +92,25 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
     assert double.stdout.count("[step 10]") == 3  # three prompts, printed once
 
 
-def test_two_process_resume_is_exact_and_needs_two_processes(tmp_path, tiny_model_dir, small_data):
+def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path, tiny_model_dir, small_data):
     """Dropout on: each process draws its own masks, and its random state is in the checkpoint."""
-    settings = [*COMMON, "--batch-size", "4", "--epochs", "1", "--save-steps", "10"]
+    settings = [*COMMON, "--batch-size", "4", "--epochs", "1"]
     whole = torchrun(*train_args(tmp_path / "whole", tiny_model_dir, small_data, *settings), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "whole/Checkpoints/Step_10", resumed / "Checkpoints/Step_10")
-    again = train_args(resumed, tiny_model_dir, small_data, *settings, "--resume")
+    cut = tmp_path / "cut"
+    hook = sigterm_one_worker_after_step(5, cut)
+    stopped = torchrun(*train_args(cut, tiny_model_dir, small_data, *settings), cwd=tmp_path, while_running=hook)
+    assert stopped.returncode != 0 and stopped.stdout.count("stopped by SIGTERM at step") == 1, stopped.stderr[-3000:]
+    step = int(stopped.stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 5 <= step < 24 and [p.name for p in (cut / "Checkpoints").glob("Step_*")] == [f"Step_{step}"]
+
+    again = train_args(cut, tiny_model_dir, small_data, *settings, "--resume")
     assert_user_error(run_script("train.py", *again, cwd=tmp_path), "2 processes")  # one process would differ
     result = torchrun(*again, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout
-    assert max_difference(weights(tmp_path / "whole/out"), weights(resumed / "out")) == 0.0
+    assert f"resumed from {cut / 'Checkpoints' / f'Step_{step}'}" in result.stdout
+    assert max_difference(weights(tmp_path / "whole/out"), weights(cut / "out")) == 0.0
 
     one = tmp_path / "one"  # the same global batch in one process: other masks, about the same loss
     single = run_script(
