@@ -133,3 +133,12 @@ def test_lora_in_two_processes_equals_one_process(tmp_path, tiny_model_dir, smal
     assert double.returncode == 0, double.stderr[-3000:]
     adapters = "adapter_model.safetensors"
     assert max_difference(weights(one / "out", adapters), weights(two / "out", adapters)) < 1e-4
+
+
+def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path, tiny_model_dir, small_data):
+    settings = [*COMMON, "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--save-steps", "1"]
+    result = torchrun(*train_args(tmp_path, tiny_model_dir, small_data, *settings), cwd=tmp_path)
+    assert result.returncode != 0  # and no process left waiting for the other
+    assert "the loss became nan at step 2" in result.stderr
+    assert [p.name for p in (tmp_path / "Checkpoints").glob("Step_*")] == ["Step_1"]
+    assert not (tmp_path / "out").exists()
