@@ -122,8 +122,9 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path,
     assert val_losses(one)[-1] == pytest.approx(val_losses(tmp_path / "whole")[-1], rel=0.02)
 
 
-def test_lora_in_two_processes_equals_one_process(tmp_path, tiny_model_dir, small_data):
-    lora = ["--lora", "True", "--rank-lora", "4", "--lora-dropout", "0", *COMMON, *EXACT]
+@pytest.mark.parametrize("mode", ["--lora", "--qlora"])
+def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_dir, small_data):
+    lora = [mode, "True", "--rank-lora", "4", "--lora-dropout", "0", *COMMON, *EXACT]
     one, two = tmp_path / "one", tmp_path / "two"
     single = run_script(
         "train.py", *train_args(one, tiny_model_dir, small_data, *lora, "--batch-size", "8"), cwd=tmp_path
