@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -172,9 +173,8 @@ def test_ctrl_c_or_sigterm_saves_and_prints_the_resume_command(
     command = stdout.split("resume with:\n", 1)[1].strip()
     assert command.startswith("python train.py") and command.endswith("--resume")
     saved = sorted_checkpoints(tmp_path / "Checkpoints")[-1]
-    assert json.loads((saved / TRAINER_STATE).read_text())["global_step"] == int(
-        stdout.split(" at step ")[1].split(";")[0]
-    )
+    stopped_at = re.search(r"stopped by SIG\w+ at step (\d+);", stdout)
+    assert json.loads((saved / TRAINER_STATE).read_text())["global_step"] == int(stopped_at.group(1))
     if sig == signal.SIGTERM:
         return  # the resumed result is checked once, after Ctrl-C
     resume = shlex.split(command)
