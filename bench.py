@@ -62,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--targets-lora", nargs="+", default=["c_attn"], help="layers with adapters")
     add_flag(p, "--gen-samples", type=int, default=3, help="samples in the generation benchmark (0: skip it)")
     add_flag(p, "--gen-tokens", type=int, default=300, help="new tokens per sample in the generation benchmark")
+    add_flag(
+        p,
+        "--card-peak-tflops",
+        type=float,
+        default=None,
+        help="the accelerator's datasheet peak at the precision used (e.g. 989 for H100/H200 SXM bf16 dense, 312 for "
+        "A100 bf16): adds MFU, achieved FLOP/s over it, to the table",
+    )
     add_bool_flag(p, "--profile", help="also profile one step of each of our loops (torch.profiler): where time goes")
     add_bool_flag(p, "--quick", help="smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples, 20 new tokens")
     add_flag(p, "--json", default=None, help="also write the results as JSON here")
@@ -326,6 +334,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         "useful_tokens_per_s": useful,
         "computed_tokens_per_s": computed,
         "flops_share_of_matmul_peak": computed * flops_per_token / peak,
+        "achieved_tflops": computed * flops_per_token / 1e12,
         "matmul_peak_tflops": peak / 1e12,
         "peak_memory_mib": memory / 2**20,
         "memory_kind": "CUDA max allocated" if on_cuda else "peak RSS",
@@ -390,13 +399,14 @@ def generation_table(result: dict, args: argparse.Namespace) -> str:
 def results_table(results: list[dict], args: argparse.Namespace) -> str:
     """A Markdown table of the contenders, with ratios to the first one."""
     base = results[0]
+    mfu = args.card_peak_tflops is not None
     lines = [
         f"{args.config}, batches of {args.batch_size} x {args.block_size} tokens on {base['device']}, "
         f"median of {args.steps} steps after {args.warmup} warm-up",
         "",
         f"| contender | precision | data prep (s) | useful tokens/s | vs {base['mode']} | FLOP/s share of matmul peak "
-        f"| {base['memory_kind']} (MiB) | trainable params |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {f'MFU ({args.card_peak_tflops:g} TFLOP/s peak) | ' * mfu}{base['memory_kind']} (MiB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * mfu,
     ]
     for r in results:
         speed = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
@@ -407,6 +417,7 @@ def results_table(results: list[dict], args: argparse.Namespace) -> str:
             f"{r['useful_tokens_per_s']:,.0f}",
             f"{speed:.2f}x",
             f"{100 * r['flops_share_of_matmul_peak']:.0f}%",
+            *([f"{100 * r['achieved_tflops'] / args.card_peak_tflops:.1f}%"] if mfu else []),
             f"{r['peak_memory_mib']:,.0f}",
             f"{r['trainable_params']:,}",
         ]
@@ -426,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.steps >= 1 and args.warmup >= 0, "--steps must be at least 1 and --warmup at least 0"),
             (args.batch_size >= 1 and args.block_size >= 2, "--batch-size must be at least 1, --block-size 2"),
             (args.gen_samples >= 0 and args.gen_tokens >= 1, "--gen-samples must be 0 or more, --gen-tokens 1 or more"),
+            (args.card_peak_tflops is None or args.card_peak_tflops > 0, "--card-peak-tflops must be positive"),
         ]
     )
     quiet_libraries()

@@ -215,7 +215,17 @@ def test_bench_runs_every_kind_of_contender(tmp_path):
     """A smoke run of the side-by-side benchmark (no timing assertions: this machine is shared)."""
     modes = ["ours", "seed", "trainer-ours", "trainer-collator", "qlora"]
     result = run_script(
-        "bench.py", "--quick", "--modes", *modes, "--json", "bench.json", "--markdown", "bench.md", cwd=tmp_path
+        "bench.py",
+        "--quick",
+        "--modes",
+        *modes,
+        "--json",
+        "bench.json",
+        "--markdown",
+        "bench.md",
+        "--card-peak-tflops",
+        "1.5",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
@@ -227,6 +237,10 @@ def test_bench_runs_every_kind_of_contender(tmp_path):
     seed = rows[1]  # padded to the block, so fewer useful than computed tokens
     assert seed["useful_tokens_per_s"] < seed["computed_tokens_per_s"]
     assert "| trainer-collator |" in (tmp_path / "bench.md").read_text()
+    assert "MFU (1.5 TFLOP/s peak)" in (tmp_path / "bench.md").read_text()
+    assert all(
+        r["achieved_tflops"] == pytest.approx(r["flops_share_of_matmul_peak"] * r["matmul_peak_tflops"]) for r in rows
+    )
     generation = json.loads((tmp_path / "bench.json").read_text())["generation"]
     assert generation["samples"] == 3 and generation["new_tokens"] == 20
     assert generation["batched_tokens_per_s"] > 0 and generation["one_by_one_tokens_per_s"] > 0
