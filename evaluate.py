@@ -1,7 +1,7 @@
 """Does the model write like the author, or is it copying her? A style report for one or more models.
 
   python evaluate.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
-  python evaluate.py --models configs/gpt2-tiny models/austen-tiny --names base fine-tuned   # offline CPU
+  python evaluate.py --models configs/gpt2-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
 
 Each model (a folder, a Hub id or an adapter folder) writes --n-samples continuations of the shipped
 prompts (data/eval_prompts.txt, cycled in order, seeded), each exactly --max-new-tokens long (running on
@@ -34,7 +34,7 @@ CONTRAST_HELD_OUT = 0.1  # the last tenth of each contrast novel is kept away fr
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     add_flag(p, "--models", nargs="+", required=True, help="model folders, Hub ids or adapter folders")
-    add_flag(p, "--names", nargs="+", default=None, help="a label per model in the report (default: the paths)")
+    add_flag(p, "--names", nargs="+", default=None, help="a label per model in the report; without it, the paths")
     add_flag(p, "--out", default="reports/style", help="report folder (report.md, report.json, style.png)")
     add_flag(p, "--overwrite", action="store_true", help="replace the files of an existing report in --out")
     add_flag(
@@ -114,8 +114,7 @@ def build_references(args: argparse.Namespace, passage_words: int) -> References
     cut = {title: round(len(ps) * (1 - CONTRAST_HELD_OUT)) for title, ps in contrast.items()}
     contrast_train = {title: ps[: cut[title]] for title, ps in contrast.items()}
     contrast_held_out = {title: ps[cut[title] :] for title, ps in contrast.items()}
-    author_names = style.character_names(train)
-    all_names = author_names | style.character_names([p for ps in contrast.values() for p in ps])
+    author_names, all_names = style.names_to_mask(train, contrast)
     return References(
         train_paragraphs=train,
         val_paragraphs=val,
@@ -178,9 +177,7 @@ def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], args: argpa
     # The precision train.py's --precision auto validates in (bf16 autocast where native), so the numbers match.
     accelerator = Accelerator(mixed_precision=train.resolve_precision("auto"))
     examples = tokenize_paragraphs(tokenizer, val_paragraphs, args.max_input_length)
-    loader = accelerator.prepare(
-        DataLoader(examples, args.batch_size, collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
-    )
+    loader = DataLoader(examples, args.batch_size, collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
     with accelerator.autocast():
         return train.evaluate(model, loader, accelerator, text_chars(val_paragraphs))
 

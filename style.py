@@ -66,6 +66,13 @@ def character_names(paragraphs: list[str], min_count: int = 3) -> set[str]:
     return {n for n, count in seen_as_name.items() if count >= min_count and n not in lowercase_words | TITLES}
 
 
+def names_to_mask(author_paragraphs: list[str], contrast: dict[str, list[str]]) -> tuple[set[str], set[str]]:
+    """(the author's character names, counted by Copying; those and the contrast novels' names, masked by
+    the classifier and Delta)."""
+    author = character_names(author_paragraphs)
+    return author, author | character_names([p for paragraphs in contrast.values() for p in paragraphs])
+
+
 def normalize(text: str, names: set[str]) -> str:
     """Text as the classifier sees it: lower case, names masked, typography made uniform.
 

@@ -524,8 +524,7 @@ def make_style_probe(args: argparse.Namespace, train_paragraphs: list[str]):
 
     repo = Path(__file__).resolve().parent
     contrast = style.load_novels(repo / "data/contrast")
-    names = style.character_names(train_paragraphs)
-    masked = names | style.character_names([p for ps in contrast.values() for p in ps])
+    names, masked = style.names_to_mask(train_paragraphs, contrast)
     words = round(STYLE_PROBE_TOKENS * 0.75)  # GPT-2 tokens per English word: about 4/3
     classifier = style.AuthorClassifier.fit({"training text": train_paragraphs}, contrast, words, masked, False)
     copying = style.Copying(train_paragraphs, names)
@@ -627,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     import torch
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import TorchDynamoPlugin, set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -638,14 +637,14 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     from runlog import RunLog
 
     # ---- everything that can fail on bad input fails here, before any work or write -------------------
-    processes = start_processes().num_processes
+    processes = start_processes()
     resume = plan_resume(args)
-    if resume.checkpoint and resume.processes != processes:
+    if resume.checkpoint and resume.processes != processes.num_processes:
         raise UserError(
             f"{resume.checkpoint} was trained by {resume.processes} processes; resume it with {resume.processes}, "
-            f"not {processes} (the data order and random states are per process)"
+            f"not {processes.num_processes} (the data order and random states are per process)"
         )
-    set_seed(args.seed + PartialState().process_index)  # each process its own dropout masks
+    set_seed(args.seed + processes.process_index)  # each process its own dropout masks
     train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
     precision = resolve_precision(args.precision)
     tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))
@@ -657,7 +656,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     for prompt in args.sample_prompts:  # a prompt that fills the context would fail mid-run, not now
         if len(tokenizer(prompt)["input_ids"]) + 1 >= min(args.max_output_length, context_length(model)):
             raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
-    with PartialState().main_process_first():  # the first process fills the token cache, the others read it
+    with processes.main_process_first():  # the first process fills the token cache, the others read it
         train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     val_chars = text_chars(val_paragraphs)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
