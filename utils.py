@@ -196,6 +196,20 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace
         shutil.rmtree(old)
 
 
+def save_weights(model, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    """model.save_pretrained, with tied parameters (GPT-2's lm_head is wte) written once.
+
+    A state dict gathered from DeepSpeed holds a copy of each tied tensor, and save_pretrained drops
+    tied duplicates only when they share memory: point the tied names at one tensor again.
+    """
+    if state_dict is not None:
+        state_dict, first_name = dict(state_dict), {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            if name in state_dict:
+                state_dict[name] = state_dict[first_name.setdefault(id(parameter), name)]
+    model.save_pretrained(folder, state_dict=state_dict)
+
+
 def save_checkpoint(
     folder: Path,
     model,
@@ -210,7 +224,7 @@ def save_checkpoint(
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        save_weights(model, tmp, state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(training_state, tmp / TRAINING_STATE)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -233,7 +247,7 @@ def save_model_folder(
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        save_weights(model, tmp, state_dict)
         tokenizer.save_pretrained(tmp)
         for name, content in (notes or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
