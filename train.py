@@ -209,6 +209,11 @@ def plan_resume(args: argparse.Namespace) -> Resume:
         PartialState().print(f"--resume: no complete checkpoint in {check_dir} yet, starting from the beginning")
         return Resume()
     training_state, trainer_state = load_checkpoint_states(checkpoint)
+    if "optimizer" not in training_state:
+        raise UserError(
+            f"{checkpoint} holds no optimizer state (it was written under FSDP or DeepSpeed); "
+            f"start a new run from its weights: --model {checkpoint}"
+        )
     check_resume_settings(trainer_state["args"], args, checkpoint)
     resume = Resume(
         checkpoint,
@@ -388,6 +393,8 @@ def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
     """All an exact resume needs besides the weights, as tensors and numbers (no pickled objects).
 
     Every process calls it; with several processes the optimizer state is the same on each (DDP).
+    Under FSDP or DeepSpeed each process holds only its part of it, which is left out: such a
+    checkpoint gives its weights to a new run, not its optimizer to a resumed one.
     """
     from accelerate.utils import gather_object
 
@@ -395,7 +402,9 @@ def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
 
     # Every process's random state (its dropout masks differ), in process order; a collective call.
     rngs = gather_object([rng_state()])
-    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
+    states = {"scheduler": scheduler.state_dict(), "rng": rngs}
+    if not optimizer_state_is_split(accelerator):
+        states["optimizer"] = optimizer.state_dict()
     if accelerator.scaler is not None:  # fp16 loss scaling
         states["scaler"] = accelerator.scaler.state_dict()
     return states
@@ -547,6 +556,17 @@ def make_style_probe(args: argparse.Namespace, train_paragraphs: list[str]):
     return measure
 
 
+def parallelism(accelerator) -> str:
+    """How several processes share the work, for the log: DDP, FSDP2 or DeepSpeed ZeRO-2, say."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return "DDP"
+
+
 def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val_loader, steps_per_epoch: int) -> str:
     """The start-of-run summary: data, model, trainable share, memory, device, batch and schedule."""
     from lora import parameter_counts
@@ -554,6 +574,9 @@ def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val
     trainable, total = parameter_counts(model)
     footprint = accelerator.unwrap_model(model).get_memory_footprint() / 2**20
     effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
+    processes = f"{accelerator.num_processes} processes"
+    if accelerator.num_processes > 1:
+        processes += f", {parallelism(accelerator)}"
     return (
         f"examples: {len(train_loader.dataset):,} training / {len(val_loader.dataset):,} validation of "
         f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
@@ -561,39 +584,60 @@ def describe_run(args: argparse.Namespace, accelerator, model, train_loader, val
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}\n"
         f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
-        f"accumulated x {accelerator.num_processes} processes), {steps_per_epoch} steps per epoch, "
+        f"accumulated x {processes}), {steps_per_epoch} steps per epoch, "
         f"{steps_per_epoch * args.epochs} in all\n"
         f"schedule: AdamW lr {args.lr:g}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0 at "
         f"step {steps_per_epoch * args.epochs}"
     )
 
 
-def refuse_sharded_resume(accelerator, args: argparse.Namespace, resume: Resume) -> None:
-    """What this loop does not do under FSDP and DeepSpeed (whose optimizer state is split over processes)."""
+def optimizer_state_is_split(accelerator) -> bool:
+    """FSDP and DeepSpeed hold each process's part of the optimizer state only (DDP: all of it on each)."""
     from accelerate.utils import DistributedType
 
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and resume.checkpoint:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def fit_sharded_engines(accelerator, args: argparse.Namespace, resume: Resume) -> None:
+    """What FSDP and DeepSpeed need from this loop, and what it does not do under them."""
+    from accelerate.utils import DistributedType
+
+    if optimizer_state_is_split(accelerator) and resume.checkpoint:
         raise UserError(
             "resuming under FSDP or DeepSpeed is not supported (the optimizer state is split over the processes); "
             "resume with DDP (torchrun or configs/accelerate/ddp.yaml), or start anew from the checkpoint's weights"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.grad_accum_steps > 1:
-        raise UserError("under DeepSpeed use --grad-accum-steps 1 (DeepSpeed steps at every backward)")
+    if accelerator.distributed_type == DistributedType.FSDP and uses_adapters(args):
+        # measured on CPU processes: FSDP2 ran LoRA without error and trained adapters far from one process's
+        raise UserError(
+            "LoRA/QLoRA/8-bit adapters are not supported under FSDP; train them with DDP "
+            "(torchrun or configs/accelerate/ddp.yaml) or DeepSpeed (configs/accelerate/deepspeed_zero2.yaml)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.grad_accum_steps > 1:
+            raise UserError("under DeepSpeed use --grad-accum-steps 1 (DeepSpeed steps at every backward)")
+        # DeepSpeed reads the batch size off prepare()d loaders, which ours are not, and clips inside
+        # its own step (accelerator.clip_grad_norm_ only reports the norm there): both come from the flags.
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+        config["gradient_clipping"] = args.max_grad_norm
 
 
 def start_processes():
     """Accelerate's process state, set up before anything asks for it.
 
     Launched by torchrun on a machine without CUDA, the processes train on CPU over gloo; accelerate
-    does so only when told (ACCELERATE_USE_CPU=true), and otherwise runs each process alone.
+    does so only when told (ACCELERATE_USE_CPU=true), and otherwise runs each process alone. DeepSpeed
+    has a CPU accelerator of its own, which accelerate starts only when given the gloo backend.
     """
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available()))
+    launched_without_cuda = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if launched_without_cuda and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return PartialState(backend="gloo")
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or launched_without_cuda)
 
 
 def max_over_processes(accelerator, value: int) -> int:
@@ -667,7 +711,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
     # are not prepare()d, as they already hold this process's share of the data.
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
-    refuse_sharded_resume(accelerator, args, resume)
+    fit_sharded_engines(accelerator, args, resume)
     optimizer = make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per

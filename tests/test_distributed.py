@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,14 +22,13 @@ COMMON = ["--max-input-length", "64", "--sample-every", "0", "--lr", "1e-3"]
 EXACT = ["--precision", "fp32", "--dropout", "0", "--epochs", "1"]
 
 
-def torchrun(*args: str, cwd: Path, while_running=None) -> subprocess.CompletedProcess:
-    """train.py in two CPU processes, as the README's multi-process command runs it.
+def launch(launcher: list[str], *args: str, cwd: Path, env: dict[str, str], while_running=None):
+    """train.py in two CPU processes started by `python -m <launcher...>`.
 
     `while_running(launcher)` is called once the processes are started (e.g. to signal one of them).
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(REPO / "train.py"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **env}
+    command = [sys.executable, "-m", *launcher, str(REPO / "train.py"), *args]
     options = dict(cwd=cwd, env=env, text=True, stdout=PIPE, stderr=PIPE, start_new_session=True)
     with subprocess.Popen(command, **options) as run:
         try:
@@ -36,9 +36,31 @@ def torchrun(*args: str, cwd: Path, while_running=None) -> subprocess.CompletedP
                 while_running(run)
             stdout, stderr = run.communicate(timeout=300)
         except BaseException:
-            os.killpg(run.pid, signal.SIGKILL)  # the workers too, not only torchrun
+            os.killpg(run.pid, signal.SIGKILL)  # the workers too, not only the launcher
             raise
     return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
+
+
+def torchrun(*args: str, cwd: Path, while_running=None) -> subprocess.CompletedProcess:
+    """As the README's multi-process command on a machine without GPUs runs it."""
+    launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return launch(launcher, *args, cwd=cwd, env={"ACCELERATE_USE_CPU": "true"}, while_running=while_running)
+
+
+def accelerate_launch(config: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` with one of the repo's config files, on two CPU processes and a free port.
+
+    DeepSpeed runs on its own CPU accelerator; FSDP, which accelerate offers on GPUs only, runs
+    through tests/fsdp_on_cpu.py.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    launcher = ["accelerate.commands.launch", "--config_file", str(REPO / config), "--num_processes", "2"]
+    launcher += ["--main_process_port", port]
+    if "fsdp" in config:
+        launcher.append(str(REPO / "tests" / "fsdp_on_cpu.py"))
+    return launch(launcher, *args, cwd=cwd, env={"DS_ACCELERATOR": "cpu"})
 
 
 def sigterm_one_worker_after_step(step: int, run_dir: Path):
@@ -70,16 +92,26 @@ def val_losses(run: Path) -> list[float]:
     return [json.loads(line)["val_loss"] for line in lines if "val_loss" in line]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data):
-    one, two = tmp_path / "one", tmp_path / "two"
-    settings = [*COMMON, *EXACT, "--sample-every", "10"]  # samples are drawn on every process, printed by one
-    single = run_script(
-        "train.py", *train_args(one, tiny_model_dir, small_data, *settings, "--batch-size", "8"), cwd=tmp_path
-    )
+# --sample-every: samples are drawn on every process, printed by one
+SAME_AS_ONE_PROCESS = [*COMMON, *EXACT, "--sample-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir, small_data) -> Path:
+    """The run that several processes with the same global batch (8) must reproduce."""
+    one = tmp_path_factory.mktemp("one-process")
+    args = train_args(one, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "8")
+    single = run_script("train.py", *args, cwd=one)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(*train_args(two, tiny_model_dir, small_data, *settings, "--batch-size", "4"), cwd=tmp_path)
+    return one
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data, one_process):
+    one, two = one_process, tmp_path / "two"
+    args = train_args(two, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
+    double = torchrun(*args, cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
-    assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes)" in double.stdout
+    assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, DDP)" in double.stdout
     assert "linear decay to 0 at step 24" in double.stdout  # 189 examples in global batches of 8
     assert max_difference(weights(one / "out"), weights(two / "out")) < 1e-4
     assert val_losses(one) == pytest.approx(val_losses(two), rel=1e-5)
@@ -143,3 +175,40 @@ def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path, tiny_model_d
     assert "the loss became nan at step 2" in result.stderr
     assert [p.name for p in (tmp_path / "Checkpoints").glob("Step_*")] == ["Step_1"]
     assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
+    """configs/accelerate/deepspeed_zero2.yaml as shipped, on DeepSpeed's CPU accelerator: gradients and
+    optimizer state split over two processes, the same weights as one process with the same global batch."""
+    pytest.importorskip("deepspeed")
+    zero2 = tmp_path / "zero2"
+    args = train_args(zero2, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
+    result = accelerate_launch("configs/accelerate/deepspeed_zero2.yaml", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, DeepSpeed ZeRO-2)" in result.stdout
+    assert "mixed precision no" in result.stdout  # --precision fp32 wins over the file's bf16
+    assert result.stdout.count("[step 10]") == 3 and result.stdout.count("final model in") == 1
+    # the same tensors (GPT-2's tied lm_head written once, as from one process) and values
+    assert max_difference(weights(one_process / "out"), weights(zero2 / "out")) < 1e-4
+    assert val_losses(one_process) == pytest.approx(val_losses(zero2), rel=1e-5)
+    # each process held part of the optimizer state: the checkpoint has its weights, not a resumable state
+    again = train_args(zero2, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--epochs", "2", "--resume")
+    again += ["--output-dir", str(tmp_path / "resumed")]
+    assert_user_error(run_script("train.py", *again, cwd=tmp_path), "no optimizer state", "--model")
+
+
+def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
+    """configs/accelerate/fsdp.yaml as shipped (FSDP2, a GPT2Block per unit, full state dict) on CPU processes."""
+    fsdp = tmp_path / "fsdp"
+    args = train_args(fsdp, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
+    result = accelerate_launch("configs/accelerate/fsdp.yaml", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, FSDP2)" in result.stdout
+    assert result.stdout.count("[step 10]") == 3 and result.stdout.count("final model in") == 1
+    assert max_difference(weights(one_process / "out"), weights(fsdp / "out")) < 1e-4
+    assert val_losses(one_process) == pytest.approx(val_losses(fsdp), rel=1e-5)
+    # adapters trained far from one process's under FSDP2: refused before anything is written
+    lora = train_args(tmp_path / "lora", tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--lora", "True")
+    refused = accelerate_launch("configs/accelerate/fsdp.yaml", *lora, cwd=tmp_path)
+    assert refused.returncode != 0 and "error: LoRA/QLoRA/8-bit adapters are not supported under FSDP" in refused.stderr
+    assert not (tmp_path / "lora").exists()
