@@ -607,11 +607,10 @@ def fit_sharded_engines(accelerator, args: argparse.Namespace, resume: Resume) -
             "resuming under FSDP or DeepSpeed is not supported (the optimizer state is split over the processes); "
             "resume with DDP (torchrun or configs/accelerate/ddp.yaml), or start anew from the checkpoint's weights"
         )
-    if accelerator.distributed_type == DistributedType.FSDP and uses_adapters(args):
-        # measured on CPU processes: FSDP2 ran LoRA without error and trained adapters far from one process's
+    if accelerator.distributed_type == DistributedType.FSDP and args.load_in_8bit:
+        # bitsandbytes' 8-bit layers lose their quantization state when FSDP2 shards their weights
         raise UserError(
-            "LoRA/QLoRA/8-bit adapters are not supported under FSDP; train them with DDP "
-            "(torchrun or configs/accelerate/ddp.yaml) or DeepSpeed (configs/accelerate/deepspeed_zero2.yaml)"
+            "--load-in-8bit is not supported under FSDP; use --qlora, or DDP (torchrun or configs/accelerate/ddp.yaml)"
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if args.grad_accum_steps > 1:
@@ -688,11 +687,15 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             f"{resume.checkpoint} was trained by {resume.processes} processes; resume it with {resume.processes}, "
             f"not {processes.num_processes} (the data order and random states are per process)"
         )
-    set_seed(args.seed + processes.process_index)  # each process its own dropout masks
     train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
     precision = resolve_precision(args.precision)
     tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))
+    # The same random weights (--from-scratch, new LoRA adapters) in every process: DDP and DeepSpeed
+    # would copy the first process's, FSDP2 would keep each process's own shard of different ones.
+    set_seed(args.seed)
     model = build_model(args, resume, precision)
+    if processes.num_processes > 1:
+        set_seed(args.seed + processes.process_index)  # then each process its own dropout masks
     if args.max_input_length > context_length(model):
         raise UserError(
             f"--max-input-length {args.max_input_length} exceeds the model's {context_length(model)} positions"

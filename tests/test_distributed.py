@@ -94,20 +94,29 @@ def val_losses(run: Path) -> list[float]:
 
 # --sample-every: samples are drawn on every process, printed by one
 SAME_AS_ONE_PROCESS = [*COMMON, *EXACT, "--sample-every", "10"]
+LORA = ["--rank-lora", "4", "--lora-dropout", "0", *COMMON, *EXACT]
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tiny_model_dir, small_data) -> Path:
-    """The run that several processes with the same global batch (8) must reproduce."""
-    one = tmp_path_factory.mktemp("one-process")
-    args = train_args(one, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "8")
-    single = run_script("train.py", *args, cwd=one)
-    assert single.returncode == 0, single.stderr[-3000:]
-    return one
+def one_process(tmp_path_factory, tiny_model_dir, small_data):
+    """`one_process(*settings)`: the run that several processes with the same global batch (8) must
+    reproduce, trained once per module for each setting."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(*settings: str) -> Path:
+        if settings not in runs:
+            folder = tmp_path_factory.mktemp("one-process")
+            args = train_args(folder, tiny_model_dir, small_data, *settings, "--batch-size", "8")
+            single = run_script("train.py", *args, cwd=folder)
+            assert single.returncode == 0, single.stderr[-3000:]
+            runs[settings] = folder
+        return runs[settings]
+
+    return run
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data, one_process):
-    one, two = one_process, tmp_path / "two"
+    one, two = one_process(*SAME_AS_ONE_PROCESS), tmp_path / "two"
     args = train_args(two, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
     double = torchrun(*args, cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
@@ -155,14 +164,11 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path,
 
 
 @pytest.mark.parametrize("mode", ["--lora", "--qlora"])
-def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_dir, small_data):
-    lora = [mode, "True", "--rank-lora", "4", "--lora-dropout", "0", *COMMON, *EXACT]
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = run_script(
-        "train.py", *train_args(one, tiny_model_dir, small_data, *lora, "--batch-size", "8"), cwd=tmp_path
+def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_dir, small_data, one_process):
+    one, two = one_process(mode, "True", *LORA), tmp_path / "two"
+    double = torchrun(
+        *train_args(two, tiny_model_dir, small_data, mode, "True", *LORA, "--batch-size", "4"), cwd=tmp_path
     )
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(*train_args(two, tiny_model_dir, small_data, *lora, "--batch-size", "4"), cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
     adapters = "adapter_model.safetensors"
     assert max_difference(weights(one / "out", adapters), weights(two / "out", adapters)) < 1e-4
@@ -189,8 +195,9 @@ def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir
     assert "mixed precision no" in result.stdout  # --precision fp32 wins over the file's bf16
     assert result.stdout.count("[step 10]") == 3 and result.stdout.count("final model in") == 1
     # the same tensors (GPT-2's tied lm_head written once, as from one process) and values
-    assert max_difference(weights(one_process / "out"), weights(zero2 / "out")) < 1e-4
-    assert val_losses(one_process) == pytest.approx(val_losses(zero2), rel=1e-5)
+    one = one_process(*SAME_AS_ONE_PROCESS)
+    assert max_difference(weights(one / "out"), weights(zero2 / "out")) < 1e-4
+    assert val_losses(one) == pytest.approx(val_losses(zero2), rel=1e-5)
     # each process held part of the optimizer state: the checkpoint has its weights, not a resumable state
     again = train_args(zero2, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--epochs", "2", "--resume")
     again += ["--output-dir", str(tmp_path / "resumed")]
@@ -199,16 +206,25 @@ def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir
 
 def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
     """configs/accelerate/fsdp.yaml as shipped (FSDP2, a GPT2Block per unit, full state dict) on CPU processes."""
-    fsdp = tmp_path / "fsdp"
+    fsdp, config = tmp_path / "fsdp", "configs/accelerate/fsdp.yaml"
     args = train_args(fsdp, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
-    result = accelerate_launch("configs/accelerate/fsdp.yaml", *args, cwd=tmp_path)
+    result = accelerate_launch(config, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, FSDP2)" in result.stdout
     assert result.stdout.count("[step 10]") == 3 and result.stdout.count("final model in") == 1
-    assert max_difference(weights(one_process / "out"), weights(fsdp / "out")) < 1e-4
-    assert val_losses(one_process) == pytest.approx(val_losses(fsdp), rel=1e-5)
-    # adapters trained far from one process's under FSDP2: refused before anything is written
-    lora = train_args(tmp_path / "lora", tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--lora", "True")
-    refused = accelerate_launch("configs/accelerate/fsdp.yaml", *lora, cwd=tmp_path)
-    assert refused.returncode != 0 and "error: LoRA/QLoRA/8-bit adapters are not supported under FSDP" in refused.stderr
-    assert not (tmp_path / "lora").exists()
+    one = one_process(*SAME_AS_ONE_PROCESS)
+    assert max_difference(weights(one / "out"), weights(fsdp / "out")) < 1e-4
+    assert val_losses(one) == pytest.approx(val_losses(fsdp), rel=1e-5)
+
+    # LoRA: every process must start from the same random adapters (FSDP2 copies none between them)
+    lora = tmp_path / "lora"
+    args = train_args(lora, tiny_model_dir, small_data, "--lora", "True", *LORA, "--batch-size", "4")
+    result = accelerate_launch(config, *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, adapters = one_process("--lora", "True", *LORA), "adapter_model.safetensors"
+    assert max_difference(weights(one / "out", adapters), weights(lora / "out", adapters)) < 1e-4
+
+    eight_bit = train_args(tmp_path / "8bit", tiny_model_dir, small_data, "--load-in-8bit", "True", *LORA)
+    refused = accelerate_launch(config, *eight_bit, cwd=tmp_path)
+    assert refused.returncode != 0 and "error: --load-in-8bit is not supported under FSDP" in refused.stderr
+    assert not (tmp_path / "8bit").exists()
