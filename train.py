@@ -212,7 +212,7 @@ def plan_resume(args: argparse.Namespace) -> Resume:
     if "optimizer" not in training_state:
         raise UserError(
             f"{checkpoint} holds no optimizer state (it was written under FSDP or DeepSpeed); "
-            f"start a new run from its weights: --model {checkpoint}"
+            + continue_from_weights(checkpoint)
         )
     check_resume_settings(trainer_state["args"], args, checkpoint)
     resume = Resume(
@@ -227,6 +227,15 @@ def plan_resume(args: argparse.Namespace) -> Resume:
     if resume.epoch >= args.epochs:
         raise UserError(f"{checkpoint} already completed {resume.epoch} epochs; raise --epochs to train further")
     return resume
+
+
+def continue_from_weights(checkpoint: Path) -> str:
+    """The way on from a checkpoint without optimizer state: a new run that starts from its weights."""
+    new_run = "--check-dir <a new folder>"
+    if (Path(checkpoint) / "adapter_config.json").exists():
+        merge = f"python export.py --adapter {checkpoint} --out <merged>"
+        return f"merge its adapters into a model ({merge}) and start a new run from it: --model <merged> {new_run}"
+    return f"start a new run from its weights: --model {checkpoint} {new_run}"
 
 
 def check_resume_settings(saved: dict[str, Any], args: argparse.Namespace, checkpoint: Path) -> None:
@@ -394,7 +403,8 @@ def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
 
     Every process calls it; with several processes the optimizer state is the same on each (DDP).
     Under FSDP or DeepSpeed each process holds only its part of it, which is left out: such a
-    checkpoint gives its weights to a new run, not its optimizer to a resumed one.
+    checkpoint gives its weights to a new run and is never resumed (its scheduler and RNG states are
+    kept only so that every checkpoint has the same layout).
     """
     from accelerate.utils import gather_object
 
@@ -598,8 +608,8 @@ def optimizer_state_is_split(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def fit_sharded_engines(accelerator, args: argparse.Namespace, resume: Resume) -> None:
-    """What FSDP and DeepSpeed need from this loop, and what it does not do under them."""
+def refuse_unsupported(accelerator, args: argparse.Namespace, resume: Resume) -> None:
+    """What this loop does not do under FSDP and DeepSpeed."""
     from accelerate.utils import DistributedType
 
     if optimizer_state_is_split(accelerator) and resume.checkpoint:
@@ -612,11 +622,16 @@ def fit_sharded_engines(accelerator, args: argparse.Namespace, resume: Resume) -
         raise UserError(
             "--load-in-8bit is not supported under FSDP; use --qlora, or DDP (torchrun or configs/accelerate/ddp.yaml)"
         )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.grad_accum_steps > 1:
+        raise UserError("under DeepSpeed use --grad-accum-steps 1 (DeepSpeed steps at every backward)")
+
+
+def configure_deepspeed(accelerator, args: argparse.Namespace) -> None:
+    """DeepSpeed reads the batch size off prepare()d loaders, which ours are not, and clips inside its
+    own step (accelerator.clip_grad_norm_ only reports the norm there): both come from the flags."""
+    from accelerate.utils import DistributedType
+
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if args.grad_accum_steps > 1:
-            raise UserError("under DeepSpeed use --grad-accum-steps 1 (DeepSpeed steps at every backward)")
-        # DeepSpeed reads the batch size off prepare()d loaders, which ours are not, and clips inside
-        # its own step (accelerator.clip_grad_norm_ only reports the norm there): both come from the flags.
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         config["train_micro_batch_size_per_gpu"] = args.batch_size
         config["gradient_clipping"] = args.max_grad_norm
@@ -714,7 +729,9 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
     # are not prepare()d, as they already hold this process's share of the data.
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
-    fit_sharded_engines(accelerator, args, resume)
+    refuse_unsupported(accelerator, args, resume)
+    configure_deepspeed(accelerator, args)
+    sharded = optimizer_state_is_split(accelerator)  # checkpoints without optimizer state, no resuming
     optimizer = make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
@@ -736,7 +753,8 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     best_val_loss = metrics.get("val_best_loss", math.inf)
 
     def save(name: str, epochs_done: int, batches_in_epoch: int) -> Path:
-        """A checkpoint of this exact moment: weights (or adapters), optimizer, schedule, RNG, position."""
+        """A checkpoint of this exact moment: weights (or adapters), optimizer (not under FSDP or DeepSpeed),
+        schedule, RNG, position."""
         folder, started = Path(args.check_dir) / name, time.perf_counter()
         states = capture_states(accelerator, optimizer, scheduler)  # on every process: they send their RNG
         weights = accelerator.get_state_dict(model)  # on every process: under FSDP, gathers the shards
@@ -756,9 +774,8 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
 
     def stopped() -> int:
         accelerator.wait_for_everyone()  # until the first process has written the checkpoint
-        accelerator.print(
-            f"stopped by {signal.Signals(stop.received).name} at step {global_step}; resume with:\n  {resume_cmd}"
-        )
+        way_on = continue_from_weights(last_saved) if sharded else f"resume with:\n  {resume_cmd}"
+        accelerator.print(f"stopped by {signal.Signals(stop.received).name} at step {global_step}; {way_on}")
         return 128 + stop.received  # 130 for Ctrl-C, 143 for SIGTERM
 
     # ---- the loop: forward, backward, clip, step, schedule; samples, validation, checkpoints ------------
@@ -789,7 +806,9 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                     if not torch.isfinite(loss):  # the same verdict on every process: all stop together
                         raise CliError(
                             f"the loss became {loss.item()} at step {global_step + 1}; stopped without "
-                            f"saving. Last good checkpoint: {last_saved}; resume from it with a lower --lr"
+                            f"saving. Last good checkpoint: {last_saved}; "
+                            + ("go on from its weights" if sharded else "resume from it")
+                            + " with a lower --lr"
                         )
                     accelerator.backward(loss_sum * accelerator.num_processes / totals[1] / window)
                 real_tokens += int(batch["attention_mask"].sum())

@@ -4,8 +4,7 @@
 
 The launcher exports the config file's FSDP settings; train.py starts its processes on CPU when no GPU
 is there (MULTI_CPU), and this turns that state into FSDP with the plugin those settings describe.
-Two settings need a GPU and are changed: sync_module_states (its parameter init wants a GPU device;
-every process loads the same weights anyway) and FSDP1, which takes a device id (FSDP2 only here).
+FSDP2 only: FSDP1 takes a GPU device id.
 """
 
 import os
@@ -15,7 +14,6 @@ import sys
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
 if os.environ.get("FSDP_VERSION") != "2":
     sys.exit("fsdp_on_cpu.py: FSDP1 needs a GPU device id; use a config with fsdp_version: 2")
 start_state = AcceleratorState.__init__

@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 from subprocess import PIPE
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,18 +49,18 @@ def torchrun(*args: str, cwd: Path, while_running=None) -> subprocess.CompletedP
     return launch(launcher, *args, cwd=cwd, env={"ACCELERATE_USE_CPU": "true"}, while_running=while_running)
 
 
-def accelerate_launch(config: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def accelerate_launch(config: str, *args: str, cwd: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
     """`accelerate launch` with one of the repo's config files, on two CPU processes and a free port.
 
-    DeepSpeed runs on its own CPU accelerator; FSDP, which accelerate offers on GPUs only, runs
-    through tests/fsdp_on_cpu.py.
+    DeepSpeed runs on its own CPU accelerator; FSDP (`fsdp=True`), which accelerate offers on GPUs
+    only, runs through tests/fsdp_on_cpu.py.
     """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     launcher = ["accelerate.commands.launch", "--config_file", str(REPO / config), "--num_processes", "2"]
     launcher += ["--main_process_port", port]
-    if "fsdp" in config:
+    if fsdp:
         launcher.append(str(REPO / "tests" / "fsdp_on_cpu.py"))
     return launch(launcher, *args, cwd=cwd, env={"DS_ACCELERATOR": "cpu"})
 
@@ -201,30 +203,74 @@ def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir
     # each process held part of the optimizer state: the checkpoint has its weights, not a resumable state
     again = train_args(zero2, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--epochs", "2", "--resume")
     again += ["--output-dir", str(tmp_path / "resumed")]
-    assert_user_error(run_script("train.py", *again, cwd=tmp_path), "no optimizer state", "--model")
+    assert_user_error(run_script("train.py", *again, cwd=tmp_path), "no optimizer state", "--model", "--check-dir")
 
 
 def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
     """configs/accelerate/fsdp.yaml as shipped (FSDP2, a GPT2Block per unit, full state dict) on CPU processes."""
     fsdp, config = tmp_path / "fsdp", "configs/accelerate/fsdp.yaml"
     args = train_args(fsdp, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
-    result = accelerate_launch(config, *args, cwd=tmp_path)
+    result = accelerate_launch(config, *args, cwd=tmp_path, fsdp=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, FSDP2)" in result.stdout
     assert result.stdout.count("[step 10]") == 3 and result.stdout.count("final model in") == 1
     one = one_process(*SAME_AS_ONE_PROCESS)
     assert max_difference(weights(one / "out"), weights(fsdp / "out")) < 1e-4
     assert val_losses(one) == pytest.approx(val_losses(fsdp), rel=1e-5)
+    again = train_args(fsdp, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--epochs", "2", "--resume")
+    again += ["--output-dir", str(tmp_path / "resumed")]  # each process held a shard of the optimizer
+    assert_user_error(run_script("train.py", *again, cwd=tmp_path), "no optimizer state", "--check-dir")
 
     # LoRA: every process must start from the same random adapters (FSDP2 copies none between them)
     lora = tmp_path / "lora"
     args = train_args(lora, tiny_model_dir, small_data, "--lora", "True", *LORA, "--batch-size", "4")
-    result = accelerate_launch(config, *args, cwd=tmp_path)
+    result = accelerate_launch(config, *args, cwd=tmp_path, fsdp=True)
     assert result.returncode == 0, result.stderr[-3000:]
     one, adapters = one_process("--lora", "True", *LORA), "adapter_model.safetensors"
     assert max_difference(weights(one / "out", adapters), weights(lora / "out", adapters)) < 1e-4
 
-    eight_bit = train_args(tmp_path / "8bit", tiny_model_dir, small_data, "--load-in-8bit", "True", *LORA)
-    refused = accelerate_launch(config, *eight_bit, cwd=tmp_path)
-    assert refused.returncode != 0 and "error: --load-in-8bit is not supported under FSDP" in refused.stderr
-    assert not (tmp_path / "8bit").exists()
+
+def test_the_way_on_from_a_checkpoint_without_optimizer_state(tmp_path):
+    from train import continue_from_weights
+
+    full, adapters = tmp_path / "Epoch_1", tmp_path / "Step_5"
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text("{}")
+    assert f"--model {full} --check-dir" in continue_from_weights(full)
+    assert f"python export.py --adapter {adapters} --out" in continue_from_weights(adapters)
+
+
+def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
+    """Checked on stand-in accelerators: launching FSDP or DeepSpeed for each refusal would take minutes."""
+    from accelerate.utils import DistributedType
+
+    from cli import UserError
+    from train import Resume, configure_deepspeed, refuse_unsupported
+
+    def under(kind: DistributedType, config: dict | None = None) -> SimpleNamespace:
+        plugin = SimpleNamespace(deepspeed_config=config)
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    def flags(**changes) -> Namespace:
+        return Namespace(
+            **{"load_in_8bit": False, "grad_accum_steps": 1, "batch_size": 4, "max_grad_norm": 0.5, **changes}
+        )
+
+    fsdp, deepspeed, ddp = (
+        under(DistributedType.FSDP),
+        under(DistributedType.DEEPSPEED),
+        under(DistributedType.MULTI_GPU),
+    )
+    resumed = Resume(checkpoint=Path("Checkpoints/Epoch_1"))
+    for accelerator, args, resume, message in [
+        (fsdp, flags(load_in_8bit=True), Resume(), "--load-in-8bit is not supported under FSDP"),
+        (deepspeed, flags(grad_accum_steps=2), Resume(), "under DeepSpeed use --grad-accum-steps 1"),
+        (fsdp, flags(), resumed, "resuming under FSDP or DeepSpeed is not supported"),
+        (deepspeed, flags(), resumed, "resuming under FSDP or DeepSpeed is not supported"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            refuse_unsupported(accelerator, args, resume)
+    refuse_unsupported(ddp, flags(load_in_8bit=True, grad_accum_steps=2), resumed)  # all fine under DDP
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0}
+    configure_deepspeed(under(DistributedType.DEEPSPEED, config), flags())
+    assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5}
