@@ -420,10 +420,24 @@ def capture_states(accelerator, optimizer, scheduler) -> dict[str, Any]:
     return states
 
 
+def check_optimizer_state_fits(optimizer) -> None:
+    """Moments shaped like their parameters, or the first step would fail (an FSDP shard, say, is not)."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for name, value in optimizer.state.get(parameter, {}).items():
+                if value.dim() and value.shape != parameter.shape:
+                    raise UserError(
+                        f"the checkpoint's optimizer state does not fit this model ({name} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(parameter.shape)}); "
+                        "start a new run from its weights"
+                    )
+
+
 def restore_states(states: dict[str, Any], accelerator, optimizer, scheduler) -> None:
     from utils import set_rng_state
 
     optimizer.load_state_dict(states["optimizer"])
+    check_optimizer_state_fits(optimizer)
     scheduler.load_state_dict(states["scheduler"])
     rng = states["rng"]
     set_rng_state(rng[accelerator.process_index] if isinstance(rng, list) else rng)  # a list since v2 checkpoints

@@ -287,3 +287,19 @@ def test_checkpoint_state_loads_without_unpickling(one_checkpoint):
     assert {"optimizer", "scheduler", "rng"} <= set(state)
     progress = json.loads((one_checkpoint / "Checkpoints/Step_3" / TRAINER_STATE).read_text())
     assert (progress["global_step"], progress["epoch"], progress["batches_in_epoch"]) == (3, 0, 6)
+
+
+def test_an_optimizer_state_that_does_not_fit_the_model_is_refused():
+    """E.g. a shard of the moments (an FSDP checkpoint): refused before the first step would crash on it."""
+    from cli import UserError
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    train.check_optimizer_state_fits(optimizer)  # its own state fits
+    state["state"][0]["exp_avg"] = state["state"][0]["exp_avg"].flatten()[:6]
+    optimizer.load_state_dict(state)
+    with pytest.raises(UserError, match=r"exp_avg of shape \(6,\) for a parameter of shape \(3, 4\)"):
+        train.check_optimizer_state_fits(optimizer)
