@@ -629,7 +629,7 @@ def refuse_unsupported(accelerator, args: argparse.Namespace, resume: Resume) ->
     if optimizer_state_is_split(accelerator) and resume.checkpoint:
         raise UserError(
             "resuming under FSDP or DeepSpeed is not supported (the optimizer state is split over the processes); "
-            "resume with DDP (torchrun or configs/accelerate/ddp.yaml), or start anew from the checkpoint's weights"
+            "resume with DDP (torchrun or configs/accelerate/ddp.yaml), or " + continue_from_weights(resume.checkpoint)
         )
     if accelerator.distributed_type == DistributedType.FSDP and args.load_in_8bit:
         # bitsandbytes' 8-bit layers lose their quantization state when FSDP2 shards their weights
@@ -821,8 +821,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                         raise CliError(
                             f"the loss became {loss.item()} at step {global_step + 1}; stopped without "
                             f"saving. Last good checkpoint: {last_saved}; "
-                            + ("go on from its weights" if sharded else "resume from it")
-                            + " with a lower --lr"
+                            f"{'go on from its weights' if sharded else 'resume from it'} with a lower --lr"
                         )
                     accelerator.backward(loss_sum * accelerator.num_processes / totals[1] / window)
                 real_tokens += int(batch["attention_mask"].sum())
