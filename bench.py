@@ -110,9 +110,10 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
         )
     lora.require_bitsandbytes(device, "qlora")
     model.save_pretrained(workdir)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from training import compute_dtype
+
     model = AutoModelForCausalLM.from_pretrained(
-        workdir, quantization_config=lora.quantization_config(4, compute_dtype), device_map={"": device}
+        workdir, quantization_config=lora.quantization_config(4, compute_dtype(precision)), device_map={"": device}
     )
     lora.keep_4bit_weights_trainable(model)
     return lora.add_lora(model, args.rank_lora, 16, 0.05, args.targets_lora, quantized=True, base_name="-")
@@ -193,10 +194,10 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     import torch
     from accelerate import Accelerator
 
-    import train
+    import training
 
     accelerator = Accelerator(mixed_precision=precision)
-    optimizer = train.make_optimizer(model, train.parse_args(["--lr", "1e-4"]))
+    optimizer = training.make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -204,7 +205,7 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
         if mode == "seed":
             loss = model(**batch).loss
         else:
-            loss_sum, n_targets = train.lm_loss_sum(model, batch)
+            loss_sum, n_targets = training.lm_loss_sum(model, batch)
             loss = loss_sum / n_targets
         accelerator.backward(loss)
         optimizer.step()
@@ -276,7 +277,9 @@ def matmul_peak(precision: str, device) -> float:
     """FLOP/s of the best of several large square matmuls at `precision`, on this device, now."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from training import compute_dtype
+
+    dtype = compute_dtype(precision)
     n = 4096 if torch.cuda.is_available() else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -294,12 +297,12 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     import torch
     from accelerate import PartialState
 
-    import train
     from dataset import load_paragraphs
     from lora import parameter_counts
+    from training import resolve_precision
     from utils import load_tokenizer
 
-    own_precision = train.resolve_precision(args.precision) if mode in ("ours", "lora", "qlora") else "no"
+    own_precision = resolve_precision(args.precision) if mode in ("ours", "lora", "qlora") else "no"
     device = PartialState().device
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
     paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
@@ -351,11 +354,11 @@ def measure_generation(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from generation import SamplingSettings, generate_ids
+    from training import default_device
     from utils import load_tokenizer
 
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_config(model_config(args.config)).to(device).eval()
+    model = AutoModelForCausalLM.from_config(model_config(args.config)).to(default_device()).eval()
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))
     settings = SamplingSettings(max_new_tokens=args.gen_tokens)
     prompt = "It is a truth universally acknowledged"
@@ -400,12 +403,13 @@ def results_table(results: list[dict], args: argparse.Namespace) -> str:
     """A Markdown table of the contenders, with ratios to the first one."""
     base = results[0]
     mfu = args.card_peak_tflops is not None
+    mfu_heading = f"MFU ({args.card_peak_tflops:g} TFLOP/s peak) | " if mfu else ""
     lines = [
         f"{args.config}, batches of {args.batch_size} x {args.block_size} tokens on {base['device']}, "
         f"median of {args.steps} steps after {args.warmup} warm-up",
         "",
         f"| contender | precision | data prep (s) | useful tokens/s | vs {base['mode']} | FLOP/s share of matmul peak "
-        f"| {f'MFU ({args.card_peak_tflops:g} TFLOP/s peak) | ' * mfu}{base['memory_kind']} (MiB) | trainable params |",
+        f"| {mfu_heading}{base['memory_kind']} (MiB) | trainable params |",
         "|---|---|---|---|---|---|---|---|" + "---|" * mfu,
     ]
     for r in results:

@@ -27,11 +27,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults in --help and one-line usage errors, like every other bad-input error."""
+    """argparse with defaults in --help, one-line usage errors (like every other bad-input error), and
+    the original project's underscore spellings read as the dashed ones (see the end of this file)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("epilog", "Every --flag-name can also be spelled --flag_name.")
+        kwargs.setdefault("epilog", "The original project's spellings (--flag_name, --flag True) work too.")
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(with_dashes(args, set(self._option_string_actions)), namespace)
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -45,7 +50,7 @@ def first_line(err: BaseException) -> str:
 
 
 def str2bool(value: str | bool) -> bool:
-    """Parse the seed's `--flag True/False` spelling (its `type=bool` made `--qlora False` true)."""
+    """Parse the original `--flag True/False` spelling (its `type=bool` made `--qlora False` true)."""
     if isinstance(value, bool):
         return value
     lowered = value.strip().lower()
@@ -57,16 +62,17 @@ def str2bool(value: str | bool) -> bool:
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add `--some-flag` and a hidden `--some_flag` twin (the seed's README uses both spellings)."""
-    dest = name[2:].replace("-", "_")
-    parser.add_argument(name, dest=dest, **kwargs)
-    twin = "--" + (name[2:].replace("-", "_") if "-" in name[2:] else name[2:].replace("_", "-"))
-    if twin != name:
-        parser.add_argument(twin, dest=dest, **{**kwargs, "help": argparse.SUPPRESS})
+    """`--some-flag`, stored as `some_flag`."""
+    parser.add_argument(name, dest=name[2:].replace("-", "_"), **kwargs)
+
+
+def flag_name(dest: str) -> str:
+    """`rank_lora` -> `--rank-lora`: the flag that sets an argument."""
+    return "--" + dest.replace("_", "-")
 
 
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, help: str, default: bool = False) -> None:
-    """A switch that works as `--flag`, `--flag True` and `--flag False`."""
+    """A switch that works as `--flag`, and also as the original project's `--flag True` and `--flag False`."""
     add_flag(parser, name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
 
@@ -99,3 +105,63 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     sys.exit(code or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The original project's spellings: accepted here, documented once (docs/training.md), used nowhere else.
+#
+#   --rank_lora 8, --model_path X, ...              any flag with underscores: read as --rank-lora, --model-path
+#   --qlora True, --lora False, ...                  any switch with a value (str2bool above)
+#   --restore-file Epoch_2 --load-checkpoint True    train.py: read as --resume-from Epoch_2
+#   --qlora True --base_model gpt2                   inference.py: read as --load-in-4bit --base-model gpt2
+
+RESUME_FLAGS = {"--resume", "--resume-from", "--restore-file", "--load-checkpoint"}
+RESUME_FLAGS |= {flag.replace("-", "_") for flag in RESUME_FLAGS}
+
+
+def with_dashes(argv: list[str], known: set[str]) -> list[str]:
+    """`--rank_lora 8` and `--rank_lora=8` read as `--rank-lora`, when the parser knows that flag."""
+    spelled = []
+    for token in argv:
+        name, equals, value = token.partition("=")
+        dashed = "--" + name[2:].replace("_", "-")
+        spelled.append(dashed + equals + value if name.startswith("--") and dashed in known else token)
+    return spelled
+
+
+def add_original_resume_flags(parser: argparse.ArgumentParser) -> None:
+    """train.py: the original `--restore-file NAME --load-checkpoint True` (hidden from --help)."""
+    parser.add_argument("--restore-file", dest="restore_file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--load-checkpoint",
+        dest="load_checkpoint",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help=argparse.SUPPRESS,
+    )
+
+
+def read_original_resume_flags(args: argparse.Namespace) -> None:
+    """Turn `--restore-file NAME --load-checkpoint True` into `--resume-from NAME`; each needs the other."""
+    restore_file, load_checkpoint = vars(args).pop("restore_file"), vars(args).pop("load_checkpoint")
+    require(
+        [
+            (restore_file or not load_checkpoint, "--load-checkpoint True needs --restore-file, e.g. Epoch_2"),
+            (load_checkpoint or not restore_file, f"--restore-file {restore_file} needs --load-checkpoint True"),
+            (not (restore_file and args.resume_from), "--restore-file and --resume-from name the same thing: use one"),
+        ]
+    )
+    args.resume_from = args.resume_from or restore_file
+
+
+def add_original_qlora_flag(parser: argparse.ArgumentParser) -> None:
+    """inference.py: the original `--qlora True` (adapters on a 4-bit base), hidden from --help."""
+    parser.add_argument(
+        "--qlora", dest="qlora", type=str2bool, nargs="?", const=True, default=False, help=argparse.SUPPRESS
+    )
+
+
+def read_original_qlora_flag(args: argparse.Namespace) -> None:
+    args.load_in_4bit = vars(args).pop("qlora") or args.load_in_4bit

@@ -12,7 +12,6 @@ LoRA adapter) keeps its size.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -25,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cli import UserError, run_cli
+from cli import ArgumentParser, UserError, run_cli
 
 TEXT_FIELDS = ("text", "sentence")  # "sentence" is the seed's key
 DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv")
@@ -369,15 +368,11 @@ class EpochBatches:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="build")
     build = commands.add_parser("build", help="turn a folder of plain-text novels into a paragraph pickle")
-    build.add_argument(
-        "--src", type=Path, default=Path("data/austen"), help="folder of .txt novels (default: data/austen)"
-    )
-    build.add_argument(
-        "--out", type=Path, default=Path("austen_dataset.pkl"), help="output pickle (default: austen_dataset.pkl)"
-    )
+    build.add_argument("--src", type=Path, default=Path("data/austen"), help="folder of .txt novels")
+    build.add_argument("--out", type=Path, default=Path("austen_dataset.pkl"), help="output pickle")
     args = parser.parse_args(argv)
 
     records = build_dataset(args.src, args.out)

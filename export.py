@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p, "--adapter", required=True, help="adapter folder: train.py's --output-dir or a checkpoint of a LoRA run"
     )
     add_flag(p, "--out", required=True, help="folder for the merged model")
-    add_flag(p, "--base_model", default=None, help="base model (default: the one in adapter_config.json)")
+    add_flag(p, "--base-model", default=None, help="base model (default: the one in adapter_config.json)")
     add_bool_flag(p, "--overwrite", help="replace a model already in --out")
     return p.parse_args(argv)
 
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
 
     import lora
-    from utils import load_model, load_tokenizer, save_model_folder
+    from checkpoints import save_model_folder
+    from utils import load_model, load_tokenizer
 
     if not lora.is_adapter_folder(args.adapter):
         raise UserError(f"{args.adapter} is not an adapter folder (no {lora.ADAPTER_CONFIG}); pass a LoRA run's output")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(base)
     except UserError as err:
         raise UserError(
-            f"the adapters in {args.adapter} need their base model {base}: {err}; pass --base_model"
+            f"the adapters in {args.adapter} need their base model {base}: {err}; pass --base-model"
         ) from None
     merged = lora.load_lora(model, Path(args.adapter), quantized=False, trainable=False).merge_and_unload()
     save_model_folder(out, merged, load_tokenizer(args.adapter), replace=args.overwrite)

@@ -262,3 +262,41 @@ def distinct_n(texts: list[str], n: int) -> float:
 def repetition_rate(texts: list[str], n: int = 4) -> float:
     """Share of a text's word n-grams that already occurred earlier in the same text, averaged."""
     return 1 - distinct_n(texts, n) if texts else 0.0
+
+
+class StyleProbe:
+    """--eval-style during training: fresh samples of the shipped prompts, scored against the training text.
+
+    Fit once: a classifier of the training text against the contrast novels and an index of its word
+    8-grams. Each call samples the model (its own seeds; training's random stream is untouched).
+    """
+
+    TOKENS = 100  # per sample: long enough to judge, short enough for every epoch
+
+    def __init__(self, train_paragraphs: list[str], n_samples: int, top_k: int, top_p: float, repo: Path):
+        from generation import SamplingSettings, read_prompts
+
+        contrast = load_novels(repo / "data/contrast")
+        names, masked = names_to_mask(train_paragraphs, contrast)
+        words_per_sample = round(self.TOKENS * 0.75)  # GPT-2 tokens per English word: about 4/3
+        self.classifier = AuthorClassifier.fit(
+            {"training text": train_paragraphs}, contrast, words_per_sample, masked, False
+        )
+        self.copying = Copying(train_paragraphs, names)
+        self.prompts, self.n_samples = read_prompts(repo / "data/eval_prompts.txt"), n_samples
+        self.settings = SamplingSettings(
+            max_new_tokens=self.TOKENS, top_k=top_k, top_p=top_p, stop_at_end_of_text=False
+        )
+
+    def __call__(self, model, tokenizer, seed: int) -> dict[str, float]:
+        from generation import generate_samples
+
+        model.eval()
+        samples = generate_samples(model, tokenizer, self.prompts, self.n_samples, self.settings, seed)
+        model.train()
+        texts = [s["text"] for s in samples]
+        return {
+            "style_p_author": statistics.mean(self.classifier.p_author(texts)),
+            "style_copied_8grams": self.copying.ngram_rate(texts),
+            "style_names_per_1000_words": self.copying.names_per_1000_words(texts),
+        }

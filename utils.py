@@ -1,20 +1,19 @@
-"""Model, tokenizer and checkpoint I/O: Hub ids or local folders, safe loading, atomic checkpoints."""
+"""Loading models and tokenizers: from Hub ids or local folders, for training (all weights, LoRA, QLoRA,
+8-bit) or for sampling (a model folder, or an adapter folder on its base model).
+
+A cached Hub model loads with no network request; an unreachable Hub or a folder that is not a model
+gets one line saying what is wrong and what to do.
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import random
-import re
-import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-
-import numpy as np
-import torch
 
 from cli import UserError, first_line
 
@@ -25,8 +24,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
-TRAINER_STATE = "trainer_state.json"  # epoch, step, metrics, args; written last, so it marks a complete checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,185 +124,98 @@ def load_model(name: str, from_scratch: bool = False, **load_kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG state as plain tensors (so checkpoints load with torch.load(weights_only=True))
+# A model to train
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    _, py_state, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
-        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
+def uses_adapters(args: argparse.Namespace) -> bool:
+    return args.lora or args.qlora or args.load_in_8bit
 
 
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    has_gauss, gauss = state["python_gauss"].tolist()
-    random.setstate((3, tuple(state["python"].tolist()), gauss if has_gauss else None))
-    pos, np_has_gauss, np_gauss = state["numpy_extra"].tolist()
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), np_gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+def load_trainable_model(args: argparse.Namespace, checkpoint: Path | None, mixed_precision: str):
+    """All weights, or LoRA adapters on a frozen (optionally 4/8-bit) base; with --dropout and
+    activation checkpointing as asked.
+
+    A full fine-tune resumes from the checkpoint's weights; a LoRA run reloads --model and then the
+    checkpoint's adapters.
+    """
+    if uses_adapters(args):
+        model = load_adapter_model(args, checkpoint, mixed_precision)
+    else:
+        model = load_model(str(checkpoint or args.model), from_scratch=args.from_scratch and not checkpoint)
+    if args.dropout is not None:
+        set_dropout(model, args.dropout)
+    if args.gradient_checkpointing:
+        # Recompute each block's activations in the backward pass: far less memory, ~1/3 more compute.
+        # The non-reentrant kind replays the same dropout masks, so the result does not change.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_adapter_model(args: argparse.Namespace, checkpoint: Path | None, mixed_precision: str):
+    """--model, quantized to 4 or 8 bits if asked, with fresh adapters or the checkpoint's."""
+    from accelerate import PartialState
+
+    import lora
+    from training import compute_dtype
+
+    bits = 4 if args.qlora else 8 if args.load_in_8bit else None
+    kwargs = {}
+    if bits:
+        device = PartialState().device
+        lora.require_bitsandbytes(device, "--qlora" if bits == 4 else "--load-in-8bit")
+        config = lora.quantization_config(bits, compute_dtype(mixed_precision))
+        kwargs = {"quantization_config": config, "device_map": {"": device}}
+    model = load_model(args.model, **kwargs)
+    if bits == 4:
+        lora.keep_4bit_weights_trainable(model)
+    if checkpoint:
+        return lora.load_lora(model, checkpoint, quantized=bool(bits), trainable=True)
+    return lora.add_lora(
+        model,
+        args.rank_lora,
+        args.alpha_lora,
+        args.lora_dropout,
+        args.targets_lora,
+        quantized=bool(bits),
+        base_name=args.model,
+    )
+
+
+def set_dropout(model, p: float) -> None:
+    """Every dropout of the model (GPT-2: embeddings, attention, residual) but the adapters', and its config."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = p
+    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):  # so the saved config says what was trained
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: Checkpoints/Epoch_N/ = model + tokenizer + training_state.pt + trainer_state.json
+# A model to sample from
 
 
-def is_checkpoint(folder: Path) -> bool:
-    """Complete and in place: a `.tmp` folder (a save not yet renamed) never counts, even when full."""
-    in_place = not folder.name.endswith((".tmp", ".old"))
-    return in_place and (folder / TRAINER_STATE).is_file() and (folder / TRAINING_STATE).is_file()
+def load_for_sampling(path: str, base_model: str | None = None, load_in_4bit: bool = False):
+    """A full model (folder or Hub id), or an adapter folder on its base model, on the default device in
+    eval mode; `load_in_4bit` quantizes the (base) model to 4-bit NF4."""
+    import lora
+    from training import compute_dtype, default_device, resolve_precision
 
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
+    device = default_device()
+    kwargs = {}
+    if load_in_4bit:
+        lora.require_bitsandbytes(device, "--load-in-4bit")
+        config = lora.quantization_config(4, compute_dtype(resolve_precision("auto")))
+        kwargs = {"quantization_config": config, "device_map": {"": device}}
+    if lora.is_adapter_folder(path):
+        base = base_model or lora.adapter_base_model(path)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace: bool = False) -> None:
-    """Let `write` fill `<folder>.tmp`, fsync it, then rename it to `folder` (replacing it only if asked).
-
-    A crash mid-write leaves only a `.tmp` folder, which is never mistaken for a checkpoint or a model.
-    """
-    if folder.exists() and not replace:
-        raise UserError(f"{folder} already exists; refusing to overwrite it")
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an earlier interrupted write, never a complete folder
-    tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():  # replace=True: keep the old one until the new one is in place
-        folder.rename(old)
-    tmp.rename(folder)
-    _fsync_tree(folder.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def save_weights(model, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    """model.save_pretrained, with tied parameters (GPT-2's lm_head is wte) written once.
-
-    A state dict gathered from DeepSpeed holds a copy of each tied tensor, and save_pretrained drops
-    tied duplicates only when they share memory: point the tied names at one tensor again.
-    """
-    if state_dict is not None:
-        state_dict, first_name = dict(state_dict), {}
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            if name in state_dict:
-                state_dict[name] = state_dict[first_name.setdefault(id(parameter), name)]
-    model.save_pretrained(folder, state_dict=state_dict)
-
-
-def save_checkpoint(
-    folder: Path,
-    model,
-    tokenizer,
-    training_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Model, tokenizer, tensor state and JSON state; the JSON goes last and marks the checkpoint complete.
-
-    `state_dict`: the model's weights when they are not in `model` itself (gathered from FSDP shards).
-    """
-
-    def write(tmp: Path) -> None:
-        save_weights(model, tmp, state_dict)
-        tokenizer.save_pretrained(tmp)
-        torch.save(training_state, tmp / TRAINING_STATE)
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-
-    write_folder_atomically(folder, write)
-
-
-def save_model_folder(
-    folder: Path,
-    model,
-    tokenizer,
-    replace: bool = False,
-    notes: dict[str, Any] | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """A model (or adapter) folder that plain transformers/peft load, written atomically.
-
-    `notes` maps file names to JSON-serializable content written beside the model; `state_dict` as in
-    save_checkpoint.
-    """
-
-    def write(tmp: Path) -> None:
-        save_weights(model, tmp, state_dict)
-        tokenizer.save_pretrained(tmp)
-        for name, content in (notes or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-
-    write_folder_atomically(folder, write, replace=replace)
-
-
-def find_checkpoint(check_dir: Path, restore_file: str) -> Path:
-    """`--restore-file Epoch_2` names a folder in `--check-dir` (or any path to a checkpoint folder)."""
-    for candidate in (check_dir / restore_file, Path(restore_file)):
-        if is_checkpoint(candidate):
-            return candidate
-    if (check_dir / restore_file).exists() or Path(restore_file).exists():
-        raise UserError(
-            f"{restore_file} is not a complete checkpoint (no {TRAINER_STATE}); "
-            f"pick one of: {list_checkpoints(check_dir)}"
-        )
-    raise UserError(f"checkpoint {restore_file} not found in {check_dir}; pick one of: {list_checkpoints(check_dir)}")
-
-
-def list_checkpoints(check_dir: Path) -> list[str]:
-    return [p.name for p in sorted_checkpoints(check_dir)]
-
-
-def checkpoint_progress(folder: Path) -> tuple[int, int]:
-    """(global step, completed epochs): an epoch checkpoint sorts after a step checkpoint of the same
-    step, since it also holds that epoch's validation."""
-    state = json.loads((folder / TRAINER_STATE).read_text())
-    return state["global_step"], state["epoch"]
-
-
-def sorted_checkpoints(check_dir: Path, prefix: str = "") -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    folders = [p for p in check_dir.glob(f"{prefix}*") if is_checkpoint(p)] if check_dir.is_dir() else []
-    return sorted(folders, key=checkpoint_progress)
-
-
-def incomplete_checkpoints(check_dir: Path) -> list[str]:
-    """Checkpoint folders an interrupted save left behind (no completion marker): never resumed from."""
-    if not check_dir.is_dir():
-        return []
-    pattern = re.compile(r"(Epoch|Step)_\d+(\.tmp|\.old)?")
-    return sorted(p.name for p in check_dir.iterdir() if pattern.fullmatch(p.name) and not is_checkpoint(p))
-
-
-def prune_step_checkpoints(check_dir: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` complete Step_N checkpoints; incomplete folders are not touched."""
-    doomed = sorted_checkpoints(check_dir, prefix="Step_")[:-keep]
-    for folder in doomed:
-        shutil.rmtree(folder)
-    return [folder.name for folder in doomed]
-
-
-def load_checkpoint_states(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(training_state tensors, trainer_state JSON) of a checkpoint; no pickled objects are executed."""
-    try:
-        training_state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
-        trainer_state = json.loads((folder / TRAINER_STATE).read_text())
-    except Exception as err:  # damaged or foreign files: say which, never execute them
-        raise UserError(f"checkpoint {folder} cannot be read ({first_line(err)}); resume from another") from None
-    return training_state, trainer_state
+            model = load_model(base, **kwargs)
+        except UserError as err:
+            raise UserError(f"the adapters in {path} need their base model: {err}; or pass --base-model") from None
+        model = lora.load_lora(model, path, quantized=load_in_4bit, trainable=False)
+    else:
+        model = load_model(path, **kwargs)
+    return (model if load_in_4bit else model.to(device)).eval()

@@ -19,9 +19,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
 sys.path.insert(0, str(REPO))
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run one of the repo's scripts as a user would, capturing its output."""
+def run_script(
+    script: str, *args: str, cwd: Path, timeout: float = 300, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would, capturing its output (`env_extra`: more environment variables)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

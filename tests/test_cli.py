@@ -46,7 +46,7 @@ def test_seed_defaults_are_kept():
         ["c_attn"],
     )
     assert (args.warmup_steps, args.sample_every, args.epochs, args.lr, args.eps) == (100, 100, 4, 5e-4, 1e-8)
-    assert (args.check_dir, args.restore_file, args.save_interval, args.load_checkpoint, args.output_dir) == (
+    assert (args.check_dir, args.resume_from, args.save_interval, args.resume, args.output_dir) == (
         "Checkpoints",
         None,
         1,
@@ -72,30 +72,17 @@ def test_boolean_flags_accept_both_spellings(argv, expected):
     assert train.parse_args(argv).qlora is expected
 
 
-def test_dash_and_underscore_spellings_are_twins():
-    args = train.parse_args(
-        [
-            "--rank_lora",
-            "8",
-            "--max-input-length",
-            "32",
-            "--check_dir",
-            "C",
-            "--load_checkpoint",
-            "True",
-            "--restore_file",
-            "Epoch_1",
-        ]
-    )
-    assert (args.rank_lora, args.max_input_length, args.check_dir, args.load_checkpoint, args.restore_file) == (
-        8,
-        32,
-        "C",
-        True,
-        "Epoch_1",
-    )
-    args = inference.parse_args(["--top_k", "5", "--top-p", "0.5", "--max-new-tokens", "9", "--n-return-seqs", "2"])
+def test_the_original_projects_spellings_still_work():
+    argv = ["--rank_lora", "8", "--max_input_length=32", "--check_dir", "C", "--load_checkpoint", "True"]
+    args = train.parse_args([*argv, "--restore_file", "Epoch_1"])
+    assert (args.rank_lora, args.max_input_length, args.check_dir, args.resume_from) == (8, 32, "C", "Epoch_1")
+    assert not hasattr(args, "restore_file") and not hasattr(args, "load_checkpoint")  # one name inside: resume_from
+    assert train.parse_args(["--resume-from", "Step_3"]).resume_from == "Step_3"
+    args = inference.parse_args(["--top_k", "5", "--top_p", "0.5", "--max-new-tokens", "9", "--n_return_seqs", "2"])
     assert (args.top_k, args.top_p, args.max_new_tokens, args.n_return_seqs) == (5, 0.5, 9, 2)
+    args = inference.parse_args(["--model_path", "adapters", "--qlora", "True", "--base_model", "gpt2-medium"])
+    assert (args.model_path, args.load_in_4bit, args.base_model) == ("adapters", True, "gpt2-medium")
+    assert not inference.parse_args(["--qlora", "False"]).load_in_4bit
 
 
 def test_bad_boolean_is_a_one_line_error(capsys):
@@ -126,6 +113,8 @@ def test_help_does_not_import_torch():
         (["--top-k", "-1"], "--top-k must be 0 (off) or more"),
         (["--load-checkpoint", "True"], "--load-checkpoint True needs --restore-file"),
         (["--restore-file", "Epoch_1"], "needs --load-checkpoint True"),
+        (["--resume", "--resume-from", "Epoch_1"], "--resume takes the newest checkpoint, --resume-from one"),
+        (["--restore-file", "E", "--load-checkpoint", "--resume-from", "E"], "name the same thing: use one"),
     ],
 )
 def test_bad_flags(argv, message, capsys, tmp_path, monkeypatch):
@@ -250,9 +239,9 @@ def test_inference_prints_numbered_samples_reproducibly(tiny_model_dir, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--top_p", "0"], "--top-p must be in (0, 1]"),
         (["--top-k", "-2"], "--top-k must be 0 (off) or more"),
-        (["--n_return_seqs", "0"], "--n_return_seqs must be at least 1"),
+        (["--n-return-seqs", "0"], "--n-return-seqs must be at least 1"),
         (["--temperature", "0"], "--temperature must be positive"),
     ],
 )

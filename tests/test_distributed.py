@@ -117,6 +117,7 @@ def one_process(tmp_path_factory, tiny_model_dir, small_data):
     return run
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data, one_process):
     one, two = one_process(*SAME_AS_ONE_PROCESS), tmp_path / "two"
     args = train_args(two, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
@@ -135,6 +136,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
     assert double.stdout.count("[step 10]") == 3  # three prompts, printed once
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path, tiny_model_dir, small_data):
     """Dropout on: each process draws its own masks, and its random state is in the checkpoint."""
     settings = [*COMMON, "--batch-size", "4", "--epochs", "1"]
@@ -165,6 +167,7 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path,
     assert val_losses(one)[-1] == pytest.approx(val_losses(tmp_path / "whole")[-1], rel=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["--lora", "--qlora"])
 def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_dir, small_data, one_process):
     one, two = one_process(mode, "True", *LORA), tmp_path / "two"
@@ -176,6 +179,7 @@ def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_
     assert max_difference(weights(one / "out", adapters), weights(two / "out", adapters)) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path, tiny_model_dir, small_data):
     settings = [*COMMON, "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--save-steps", "1"]
     result = torchrun(*train_args(tmp_path, tiny_model_dir, small_data, *settings), cwd=tmp_path)
@@ -185,6 +189,7 @@ def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path, tiny_model_d
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
     """configs/accelerate/deepspeed_zero2.yaml as shipped, on DeepSpeed's CPU accelerator: gradients and
     optimizer state split over two processes, the same weights as one process with the same global batch."""
@@ -206,6 +211,7 @@ def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir
     assert_user_error(run_script("train.py", *again, cwd=tmp_path), "no optimizer state", "--model", "--check-dir")
 
 
+@pytest.mark.slow
 def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
     """configs/accelerate/fsdp.yaml as shipped (FSDP2, a GPT2Block per unit, full state dict) on CPU processes."""
     fsdp, config = tmp_path / "fsdp", "configs/accelerate/fsdp.yaml"
@@ -231,7 +237,7 @@ def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_dat
 
 
 def test_the_way_on_from_a_checkpoint_without_optimizer_state(tmp_path):
-    from train import continue_from_weights
+    from checkpoints import continue_from_weights
 
     full, adapters = tmp_path / "Epoch_1", tmp_path / "Step_5"
     adapters.mkdir()
@@ -245,7 +251,7 @@ def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
     from accelerate.utils import DistributedType
 
     from cli import UserError
-    from train import Resume, configure_deepspeed, refuse_unsupported
+    from processes import configure_deepspeed, refuse_unsupported
 
     def under(kind: DistributedType, config: dict | None = None) -> SimpleNamespace:
         plugin = SimpleNamespace(deepspeed_config=config)
@@ -261,10 +267,10 @@ def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
         under(DistributedType.DEEPSPEED),
         under(DistributedType.MULTI_GPU),
     )
-    resumed = Resume(checkpoint=Path("Checkpoints/Epoch_1"))
+    resumed = Path("Checkpoints/Epoch_1")
     for accelerator, args, resume, message in [
-        (fsdp, flags(load_in_8bit=True), Resume(), "--load-in-8bit is not supported under FSDP"),
-        (deepspeed, flags(grad_accum_steps=2), Resume(), "under DeepSpeed use --grad-accum-steps 1"),
+        (fsdp, flags(load_in_8bit=True), None, "--load-in-8bit is not supported under FSDP"),
+        (deepspeed, flags(grad_accum_steps=2), None, "under DeepSpeed use --grad-accum-steps 1"),
         (fsdp, flags(), resumed, "resuming under FSDP or DeepSpeed is not supported"),
         (deepspeed, flags(), resumed, "resuming under FSDP or DeepSpeed is not supported"),
     ]:

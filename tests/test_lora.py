@@ -17,6 +17,7 @@ import export
 import inference
 import lora
 import train
+import training
 from cli import UserError
 
 COMMON = (
@@ -47,6 +48,7 @@ def logits_of(model, tokenizer) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_samples_during_training_do_not_break_it(run):
     _, tmp = run
     metrics = [json.loads(line) for line in (tmp / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
@@ -58,6 +60,7 @@ def test_loss_falls_and_samples_during_training_do_not_break_it(run):
     assert "trainable (" in stdout and "MiB in memory" in stdout
 
 
+@pytest.mark.slow
 def test_output_is_a_small_standard_peft_adapter(run, tiny_model_dir):
     from peft import AutoPeftModelForCausalLM
 
@@ -76,6 +79,7 @@ def test_output_is_a_small_standard_peft_adapter(run, tiny_model_dir):
     assert model.peft_config["default"].r == 8
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(run, tiny_model_dir, small_data, tmp_path):
     mode, tmp = run
     shutil.copytree(tmp / "Checkpoints/Epoch_1", tmp_path / "Checkpoints/Epoch_1")
@@ -108,12 +112,11 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(tiny_model_dir, to
     originals = dict(base.named_parameters())  # the same tensors live on inside the PeftModel
     before = {name: p.detach().clone() for name, p in originals.items()}
     model = lora.add_lora(base, 8, 16, 0.0, ["c_attn", "c_fc"], quantized=False, base_name=str(tiny_model_dir))
-    args = train.parse_args(["--lr", "1e-2", "--weight-decay", "0.1"])
-    optimizer = train.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, lr=1e-2, weight_decay=0.1)
     batch = collate(tokenize_paragraphs(tokenizer, austen_paragraphs[:8], 64), tokenizer.pad_token_id)
     losses = []
     for _ in range(8):
-        loss_sum, n = train.lm_loss_sum(model, batch)
+        loss_sum, n = training.lm_loss_sum(model, batch)
         (loss_sum / n).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -130,6 +133,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(tiny_model_dir, to
     assert torch.equal(logits_of(model, tokenizer), logits_of(reloaded, tokenizer))
 
 
+@pytest.mark.slow
 def test_inference_detects_the_adapter_folder(run, capsys):
     _, tmp = run
     argv = ["--model_path", str(tmp / "out"), "--prompt", "Emma", "--max-new-tokens", "6", "--seed", "4"]
@@ -138,6 +142,7 @@ def test_inference_detects_the_adapter_folder(run, capsys):
     assert out.startswith("1. Emma") and "3. Emma" in out
 
 
+@pytest.mark.slow
 def test_merged_model_matches_the_adapters_and_keeps_embeddings_tied(run, tokenizer, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
@@ -207,41 +212,5 @@ def test_adapter_whose_base_model_is_unavailable(tmp_path, tiny_model_dir):
         ("export.py", ["--adapter", "adapter", "--out", "m"]),
     ):
         result = run_script(script, *argv, cwd=tmp_path)
-        assert_user_error(result, "need their base model", "no-org/no-model", "--base_model")
+        assert_user_error(result, "need their base model", "no-org/no-model", "--base-model")
     assert not (tmp_path / "m").exists()
-
-
-def test_bench_runs_every_kind_of_contender(tmp_path):
-    """A smoke run of the side-by-side benchmark (no timing assertions: this machine is shared)."""
-    modes = ["ours", "seed", "trainer-ours", "trainer-collator", "qlora"]
-    result = run_script(
-        "bench.py",
-        "--quick",
-        "--modes",
-        *modes,
-        "--json",
-        "bench.json",
-        "--markdown",
-        "bench.md",
-        "--card-peak-tflops",
-        "1.5",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["mode"] for r in rows] == modes
-    assert rows[-1]["trainable_params"] < rows[0]["trainable_params"] / 10
-    assert all(
-        r["useful_tokens_per_s"] > 0 and 0 < r["flops_share_of_matmul_peak"] and r["data_prep_s"] > 0 for r in rows
-    )
-    seed = rows[1]  # padded to the block, so fewer useful than computed tokens
-    assert seed["useful_tokens_per_s"] < seed["computed_tokens_per_s"]
-    assert "| trainer-collator |" in (tmp_path / "bench.md").read_text()
-    assert "MFU (1.5 TFLOP/s peak)" in (tmp_path / "bench.md").read_text()
-    assert all(
-        r["achieved_tflops"] == pytest.approx(r["flops_share_of_matmul_peak"] * r["matmul_peak_tflops"]) for r in rows
-    )
-    generation = json.loads((tmp_path / "bench.json").read_text())["generation"]
-    assert generation["samples"] == 3 and generation["new_tokens"] == 20
-    assert generation["batched_tokens_per_s"] > 0 and generation["one_by_one_tokens_per_s"] > 0
-    assert "one batched call (inference.py)" in (tmp_path / "bench.md").read_text()

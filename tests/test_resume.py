@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from test_cli import run_in_process
 
 import train
-from utils import TRAINER_STATE, sorted_checkpoints
+from checkpoints import TRAINER_STATE, check_optimizer_state_fits, sorted_checkpoints
 
 # 2 epochs of 12 optimizer steps, each accumulating 2 batches of 8 blocks; a checkpoint every 3 steps.
 COMMON = (
@@ -39,9 +39,9 @@ WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 KILLER = """
 import os, signal, sys
 sys.argv[0] = "train.py"
-import cli, train, utils
+import checkpoints, cli, train, training
 forward_at, save_at, calls = int(os.environ.get("KILL_AT_FORWARD", 0)), int(os.environ.get("KILL_IN_SAVE", 0)), [0, 0]
-loss_sum, fsync_tree = train.lm_loss_sum, utils._fsync_tree
+loss_sum, fsync_tree = training.lm_loss_sum, checkpoints._fsync_tree
 def counting_loss(model, batch):
     calls[0] += 1
     if calls[0] == forward_at:
@@ -52,7 +52,7 @@ def crashing_fsync(folder):
     if folder.name.endswith(".tmp") and calls[1] == save_at:
         os.kill(os.getpid(), signal.SIGKILL)
     fsync_tree(folder)
-train.lm_loss_sum, utils._fsync_tree = counting_loss, crashing_fsync
+training.lm_loss_sum, checkpoints._fsync_tree = counting_loss, crashing_fsync
 cli.run_cli(train.main)
 """
 
@@ -130,6 +130,7 @@ TRIALS = [("full", moment) for moment in KILLS]
 TRIALS += [("lora", "inside gradient accumulation"), ("lora", "in a save, before the rename")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, moment", TRIALS)
 def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, mode, moment, tiny_model_dir, small_data, tmp_path):
     expected, expected_steps = uninterrupted(mode)
@@ -145,6 +146,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, mode, moment, t
     assert metric_steps(tmp_path) == expected_steps  # every step logged once, none missing
 
 
+@pytest.mark.slow
 def test_external_sigkill_at_a_random_moment(uninterrupted, tiny_model_dir, small_data, tmp_path):
     """A real outside SIGKILL, wherever the run happens to be once it has passed step 5."""
     mode, (expected, _) = "full", uninterrupted("full")
@@ -158,6 +160,7 @@ def test_external_sigkill_at_a_random_moment(uninterrupted, tiny_model_dir, smal
     assert_same_weights(final_weights(tmp_path, mode), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_saves_and_prints_the_resume_command(
     sig, code, uninterrupted, tiny_model_dir, small_data, tmp_path
@@ -185,6 +188,7 @@ def test_ctrl_c_or_sigterm_saves_and_prints_the_resume_command(
     assert_same_weights(final_weights(tmp_path, mode), expected)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_quits_at_once_without_corrupting_anything(tiny_model_dir, small_data, tmp_path):
     argv = arguments(tmp_path, tiny_model_dir, small_data, "full", "--save-steps", "1", "--epochs", "1")
     child = start_training(tmp_path, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -200,6 +204,7 @@ def test_second_ctrl_c_quits_at_once_without_corrupting_anything(tiny_model_dir,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, small_data, tmp_path):
     argv = arguments(
         tmp_path, tiny_model_dir, small_data, "full", "--lr", "1e30", "--warmup-steps", "0", "--save-steps", "1"
@@ -213,6 +218,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     assert load_file(tmp_path / "Checkpoints/Step_1/model.safetensors")  # intact and loadable
 
 
+@pytest.mark.slow
 def test_keep_last_prunes_only_complete_step_checkpoints(tiny_model_dir, small_data, tmp_path):
     debris = tmp_path / "Checkpoints/Step_999.tmp"
     debris.mkdir(parents=True)
@@ -256,6 +262,7 @@ def test_incompatible_resume_is_refused(
     assert message in run_in_process(train.main, argv, capsys)
 
 
+@pytest.mark.slow
 def test_safe_changes_are_allowed_and_logged(one_checkpoint, tiny_model_dir, small_data, tmp_path):
     (tmp_path / "Checkpoints").mkdir()
     os.symlink(one_checkpoint / "Checkpoints/Step_3", tmp_path / "Checkpoints/Step_3")
@@ -266,6 +273,7 @@ def test_safe_changes_are_allowed_and_logged(one_checkpoint, tiny_model_dir, sma
     assert "--save-steps 3 -> 5" in result.stdout and "--sample-prompts" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_without_any_checkpoint_starts_from_the_beginning(tiny_model_dir, small_data, tmp_path):
     argv = arguments(tmp_path, tiny_model_dir, small_data, "full", "--epochs", "1", "--sample-every", "0")
     result = run_script("train.py", *argv, "--resume", cwd=tmp_path)
@@ -273,6 +281,7 @@ def test_resume_without_any_checkpoint_starts_from_the_beginning(tiny_model_dir,
     assert "no complete checkpoint" in result.stdout and (tmp_path / "out/model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_touches_another_runs_checkpoints(one_checkpoint, tiny_model_dir, small_data, tmp_path):
     argv = arguments(one_checkpoint, tiny_model_dir, small_data, "full", "--epochs", "1")
     before = (one_checkpoint / "Checkpoints/Step_3/model.safetensors").read_bytes()
@@ -298,8 +307,8 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused():
     model(torch.ones(2, 4)).sum().backward()
     optimizer.step()
     state = optimizer.state_dict()
-    train.check_optimizer_state_fits(optimizer)  # its own state fits
+    check_optimizer_state_fits(optimizer)  # its own state fits
     state["state"][0]["exp_avg"] = state["state"][0]["exp_avg"].flatten()[:6]
     optimizer.load_state_dict(state)
     with pytest.raises(UserError, match=r"exp_avg of shape \(6,\) for a parameter of shape \(3, 4\)"):
-        train.check_optimizer_state_fits(optimizer)
+        check_optimizer_state_fits(optimizer)

@@ -1,4 +1,4 @@
-"""Style evaluation: the classifier, Delta, copying and fluency measures, evaluate.py and --eval-style."""
+"""Style evaluation: the classifier, Delta, copying and fluency measures, style_report.py and --eval-style."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from conftest import assert_user_error, run_script, train_args
 
-import evaluate
 import style
+import style_report
 
 PASSAGE_WORDS = 130  # about what 200 sampled tokens come to
 
 
 @pytest.fixture(scope="module")
 def refs():
-    """evaluate.py's references on the real data: the split, the classifier (validated), Delta, copying."""
-    return evaluate.build_references(evaluate.parse_args(["--models", "unused"]), PASSAGE_WORDS)
+    """style_report.py's references on the real data: the split, the classifier (validated), Delta, copying."""
+    return style_report.build_references(style_report.parse_args(["--models", "unused"]), PASSAGE_WORDS)
 
 
 def held_out(refs) -> tuple[list[str], list[str]]:
@@ -100,7 +100,7 @@ def adapter_dir(tmp_path, tiny_model_dir, tokenizer) -> Path:
     return tmp_path / "adapter"
 
 
-def evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data, out: str) -> list[str]:
+def report_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data, out: str) -> list[str]:
     return [
         "--models",
         str(tiny_config_dir),
@@ -122,12 +122,13 @@ def evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_
     ]
 
 
-def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_report(
+@pytest.mark.slow
+def test_style_report_writes_the_report_and_the_same_seed_gives_the_same_report(
     tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data
 ):
     for out in ("first", "second"):
-        arguments = evaluate_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data, out)
-        result = run_script("evaluate.py", *arguments, cwd=tmp_path)
+        arguments = report_args(tmp_path, tiny_model_dir, tiny_config_dir, adapter_dir, small_data, out)
+        result = run_script("style_report.py", *arguments, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     first, second = tmp_path / "first", tmp_path / "second"
     assert sorted(p.name for p in first.iterdir()) == ["report.json", "report.md", "style.png"]
@@ -150,21 +151,22 @@ def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_report(
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_evaluate_refuses_bad_input_and_keeps_an_existing_report(tmp_path, tiny_model_dir, small_data):
+def test_style_report_refuses_bad_input_and_keeps_an_existing_report(tmp_path, tiny_model_dir, small_data):
     base = ["--models", str(tiny_model_dir), "--data", str(small_data)]
-    assert_user_error(run_script("evaluate.py", *base, "--n-samples", "0", cwd=tmp_path), "--n-samples")
-    missing = run_script("evaluate.py", "--models", str(tmp_path / "nope"), cwd=tmp_path)
+    assert_user_error(run_script("style_report.py", *base, "--n-samples", "0", cwd=tmp_path), "--n-samples")
+    missing = run_script("style_report.py", "--models", str(tmp_path / "nope"), cwd=tmp_path)
     assert_user_error(missing, "no such folder")
     empty = tmp_path / "prompts.txt"
     empty.write_text("# only a comment\n\n")
-    assert_user_error(run_script("evaluate.py", *base, "--prompts", str(empty), cwd=tmp_path), "no prompt")
+    assert_user_error(run_script("style_report.py", *base, "--prompts", str(empty), cwd=tmp_path), "no prompt")
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").write_text("an earlier report")
-    assert_user_error(run_script("evaluate.py", *base, "--out", str(report), cwd=tmp_path), "--overwrite")
+    assert_user_error(run_script("style_report.py", *base, "--out", str(report), cwd=tmp_path), "--overwrite")
     assert (report / "report.md").read_text() == "an earlier report"
 
 
+@pytest.mark.slow
 def test_eval_style_logs_style_and_copying_at_each_epoch_end(tmp_path, tiny_model_dir, small_data):
     args = train_args(tmp_path, tiny_model_dir, small_data, "--epochs", "2", "--batch-size", "16")
     args += ["--max-input-length", "64", "--sample-every", "0", "--eval-style", "--eval-style-samples", "3"]

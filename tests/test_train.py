@@ -50,7 +50,7 @@ def test_loss_falls(trained):
 
 
 def test_checkpoint_layout_and_safe_loading(trained):
-    from utils import TRAINER_STATE, TRAINING_STATE
+    from checkpoints import TRAINER_STATE, TRAINING_STATE
 
     for epoch in (1, 2):
         folder = trained / f"Checkpoints/Epoch_{epoch}"
@@ -92,6 +92,7 @@ def test_final_model_loads_with_plain_transformers_and_pipeline(trained):
     assert generated[0]["generated_text"].startswith("Emma")
 
 
+@pytest.mark.slow
 def test_epoch_resume_equals_uninterrupted(trained, tiny_model_dir, small_data, tmp_path):
     # The interrupted run: all it left behind is its epoch-1 checkpoint.
     shutil.copytree(trained / "Checkpoints/Epoch_1", tmp_path / "Checkpoints/Epoch_1")
@@ -106,18 +107,21 @@ def test_epoch_resume_equals_uninterrupted(trained, tiny_model_dir, small_data, 
     assert steps[0] > 1 and steps == list(range(steps[0], steps[0] + len(steps)))
 
 
+@pytest.mark.slow
 def test_from_scratch_trains_a_config_only_folder(tiny_config_dir, small_data, tmp_path):
     result = train(tmp_path, tiny_config_dir, small_data, "--from-scratch", "--epochs", "1", "--sample-every", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out/model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_padded_mode_trains_too(tiny_model_dir, small_data, tmp_path):
     result = train(tmp_path, tiny_model_dir, small_data, "--packing", "False", "--epochs", "1", "--sample-every", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation of <= 64 tokens (one paragraph each)" in result.stdout
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_changes_memory_not_results(trained, tiny_model_dir, small_data, tmp_path):
     result = train(tmp_path, tiny_model_dir, small_data, "--gradient-checkpointing")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Does the model write like the author, or is it copying her? A style report for one or more models.
 
-  python evaluate.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
-  python evaluate.py --models configs/gpt2-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
+  python style_report.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
+  python style_report.py --models configs/gpt2-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
 
 Each model (a folder, a Hub id or an adapter folder) writes --n-samples continuations of the shipped
 prompts (data/eval_prompts.txt, cycled in order, seeded), each exactly --max-new-tokens long (running on
@@ -150,36 +150,33 @@ def style_metrics(texts: list[str], refs: References) -> dict:
 
 def load_model(path: str, args: argparse.Namespace):
     """A model to evaluate and its tokenizer; with --from-scratch, a weightless config folder gets fresh weights."""
-    import torch
     from accelerate.utils import set_seed
 
     import lora
     import utils
-    from inference import load_for_sampling
+    from training import default_device
 
     weightless = Path(path).is_dir() and not utils.has_weights(Path(path)) and not lora.is_adapter_folder(path)
     if args.from_scratch and weightless:
         set_seed(args.split_seed)  # as train.py does before drawing the weights
-        model = utils.load_model(path, from_scratch=True).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        model = utils.load_model(path, from_scratch=True).to(default_device()).eval()
     else:
-        model = load_for_sampling(argparse.Namespace(model_path=path, qlora=False, load_in_4bit=False, base_model=None))
+        model = utils.load_for_sampling(path)
     return model, utils.load_tokenizer(path)
 
 
 def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], args: argparse.Namespace) -> dict:
     """train.py's validation: one paragraph per example, loss per real token, bits per character."""
     from accelerate import Accelerator
-    from torch.utils.data import DataLoader
 
-    import train
-    from dataset import collate, text_chars, tokenize_paragraphs
+    from dataset import text_chars
+    from training import resolve_precision, validate, validation_loader
 
     # The precision train.py's --precision auto validates in (bf16 autocast where native), so the numbers match.
-    accelerator = Accelerator(mixed_precision=train.resolve_precision("auto"))
-    examples = tokenize_paragraphs(tokenizer, val_paragraphs, args.max_input_length)
-    loader = DataLoader(examples, args.batch_size, collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
+    accelerator = Accelerator(mixed_precision=resolve_precision("auto"))
+    loader = validation_loader(tokenizer, val_paragraphs, args.max_input_length, args.batch_size)
     with accelerator.autocast():
-        return train.evaluate(model, loader, accelerator, text_chars(val_paragraphs))
+        return validate(model, loader, accelerator, text_chars(val_paragraphs))
 
 
 COLUMNS = [  # (key, heading, format)
