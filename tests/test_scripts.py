@@ -1,0 +1,64 @@
+"""Every script as a new user first meets it: `--help`, and the invocation with no flags at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, assert_user_error, run_script
+
+SCRIPTS = ["train.py", "inference.py", "export.py", "style_report.py", "bench.py", "dataset.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script, tmp_path):
+    result = run_script(script, "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout.startswith("usage: ") and "--help" in result.stdout
+
+
+def test_the_defaults_offline_say_what_is_missing(tmp_path):
+    """No flags on a machine without the Hub: one line each, exit 2, nothing written.
+
+    train.py runs from the repo root, as users run it (its default --data is the bundled dataset there).
+    """
+    cache = {"HF_HOME": str(tmp_path / "hf-home")}  # an empty Hugging Face cache, whatever this machine has
+    before = sorted(REPO.iterdir())
+    assert_user_error(run_script("train.py", cwd=REPO, env_extra=cache), "'gpt2' is neither a local folder")
+    assert sorted(REPO.iterdir()) == before
+    assert_user_error(run_script("inference.py", cwd=tmp_path, env_extra=cache), "'GPT2_fine_tuned_Austen'")
+    assert_user_error(run_script("export.py", cwd=tmp_path), "--adapter", "--out")
+    assert_user_error(run_script("style_report.py", cwd=tmp_path), "--models")
+    assert_user_error(run_script("dataset.py", cwd=tmp_path), "build")
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["hf-home"])
+
+
+@pytest.mark.slow
+def test_bench_quick_with_its_defaults(tmp_path):
+    """`python bench.py --quick` as the docs give it: every default contender, then generation, then the table."""
+    result = run_script("bench.py", "--quick", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for mode in ["ours", "ours-fp32", "seed", "trainer-ours", "trainer-collator"]:
+        assert f"| {mode} |" in table
+    assert "| ours | " in table and "1.00x" in table and "MFU" not in table
+    assert "one batched call (inference.py)" in table
+
+
+@pytest.mark.slow
+def test_bench_adapters_and_mfu_against_a_stated_peak(tmp_path):
+    """The adapter contenders, the JSON and Markdown outputs and MFU (no timing assertions: the machine is shared)."""
+    modes = ["ours", "lora", "qlora"]
+    argv = ["--quick", "--modes", *modes, "--gen-samples", "0", "--card-peak-tflops", "1.5"]
+    result = run_script("bench.py", *argv, "--json", "bench.json", "--markdown", "bench.md", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["results"]
+    assert [r["mode"] for r in rows] == modes and report["generation"] is None
+    assert all(r["trainable_params"] < rows[0]["trainable_params"] / 10 for r in rows[1:])
+    assert all(r["useful_tokens_per_s"] > 0 < r["flops_share_of_matmul_peak"] and r["data_prep_s"] > 0 for r in rows)
+    assert all(
+        r["achieved_tflops"] == pytest.approx(r["flops_share_of_matmul_peak"] * r["matmul_peak_tflops"]) for r in rows
+    )
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "MFU (1.5 TFLOP/s peak)" in markdown and "| qlora |" in markdown
