@@ -21,7 +21,7 @@ import re
 import shlex
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,37 +41,41 @@ MUST_MATCH_ON_RESUME += ("targets_lora",)
 
 @dataclass
 class TrainingState:
-    """Where a run is. Saved in every checkpoint's trainer_state.json; the loop advances it."""
+    """Where a run is, and what it has learnt about its best point. Saved in every checkpoint's
+    trainer_state.json, so that a resumed run takes the same decisions (best model, early stop) as an
+    uninterrupted one."""
 
     epoch: int = 0  # completed epochs
     global_step: int = 0  # optimizer steps taken
     batches_in_epoch: int = 0  # batches of the current epoch already trained on
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
-    best_val_loss: float = math.inf
-    last_checkpoint: Path | None = None  # the newest one written or resumed from (not saved)
+    last_validation_step: int | None = None
+    best_val_loss: float = math.inf  # the best validation loss a candidate for best/ reached
+    best_step: int | None = None  # where the model in <check-dir>/best/ comes from
+    best_epoch: int | None = None  # the epoch (counted from 1) that step is in
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    validations_without_improvement: int = 0  # early stopping's patience counter
+    copy_guard_refusals: list[int] = field(default_factory=list)  # steps the copying guard kept from best/
+    last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from (not saved)
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch (counted from 1) that the last optimizer step belongs to."""
+        return self.epoch + (self.batches_in_epoch > 0)
 
     def to_json(self, args: argparse.Namespace, processes: int) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "batches_in_epoch": self.batches_in_epoch,
-            "metrics": {**self.metrics, "val_best_loss": self.best_val_loss},
-            "processes": processes,
-            "args": vars(args),
-        }
+        state = {key: value for key, value in asdict(self).items() if key != "last_checkpoint"}
+        state["best_val_loss"] = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no inf
+        return {"format_version": FORMAT_VERSION, **state, "processes": processes, "args": vars(args)}
 
     @classmethod
     def from_json(cls, saved: dict[str, Any], checkpoint: Path) -> TrainingState:
-        metrics = dict(saved["metrics"])
-        return cls(
-            epoch=saved["epoch"],
-            global_step=saved["global_step"],
-            batches_in_epoch=saved.get("batches_in_epoch", 0),  # epoch checkpoints of version 1 lack it
-            metrics=metrics,
-            best_val_loss=metrics.get("val_best_loss", math.inf),
-            last_checkpoint=checkpoint,
-        )
+        """Checkpoints of format 1 hold only the position and the metrics (with the best loss among them)."""
+        known = {f.name for f in fields(cls)} - {"last_checkpoint"}
+        state = cls(**{key: value for key, value in saved.items() if key in known}, last_checkpoint=checkpoint)
+        best = saved.get("best_val_loss", saved["metrics"].get("val_best_loss"))
+        state.best_val_loss = math.inf if best is None else best
+        return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +152,18 @@ def save_model_folder(
             write_file(tmp / name)
 
     write_folder_atomically(folder, write, replace=replace)
+
+
+def copy_model_folder(source: Path, folder: Path, leave_out: set[str], notes: dict[str, Any]) -> None:
+    """`source`'s files (a saved model) in `folder`, bit for bit, without `leave_out`, plus `notes` (JSON
+    files); written atomically, replacing what `folder` held."""
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=lambda _, names: [n for n in names if n in leave_out])
+        for name, content in notes.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+
+    write_folder_atomically(folder, write, replace=True)
 
 
 def save_checkpoint(

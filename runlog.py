@@ -1,9 +1,15 @@
-"""The run's logs in <check-dir>/logs: metrics.jsonl, samples.jsonl and TensorBoard events."""
+"""The run's logs in <check-dir>/logs: metrics.jsonl and samples.jsonl (the project's own record),
+curves.png, and the trackers of --report-to (TensorBoard by default, wandb, MLflow) through Accelerate."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+PROJECT = "austen-gpt"  # the trackers' project (wandb) or experiment (MLflow); TensorBoard's subfolder
 
 
 def _step(line: str) -> float:
@@ -14,47 +20,71 @@ def _step(line: str) -> float:
         return float("inf")
 
 
-class RunLog:
-    """One JSON line per step/epoch and per sample, mirrored to TensorBoard; continued across resumes.
+def tracker_settings(report_to: list[str], folder: Path, resume_step: int) -> dict[str, Any]:
+    """Accelerator(**this) for --report-to: the trackers, and where the file-based ones write."""
+    trackers = [name for name in report_to if name != "none"]
+    if "mlflow" in trackers and "MLFLOW_TRACKING_URI" not in os.environ:
+        # A file store beside the run's other logs: MLflow's own default wants a database (SQLAlchemy),
+        # which the light mlflow-skinny install lacks. MLflow keeps reading and writing file stores, but
+        # only when told it may.
+        os.environ["MLFLOW_TRACKING_URI"] = (folder / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return {"log_with": trackers or None, "project_dir": str(folder)}
 
-    On resume, lines and events after the checkpoint's step are dropped first, so the logs show each
-    step exactly once even when the interrupted run got further than its last checkpoint.
-    Only the main process writes (`enabled=False` elsewhere).
+
+class RunLog:
+    """One JSON line per step and validation, and per sample; the same numbers to the trackers; curves.png
+    redrawn at each validation. Continued across resumes.
+
+    On resume, lines and TensorBoard events after the checkpoint's step are dropped first, so the logs show
+    each step exactly once even when the interrupted run got further than its last checkpoint. Only the
+    main process writes files; every process enters and leaves (the trackers' start and end are collective).
     """
 
-    def __init__(self, folder: Path, resume_step: int, enabled: bool = True):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Path, resume_step: int, accelerator, config: dict[str, Any]):
+        self.accelerator, self.enabled = accelerator, accelerator.is_main_process
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
-        for path in (self.metrics_path, self.samples_path):
-            lines = path.read_text().splitlines() if path.exists() else []
-            path.write_text("".join(line + "\n" for line in lines if _step(line) <= resume_step))
-        self.tensorboard = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
+        if self.enabled:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in (self.metrics_path, self.samples_path):
+                lines = path.read_text().splitlines() if path.exists() else []
+                path.write_text("".join(line + "\n" for line in lines if _step(line) <= resume_step))
+        purge = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step else {}
+        wandb = {"wandb": {"dir": str(folder)}}
+        # TensorBoard's hyperparameters take numbers, strings and booleans only.
+        hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+        accelerator.init_trackers(PROJECT, hyperparameters, init_kwargs={**purge, **wandb})
 
     def _append(self, path: Path, record: dict) -> None:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def metrics(self, step: int, epoch: int, **values: float) -> None:
-        """`train_loss=...` becomes the TensorBoard scalar `train/loss`."""
+        """`train_loss=...` becomes the tracker scalar `train/loss`."""
         if self.enabled:
             self._append(self.metrics_path, {"step": step, "epoch": epoch, **values})
-            for name, value in values.items():
-                self.tensorboard.add_scalar(name.replace("_", "/", 1), value, step)
+        self.accelerator.log({name.replace("_", "/", 1): value for name, value in values.items()}, step=step)
 
     def samples(self, step: int, epoch: int, prompts: list[str], texts: list[str]) -> None:
+        if not self.enabled:
+            return
+        for prompt, text in zip(prompts, texts, strict=True):
+            self._append(self.samples_path, {"step": step, "epoch": epoch, "prompt": prompt, "text": text})
+        for tracker in self.accelerator.trackers:  # text only where it reads as text
+            if tracker.name == "tensorboard":
+                tracker.writer.add_text("samples", "\n\n---\n\n".join(texts), step)
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+
+    def curves(self, best_step: int | None) -> None:
         if self.enabled:
-            for prompt, text in zip(prompts, texts, strict=True):
-                self._append(self.samples_path, {"step": step, "epoch": epoch, "prompt": prompt, "text": text})
-            self.tensorboard.add_text("samples", "\n\n---\n\n".join(texts), step)
+            from curves import plot_curves
+
+            plot_curves(self.records(), self.metrics_path.parent / "curves.png", best_step)
 
     def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.enabled:
-            self.tensorboard.close()
+        self.accelerator.end_training()  # the trackers' last writes, then the processes part

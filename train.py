@@ -12,6 +12,7 @@ precision and multi-process distribution: the same code runs on a CPU, one GPU o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -39,6 +40,8 @@ from utils import uses_adapters
 # are parsed, so that `--help` and flag errors answer at once.
 
 REPO = Path(__file__).resolve().parent
+DEFAULT_DATA = "austen_dataset.pkl"
+BEST_NOTE = "best.json"  # beside the model in <check-dir>/best/: its step, epoch and validation numbers
 DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
 
 
@@ -48,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_flags(p.add_argument_group("model"))
     add_optimization_flags(p.add_argument_group("optimization"))
     add_sampling_flags(p.add_argument_group("samples during training"))
+    add_validation_flags(p.add_argument_group("validation, the best model and early stopping"))
     add_outputs_flags(p.add_argument_group("checkpoints and outputs"))
     add_original_resume_flags(p)
     args = p.parse_args(argv)
@@ -60,7 +64,7 @@ def add_data_flags(group) -> None:
     add_flag(
         group,
         "--data",
-        default="austen_dataset.pkl",
+        default=DEFAULT_DATA,
         help="paragraphs: .pkl, .txt, .jsonl, .json, .csv or a folder of .txt",
     )
     add_flag(group, "--train-size", type=float, default=0.9, help="share of paragraphs for training; the rest validate")
@@ -138,11 +142,55 @@ def add_sampling_flags(group) -> None:
     add_bool_flag(
         group,
         "--eval-style",
-        help="at each epoch end, sample continuations of data/eval_prompts.txt and log how much they read like the "
+        help="at each validation, sample continuations of data/eval_prompts.txt and log how much they read like the "
         "training text (a classifier against data/contrast novels), the share of copied word 8-grams and "
         "character names per 1,000 words (style_report.py gives the full report)",
     )
     add_flag(group, "--eval-style-samples", type=int, default=12, help="samples of --eval-style, 100 tokens each")
+
+
+def add_validation_flags(group) -> None:
+    """When to validate, which model to keep, when to stop, where the numbers go."""
+    add_flag(
+        group, "--eval-steps", type=int, default=0, help="also validate every N optimizer steps; 0: epoch ends only"
+    )
+    add_bool_flag(
+        group,
+        "--load-best-at-end",
+        default=True,
+        help="export the best validated model (<check-dir>/best/) to --output-dir; False: the last step's model",
+    )
+    add_flag(
+        group,
+        "--early-stopping-patience",
+        type=int,
+        default=0,
+        help="stop after K validations in a row without a new best model; 0: never",
+    )
+    add_flag(
+        group,
+        "--early-stopping-threshold",
+        type=float,
+        default=0.0,
+        help="a new best must lower the validation loss by more than this (nats per token)",
+    )
+    add_flag(
+        group,
+        "--max-copied-8grams",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="with --eval-style: a validation point whose samples copy more than this share of their word 8-grams "
+        "from the training text never becomes the best model (e.g. 0.01 for 1%%)",
+    )
+    add_flag(
+        group,
+        "--report-to",
+        nargs="+",
+        choices=["tensorboard", "wandb", "mlflow", "none"],
+        default=["tensorboard"],
+        help="trackers that also get the metrics (logs/metrics.jsonl is always written)",
+    )
 
 
 def add_outputs_flags(group) -> None:
@@ -192,8 +240,27 @@ def check_args(args: argparse.Namespace) -> None:
         (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1), e.g. 0.1 or 0"),
         (not (uses_adapters(args) and args.from_scratch), "LoRA freezes the base model: drop --from-scratch"),
+        (
+            args.eval_steps >= 0 and args.early_stopping_patience >= 0,
+            "--eval-steps and --early-stopping-patience must be 0 (off) or more",
+        ),
+        (args.early_stopping_threshold >= 0, "--early-stopping-threshold must be 0 or more (nats per token)"),
+        (
+            args.max_copied_8grams is None or args.eval_style,
+            "--max-copied-8grams needs --eval-style (it reads the copy rate of the samples that measures)",
+        ),
+        (
+            args.max_copied_8grams is None or 0 <= args.max_copied_8grams <= 1,
+            "--max-copied-8grams is a share in [0, 1], e.g. 0.01 for 1%",
+        ),
+        ("none" not in args.report_to or args.report_to == ["none"], "--report-to none goes alone"),
     ]
     require(rules)
+    for tracker in set(args.report_to) - {"none"}:
+        if importlib.util.find_spec(tracker) is None:
+            raise UserError(
+                f"--report-to {tracker} needs the {tracker} package: pip install {tracker}, or leave it out"
+            )
     output = Path(args.output_dir)
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output-dir {output} already holds files; pass --overwrite-output-dir or another folder")
@@ -239,9 +306,9 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
 
     run, state = set_up(args)
     accelerator, model = run.accelerator, run.model
-    n_batches, accumulate = len(run.train_loader), args.grad_accum_steps
+    n_batches, accumulate, early_stop = len(run.train_loader), args.grad_accum_steps, False
     model.train()
-    with RunLog(Path(args.check_dir) / "logs", state.global_step, enabled=accelerator.is_main_process) as log:
+    with RunLog(Path(args.check_dir) / "logs", state.global_step, accelerator, vars(args)) as log:
         for epoch in range(state.epoch, args.epochs):
             batches = training.epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
             bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
@@ -260,17 +327,26 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                 log_step(run, state, log, bar, loss.item(), real_tokens / (time.perf_counter() - started))
                 if args.sample_every and state.global_step % args.sample_every == 0:
                     log_samples(run, state, log)
+                if args.eval_steps and state.global_step % args.eval_steps == 0:
+                    early_stop = validate(run, state, log)
                 if stop.agree(accelerator) or (args.save_steps and state.global_step % args.save_steps == 0):
                     save(run, state, f"Step_{state.global_step}")
                 if stop.received:
                     return stopped(run, state, stop, resume_cmd)
+                if early_stop:
+                    break
+            if early_stop:
+                break
             state.epoch, state.batches_in_epoch = epoch + 1, 0
-            validate(run, state, log)
+            if state.last_validation_step != state.global_step:  # not yet validated at this step
+                early_stop = validate(run, state, log)
             if state.epoch % args.save_interval == 0 or state.epoch == args.epochs or stop.received:
                 save(run, state, f"Epoch_{state.epoch}")
             if stop.received:
                 return stopped(run, state, stop, resume_cmd)
-    export(run, state)
+            if early_stop:
+                break
+        export(run, state, early_stop)
     return 0
 
 
@@ -289,6 +365,7 @@ def set_up(args: argparse.Namespace):
     import utils
     from dataset import load_paragraphs, split_paragraphs, text_chars
     from generation import SamplingSettings
+    from runlog import tracker_settings
 
     process_state = processes.start_processes()
     resume = checkpoints.plan_resume(args, process_state.print)
@@ -297,7 +374,7 @@ def set_up(args: argparse.Namespace):
             f"{resume.checkpoint} was trained by {resume.processes} processes; resume it with {resume.processes}, "
             f"not {process_state.num_processes} (the data order and random states are per process)"
         )
-    train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
+    train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(data_path(args)), args.train_size, args.seed)
     precision = training.resolve_precision(args.precision)
     tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))
     # The same random weights (--from-scratch, new LoRA adapters) in every process: DDP and DeepSpeed
@@ -307,6 +384,10 @@ def set_up(args: argparse.Namespace):
     if process_state.num_processes > 1:
         set_seed(args.seed + process_state.process_index)  # then each process its own dropout masks
     check_lengths(args, model, tokenizer)
+    # Sampling defaults in every saved model, so that pipeline("text-generation") samples as inference.py does.
+    model.generation_config.update(
+        do_sample=True, top_k=args.top_k, top_p=args.top_p, pad_token_id=tokenizer.pad_token_id
+    )
     with process_state.main_process_first():  # the first process fills the token cache, the others read it
         train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     total_steps = math.ceil(len(train_loader) / args.grad_accum_steps) * args.epochs
@@ -314,9 +395,10 @@ def set_up(args: argparse.Namespace):
 
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs
     dynamo = TorchDynamoPlugin(backend="inductor" if args.compile else "no")
+    trackers = tracker_settings(args.report_to, Path(args.check_dir) / "logs", resume.state.global_step)
     # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
     # are not prepare()d, as they already hold this process's share of the data.
-    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
+    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo, **trackers)
     processes.refuse_unsupported(accelerator, args, resume.checkpoint)
     processes.configure_deepspeed(accelerator, args)
     optimizer = training.make_optimizer(model, args.lr, args.eps, args.weight_decay)
@@ -345,11 +427,20 @@ def set_up(args: argparse.Namespace):
         sharded=processes.optimizer_state_is_split(accelerator),
     )
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
+    for warning in questionable_settings(args, len(train_loader), total_steps):
+        accelerator.print(f"warning: {warning}")
     if args.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
         from style import StyleProbe
 
         run.style_probe = StyleProbe(train_paragraphs, args.eval_style_samples, args.top_k, args.top_p, REPO)
     return run, resume.state
+
+
+def data_path(args: argparse.Namespace) -> Path:
+    """--data; the default, the bundled dataset, is found from any working directory."""
+    if args.data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
+        return REPO / DEFAULT_DATA
+    return Path(args.data)
 
 
 def check_lengths(args: argparse.Namespace, model, tokenizer) -> None:
@@ -402,6 +493,31 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     )
 
 
+def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, total_steps: int) -> list[str]:
+    """Settings that are allowed but that cannot do what they say in this run."""
+    warnings = []
+    if args.warmup_steps > total_steps:
+        peak = args.lr * total_steps / args.warmup_steps
+        warnings.append(
+            f"--warmup-steps {args.warmup_steps} is longer than the whole run ({total_steps} steps): the learning "
+            f"rate never reaches --lr {args.lr:g} (it peaks at {peak:.2g})"
+        )
+    if args.eval_steps > total_steps:
+        warnings.append(
+            f"--eval-steps {args.eval_steps} is more than the run's {total_steps} steps: it validates at epoch ends"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
+    epoch_ends = {steps_per_epoch * e for e in range(1, args.epochs + 1)}
+    every = set(range(args.eval_steps, total_steps + 1, args.eval_steps)) if args.eval_steps else set()
+    validations = len(epoch_ends | every)
+    if args.early_stopping_patience >= validations:
+        warnings.append(
+            f"--early-stopping-patience {args.early_stopping_patience} can never stop this run: it validates "
+            f"{validations} times (validate more often with --eval-steps)"
+        )
+    return warnings
+
+
 # ---- what the loop does on its schedules ---------------------------------------------------------------
 
 
@@ -415,7 +531,7 @@ def progress_bar(run: Run, batches, epoch: int, skip: int):
 def log_step(run: Run, state, log, bar, loss: float, tokens_per_s: float) -> None:
     lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(step=state.global_step, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-    log.metrics(state.global_step, state.epoch + 1, train_loss=loss, train_lr=lr)
+    log.metrics(state.global_step, state.current_epoch, train_loss=loss, train_lr=lr)
 
 
 def log_samples(run: Run, state, log) -> None:
@@ -428,31 +544,64 @@ def log_samples(run: Run, state, log) -> None:
     texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.args.seed + state.global_step)
     if run.accelerator.is_main_process:
         tqdm.write("\n".join(f"[step {state.global_step}] {text}" for text in texts))
-    log.samples(state.global_step, state.epoch + 1, prompts, texts)
+    log.samples(state.global_step, state.current_epoch, prompts, texts)
 
 
-def validate(run: Run, state, log) -> None:
-    """Validation loss, perplexity and bits per character (and with --eval-style, the style probe)."""
+def validate(run: Run, state, log) -> bool:
+    """Validation loss, perplexity and bits per character (with --eval-style, the style probe's measures);
+    a new best model goes to <check-dir>/best/. Returns whether early stopping ends the run here."""
     import training
 
-    accelerator = run.accelerator
+    args, accelerator = run.args, run.accelerator
     metrics = training.validate(run.model, run.val_loader, accelerator, run.val_chars)
-    state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
-    metrics["val_best_loss"] = state.best_val_loss
-    if run.style_probe:
+    if run.style_probe:  # seeded by the step: a resumed run draws the same samples
         model = accelerator.unwrap_model(run.model)
-        metrics.update(run.style_probe(model, run.tokenizer, run.args.seed + state.epoch - 1))
-        accelerator.print(
-            f"epoch {state.epoch} style: P(reads like the training text) {metrics['style_p_author']:.2f}, "
+        metrics.update(run.style_probe(model, run.tokenizer, args.seed + state.global_step))
+    verdict = training.judge_validation(state, metrics, args.early_stopping_threshold, args.max_copied_8grams)
+    log.metrics(state.global_step, state.current_epoch, **metrics, val_best_loss=state.best_val_loss)
+    accelerator.print(describe_validation(state, metrics, verdict, args.max_copied_8grams))
+    if verdict == "best":
+        save_best(run, state)
+    log.curves(state.best_step)
+    patience = args.early_stopping_patience
+    return bool(patience) and state.validations_without_improvement >= patience
+
+
+def describe_validation(state, metrics: dict[str, float], verdict: str, max_copied: float | None) -> str:
+    where = f"step {state.global_step} (epoch {state.current_epoch})"
+    best = "new best" if verdict == "best" else f"best {state.best_val_loss:.4f} at step {state.best_step}"
+    lines = [
+        f"{where}: validation loss {metrics['val_loss']:.4f} ({best}), perplexity {metrics['val_perplexity']:.2f}, "
+        f"{metrics['val_bits_per_char']:.3f} bits/char"
+    ]
+    if "style_p_author" in metrics:
+        lines.append(
+            f"{where} style: P(reads like the training text) {metrics['style_p_author']:.2f}, "
             f"copied 8-grams {metrics['style_copied_8grams']:.1%}, "
             f"{metrics['style_names_per_1000_words']:.1f} character names per 1,000 words"
         )
-    state.metrics = metrics
-    log.metrics(state.global_step, state.epoch, **metrics)
-    accelerator.print(
-        f"epoch {state.epoch}: validation loss {metrics['val_loss']:.4f} (best {state.best_val_loss:.4f}), "
-        f"perplexity {metrics['val_perplexity']:.2f}, {metrics['val_bits_per_char']:.3f} bits/char"
-    )
+    if verdict == "copying":
+        lines.append(
+            f"{where}: the lowest validation loss so far, but its samples copy {metrics['style_copied_8grams']:.1%} "
+            f"of their word 8-grams (--max-copied-8grams {max_copied:g}): not kept as the best model"
+        )
+    return "\n".join(lines)
+
+
+def save_best(run: Run, state) -> None:
+    """This validation point's model as <check-dir>/best/, replacing the previous best (atomically)."""
+    from checkpoints import save_model_folder
+
+    accelerator = run.accelerator
+    weights = accelerator.get_state_dict(run.model)  # on every process: under FSDP, gathered from the shards
+    if accelerator.is_main_process:
+        note = {BEST_NOTE: {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics}}
+        model = accelerator.unwrap_model(run.model)
+        save_model_folder(best_folder(run.args), model, run.tokenizer, replace=True, notes=note, state_dict=weights)
+
+
+def best_folder(args: argparse.Namespace) -> Path:
+    return Path(args.check_dir) / "best"
 
 
 def save(run: Run, state, name: str) -> None:
@@ -491,25 +640,48 @@ def non_finite_loss(run: Run, state, loss: float) -> str:
     )
 
 
-def export(run: Run, state) -> None:
-    """The final model (or adapters) in --output-dir, with sampling defaults in its generation config."""
-    from checkpoints import save_model_folder
+def export(run: Run, state, stopped_early: bool) -> None:
+    """The final model (or adapters) in --output-dir: the best one with --load-best-at-end, else the last."""
+    import json
+
+    from checkpoints import copy_model_folder, save_model_folder
 
     accelerator, args = run.accelerator, run.args
-    weights = accelerator.get_state_dict(run.model)
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run.model)
-        # Sampling defaults, so that pipeline("text-generation") samples as inference.py does.
-        model.generation_config.update(
-            do_sample=True, top_k=args.top_k, top_p=args.top_p, pad_token_id=run.tokenizer.pad_token_id
-        )
-        notes = {"training_metrics.json": {"global_step": state.global_step, **state.metrics}}
-        save_model_folder(Path(args.output_dir), model, run.tokenizer, replace=True, notes=notes, state_dict=weights)
+    if stopped_early:
         accelerator.print(
-            f'final model in {args.output_dir}: python inference.py --model-path {args.output_dir} --prompt "..."'
+            f"early stopping at step {state.global_step}: {args.early_stopping_patience} validations in a row without "
+            f"a new best model (best: validation loss {state.best_val_loss:.4f} at step {state.best_step})"
         )
+    best = best_folder(args) / BEST_NOTE
+    best_step = json.loads(best.read_text())["step"] if best.is_file() else None
+    use_best = args.load_best_at_end and state.best_step is not None and best_step == state.best_step
+    last = {"step": state.global_step, "epoch": state.current_epoch, **state.metrics}
+    exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
+    notes = {"training_metrics.json": {"exported": "best" if use_best else "last", **exported, "last_step": last}}
+    weights = None if use_best else accelerator.get_state_dict(run.model)  # on every process (FSDP gathers)
+    if accelerator.is_main_process:
+        output = Path(args.output_dir)
+        if use_best:
+            copy_model_folder(best_folder(args), output, leave_out={BEST_NOTE}, notes=notes)
+        else:
+            model = accelerator.unwrap_model(run.model)
+            save_model_folder(output, model, run.tokenizer, replace=True, notes=notes, state_dict=weights)
+        accelerator.print(describe_export(args, exported, last, use_best))
     accelerator.wait_for_everyone()  # a process leaving while the first still saves can hang its shutdown
-    accelerator.end_training()
+
+
+def describe_export(args: argparse.Namespace, exported: dict, last: dict, use_best: bool) -> str:
+    def numbers(point: dict) -> str:
+        if "val_loss" not in point:
+            return "not validated"
+        return f"validation loss {point['val_loss']:.4f}, {point['val_bits_per_char']:.3f} bits/char"
+
+    which = "the best model" if use_best else "the last step's model"
+    return (
+        f"final model in {args.output_dir}: {which}, from step {exported['step']} (epoch {exported['epoch']}), "
+        f"{numbers(exported)}; the last step, {last['step']}: {numbers(last)}\n"
+        f'sample from it: python inference.py --model-path {args.output_dir} --prompt "..."'
+    )
 
 
 if __name__ == "__main__":

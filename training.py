@@ -191,6 +191,29 @@ def validate(model, loader, accelerator, n_chars: int) -> dict[str, float]:
     }
 
 
+def judge_validation(state, metrics: dict[str, float], threshold: float, max_copied: float | None) -> str:
+    """Record a validation in `state` (a checkpoints.TrainingState) and say what it is.
+
+    'best': the loss improves on the best so far by more than `threshold`, and (with `max_copied`) the
+    samples copy no more than that share of their word 8-grams: the model of this point is the new best.
+    'copying': it would have been best, but its samples copy too much. 'worse': no improvement.
+    Early stopping counts every validation that is not 'best'.
+    """
+    state.metrics, state.last_validation_step = metrics, state.global_step
+    improved = metrics["val_loss"] < state.best_val_loss - threshold
+    copying = max_copied is not None and metrics.get("style_copied_8grams", 0.0) > max_copied
+    if improved and not copying:
+        state.best_val_loss, state.best_metrics = metrics["val_loss"], dict(metrics)
+        state.best_step, state.best_epoch = state.global_step, state.current_epoch
+        state.validations_without_improvement = 0
+        return "best"
+    state.validations_without_improvement += 1
+    if improved:
+        state.copy_guard_refusals.append(state.global_step)
+        return "copying"
+    return "worse"
+
+
 def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> list[str]:
     """One sample per prompt, in eval mode, with its own seed (training's random stream is untouched)."""
     from generation import generate_paragraphs

@@ -30,8 +30,13 @@ COMMON = (
     "--epochs 2 --batch-size 8 --grad-accum-steps 2 --max-input-length 64 --lr 3e-3 --warmup-steps 2 "
     "--sample-every 5 --max-output-length 16 --precision fp32 --seed 5 --save-steps 3"
 ).split()
-MODES = {"full": [], "lora": ["--lora", "--rank-lora", "8", "--targets-lora", "c_attn", "c_fc"]}
-WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
+MODES = {
+    "full": [],
+    "lora": ["--lora", "--rank-lora", "8", "--targets-lora", "c_attn", "c_fc"],
+    # validation every 4 steps, the best model kept, and an early stop before the last step
+    "early stopping": "--eval-steps 4 --early-stopping-patience 1 --early-stopping-threshold 0.4".split(),
+}
+WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "early stopping": "model.safetensors"}
 
 # Runs train.py in a child that SIGKILLs itself at a chosen moment: at the N-th forward pass
 # (KILL_AT_FORWARD, counting validation forwards too), or in the N-th checkpoint save, after the
@@ -90,6 +95,10 @@ def final_weights(tmp: Path, mode: str) -> dict[str, torch.Tensor]:
     return load_file(tmp / "out" / WEIGHTS[mode])
 
 
+def best_weights(tmp: Path, mode: str) -> dict[str, torch.Tensor]:
+    return load_file(tmp / "Checkpoints/best" / WEIGHTS[mode])
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -103,7 +112,7 @@ def metric_steps(tmp: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir, small_data):
-    """Each mode's uninterrupted run, made on first use: (final weights, logged steps)."""
+    """Each mode's uninterrupted run, made on first use: (final weights, logged steps, best/ weights)."""
     runs = {}
 
     def run(mode: str):
@@ -112,7 +121,8 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, small_data):
             result = run_script("train.py", *arguments(tmp, tiny_model_dir, small_data, mode), cwd=tmp)
             assert result.returncode == 0, result.stderr[-3000:]
             assert "12 steps per epoch" in result.stdout  # the kill moments below assume it
-            runs[mode] = final_weights(tmp, mode), metric_steps(tmp)
+            assert ("early stopping at step 20" in result.stdout) == (mode == "early stopping")  # after the kills
+            runs[mode] = final_weights(tmp, mode), metric_steps(tmp), best_weights(tmp, mode)
         return runs[mode]
 
     return run
@@ -128,28 +138,31 @@ KILLS = {
 
 TRIALS = [("full", moment) for moment in KILLS]
 TRIALS += [("lora", "inside gradient accumulation"), ("lora", "in a save, before the rename")]
+TRIALS += [("early stopping", "inside gradient accumulation"), ("early stopping", "in a save, before the rename")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, moment", TRIALS)
 def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, mode, moment, tiny_model_dir, small_data, tmp_path):
-    expected, expected_steps = uninterrupted(mode)
+    expected, expected_steps, expected_best = uninterrupted(mode)
     argv = arguments(tmp_path, tiny_model_dir, small_data, mode)
     run_killer(tmp_path, argv, **KILLS[moment])
     resumed = run_script("train.py", *argv, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    if moment == "in a save, before the rename":
-        assert "ignoring incomplete checkpoints (an interrupted save): Step_9.tmp" in resumed.stdout
-        assert "resumed from " + str(tmp_path / "Checkpoints/Step_6") in resumed.stdout
+    if moment == "in a save, before the rename":  # the third save; with validation, best/ is the second
+        killed, previous = ("Step_6", "Step_3") if mode == "early stopping" else ("Step_9", "Step_6")
+        assert f"ignoring incomplete checkpoints (an interrupted save): {killed}.tmp" in resumed.stdout
+        assert "resumed from " + str(tmp_path / "Checkpoints" / previous) in resumed.stdout
     assert_same_weights(final_weights(tmp_path, mode), expected)
-    assert metric_steps(tmp_path) == expected_steps  # every step logged once, none missing
+    assert_same_weights(best_weights(tmp_path, mode), expected_best)
+    assert metric_steps(tmp_path) == expected_steps  # every step logged once, none missing (and the same last one)
 
 
 @pytest.mark.slow
 def test_external_sigkill_at_a_random_moment(uninterrupted, tiny_model_dir, small_data, tmp_path):
     """A real outside SIGKILL, wherever the run happens to be once it has passed step 5."""
-    mode, (expected, _) = "full", uninterrupted("full")
+    mode, (expected, _, _) = "full", uninterrupted("full")
     argv = arguments(tmp_path, tiny_model_dir, small_data, mode)
     child = start_training(tmp_path, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(tmp_path, child, 5)
@@ -165,7 +178,7 @@ def test_external_sigkill_at_a_random_moment(uninterrupted, tiny_model_dir, smal
 def test_ctrl_c_or_sigterm_saves_and_prints_the_resume_command(
     sig, code, uninterrupted, tiny_model_dir, small_data, tmp_path
 ):
-    mode, (expected, _) = "full", uninterrupted("full")
+    mode, (expected, _, _) = "full", uninterrupted("full")
     argv = arguments(tmp_path, tiny_model_dir, small_data, mode)
     child = start_training(tmp_path, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_step(tmp_path, child, 4)

@@ -178,4 +178,4 @@ def test_eval_style_logs_style_and_copying_at_each_epoch_end(tmp_path, tiny_mode
     for r in styled:
         assert 0 <= r["style_p_author"] <= 1 and 0 <= r["style_copied_8grams"] <= 1
         assert r["style_names_per_1000_words"] >= 0
-    assert "epoch 2 style: P(reads like the training text)" in result.stdout
+    assert "(epoch 2) style: P(reads like the training text)" in result.stdout
