@@ -655,6 +655,11 @@ def export(run: Run, state, stopped_early: bool) -> None:
     best = best_folder(args) / BEST_NOTE
     best_step = json.loads(best.read_text())["step"] if best.is_file() else None
     use_best = args.load_best_at_end and state.best_step is not None and best_step == state.best_step
+    if args.load_best_at_end and state.best_step is not None and not use_best:
+        accelerator.print(
+            f"warning: {best.parent} does not hold the best model (step {state.best_step}): moved or deleted? "
+            "Exporting the last step's model instead"
+        )
     last = {"step": state.global_step, "epoch": state.current_epoch, **state.metrics}
     exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
     notes = {"training_metrics.json": {"exported": "best" if use_best else "last", **exported, "last_step": last}}

@@ -61,7 +61,8 @@ def test_an_overfitting_run_stops_early_and_exports_the_best_model(tmp_path, tin
 @pytest.mark.slow
 def test_the_copying_guard_keeps_a_copying_model_from_being_the_best(tmp_path, tiny_model_dir, austen_paragraphs):
     """A model drilled on one paragraph recites it (greedy samples: --top-k 1); as its validation loss falls
-    below the best, the guard refuses the points whose samples copy too much."""
+    below the best, the guard refuses the points whose samples copy too much. Also: --eval-style's measures are
+    logged at every validation."""
     paragraph = next(p for p in austen_paragraphs[300:400] if 350 < len(p) < 450)
     data = paragraphs_file(tmp_path, [paragraph] * 100)
     settings = "--epochs 2 --batch-size 4 --max-input-length 64 --lr 6e-3 --warmup-steps 0 --sample-every 0"
@@ -69,6 +70,11 @@ def test_the_copying_guard_keeps_a_copying_model_from_being_the_best(tmp_path, t
     argv = train_args(tmp_path, tiny_model_dir, data, *settings.split(), "--max-copied-8grams", "0.05")
     result = run_script("train.py", *argv, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    for record in validations(tmp_path):  # --eval-style measured at every validation
+        assert 0 <= record["style_p_author"] <= 1 and 0 <= record["style_copied_8grams"] <= 1
+        assert record["style_names_per_1000_words"] >= 0
+    assert {r["epoch"] for r in validations(tmp_path)} == {1, 2} and len(validations(tmp_path)) == 6
+    assert "step 15 (epoch 1) style: P(reads like the training text)" in result.stdout
     copying = [r["step"] for r in validations(tmp_path) if r["style_copied_8grams"] > 0.05]
     assert copying, [r["style_copied_8grams"] for r in validations(tmp_path)]  # it does copy
     state = json.loads((tmp_path / "Checkpoints/Epoch_2/trainer_state.json").read_text())

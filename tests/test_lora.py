@@ -82,7 +82,8 @@ def test_output_is_a_small_standard_peft_adapter(run, tiny_model_dir):
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(run, tiny_model_dir, small_data, tmp_path):
     mode, tmp = run
-    shutil.copytree(tmp / "Checkpoints/Epoch_1", tmp_path / "Checkpoints/Epoch_1")
+    for kept in ("Epoch_1", "best"):  # what the interrupted run leaves: its checkpoint and the best adapters so far
+        shutil.copytree(tmp / "Checkpoints" / kept, tmp_path / "Checkpoints" / kept)
     resumed = train_adapters(
         tmp_path,
         tiny_model_dir,

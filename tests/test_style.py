@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_script, train_args
+from conftest import assert_user_error, run_script
 
 import style
 import style_report
@@ -164,18 +164,3 @@ def test_style_report_refuses_bad_input_and_keeps_an_existing_report(tmp_path, t
     (report / "report.md").write_text("an earlier report")
     assert_user_error(run_script("style_report.py", *base, "--out", str(report), cwd=tmp_path), "--overwrite")
     assert (report / "report.md").read_text() == "an earlier report"
-
-
-@pytest.mark.slow
-def test_eval_style_logs_style_and_copying_at_each_epoch_end(tmp_path, tiny_model_dir, small_data):
-    args = train_args(tmp_path, tiny_model_dir, small_data, "--epochs", "2", "--batch-size", "16")
-    args += ["--max-input-length", "64", "--sample-every", "0", "--eval-style", "--eval-style-samples", "3"]
-    result = run_script("train.py", *args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
-    styled = [r for r in records if "style_p_author" in r]
-    assert [r["epoch"] for r in styled] == [1, 2]
-    for r in styled:
-        assert 0 <= r["style_p_author"] <= 1 and 0 <= r["style_copied_8grams"] <= 1
-        assert r["style_names_per_1000_words"] >= 0
-    assert "(epoch 2) style: P(reads like the training text)" in result.stdout

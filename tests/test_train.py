@@ -69,7 +69,7 @@ def test_checkpoint_layout_and_safe_loading(trained):
         trainer_state = json.loads((folder / TRAINER_STATE).read_text())
         assert trainer_state["epoch"] == epoch and trainer_state["args"]["seed"] == 7
     assert not list((trained / "Checkpoints").glob("*.tmp"))
-    assert list((trained / "Checkpoints/logs").glob("events.out.tfevents.*"))
+    assert list((trained / "Checkpoints/logs/austen-gpt").glob("events.out.tfevents.*"))  # TensorBoard
 
 
 def test_samples_are_printed_and_logged(trained):
@@ -94,8 +94,9 @@ def test_final_model_loads_with_plain_transformers_and_pipeline(trained):
 
 @pytest.mark.slow
 def test_epoch_resume_equals_uninterrupted(trained, tiny_model_dir, small_data, tmp_path):
-    # The interrupted run: all it left behind is its epoch-1 checkpoint.
-    shutil.copytree(trained / "Checkpoints/Epoch_1", tmp_path / "Checkpoints/Epoch_1")
+    # The interrupted run: all it left behind is its epoch-1 checkpoint and the best model so far.
+    for kept in ("Epoch_1", "best"):
+        shutil.copytree(trained / "Checkpoints" / kept, tmp_path / "Checkpoints" / kept)
     result = train(tmp_path, tiny_model_dir, small_data, "--restore-file", "Epoch_1", "--load-checkpoint", "True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
@@ -108,17 +109,12 @@ def test_epoch_resume_equals_uninterrupted(trained, tiny_model_dir, small_data, 
 
 
 @pytest.mark.slow
-def test_from_scratch_trains_a_config_only_folder(tiny_config_dir, small_data, tmp_path):
-    result = train(tmp_path, tiny_config_dir, small_data, "--from-scratch", "--epochs", "1", "--sample-every", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "out/model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_padded_mode_trains_too(tiny_model_dir, small_data, tmp_path):
-    result = train(tmp_path, tiny_model_dir, small_data, "--packing", "False", "--epochs", "1", "--sample-every", "0")
+def test_from_scratch_trains_a_config_only_folder_and_padded_mode_trains_too(tiny_config_dir, small_data, tmp_path):
+    argv = ["--from-scratch", "--packing", "False", "--epochs", "1", "--sample-every", "0"]
+    result = train(tmp_path, tiny_config_dir, small_data, *argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation of <= 64 tokens (one paragraph each)" in result.stdout
+    assert (tmp_path / "out/model.safetensors").is_file()
 
 
 @pytest.mark.slow
