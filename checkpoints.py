@@ -338,11 +338,11 @@ class Resume:
     checkpoint: Path | None = None
     tensors: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, RNG
     state: TrainingState = field(default_factory=TrainingState)
-    processes: int = 1  # the number of processes that trained the checkpoint
 
 
-def plan_resume(args: argparse.Namespace, print_line: Callable[[str], None]) -> Resume:
-    """Find, load and vet the checkpoint to resume from (--resume or --resume-from), if any."""
+def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[str], None]) -> Resume:
+    """Find, load and vet the checkpoint to resume from (--resume or --resume-from), if any, for a run of
+    `processes` processes."""
     check_dir = Path(args.check_dir)
     if not (args.resume or args.resume_from):
         return Resume()
@@ -363,7 +363,13 @@ def plan_resume(args: argparse.Namespace, print_line: Callable[[str], None]) -> 
             + continue_from_weights(checkpoint)
         )
     check_resume_settings(saved["args"], args, checkpoint, print_line)
-    resume = Resume(checkpoint, tensors, TrainingState.from_json(saved, checkpoint), saved.get("processes", 1))
+    trained_by = saved.get("processes", 1)
+    if trained_by != processes:
+        raise UserError(
+            f"{checkpoint} was trained by {trained_by} processes; resume it with {trained_by}, not {processes} "
+            "(the data order and random states are per process)"
+        )
+    resume = Resume(checkpoint, tensors, TrainingState.from_json(saved, checkpoint))
     if resume.state.epoch >= args.epochs:
         raise UserError(f"{checkpoint} already completed {resume.state.epoch} epochs; raise --epochs to train further")
     return resume

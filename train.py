@@ -368,12 +368,7 @@ def set_up(args: argparse.Namespace):
     from runlog import tracker_settings
 
     process_state = processes.start_processes()
-    resume = checkpoints.plan_resume(args, process_state.print)
-    if resume.checkpoint and resume.processes != process_state.num_processes:
-        raise UserError(
-            f"{resume.checkpoint} was trained by {resume.processes} processes; resume it with {resume.processes}, "
-            f"not {process_state.num_processes} (the data order and random states are per process)"
-        )
+    resume = checkpoints.plan_resume(args, process_state.num_processes, process_state.print)
     train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(data_path(args)), args.train_size, args.seed)
     precision = training.resolve_precision(args.precision)
     tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))

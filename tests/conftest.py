@@ -16,6 +16,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "configs" / "gpt2-tiny"
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Under `pytest -n 2` each worker (and every training it starts) computes on one thread: two workers then
+    # share the two cores without fighting over them, while each one's single-threaded start-up (imports,
+    # model loading) overlaps the other's work. Compared runs always use the same thread count.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(REPO))
 
 
