@@ -658,7 +658,8 @@ def export(run: Run, state, stopped_early: bool) -> None:
     last = {"step": state.global_step, "epoch": state.current_epoch, **state.metrics}
     exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
     notes = {"training_metrics.json": {"exported": "best" if use_best else "last", **exported, "last_step": last}}
-    weights = None if use_best else accelerator.get_state_dict(run.model)  # on every process (FSDP gathers)
+    # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.
+    weights = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:
         output = Path(args.output_dir)
         if use_best:
