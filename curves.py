@@ -1,7 +1,8 @@
 """The training curves as one picture a person can open: <check-dir>/logs/curves.png, rewritten at each validation.
 
 Panels: the training loss (raw and smoothed) with the validation loss and its best point; the learning
-rate; and, when the run measures style (--eval-style), P(author) and the share of copied word 8-grams.
+rate; and, when the run measures style (--eval-style), P(author), distinguishability from held-out
+text and the share of copied word 8-grams.
 Drawn from the run's own metrics.jsonl records, so a resumed run draws the whole run.
 """
 
@@ -56,6 +57,9 @@ def plot_curves(records: list[dict], path: Path, best_step: int | None = None) -
         style_axis.plot(*series(records, "style_p_author"), "o-", color="tab:purple", label="P(author)")
         copy_steps, copied = series(records, "style_copied_8grams")
         style_axis.plot(copy_steps, copied, "s-", color="tab:brown", label="copied 8-grams (share)")
+        if any("style_distinguishability" in r for r in records):
+            told_apart = series(records, "style_distinguishability")
+            style_axis.plot(*told_apart, "^-", color="tab:gray", label="distinguishability (0.5 passes)")
         style_axis.set(title="style of the samples", xlabel="optimizer step", ylim=(-0.02, 1.02))
         style_axis.legend(fontsize=8)
 

@@ -267,14 +267,26 @@ def repetition_rate(texts: list[str], n: int = 4) -> float:
 class StyleProbe:
     """--eval-style during training: fresh samples of the shipped prompts, scored against the training text.
 
-    Fit once: a classifier of the training text against the contrast novels and an index of its word
-    8-grams. Each call samples the model (its own seeds; training's random stream is untouched).
+    Fit once: a classifier of the training text against the contrast novels, an index of its word
+    8-grams, and the two-sample test against the held-out paragraphs (when they hold enough words for
+    it: `two_sample` is None otherwise). Each call samples the model (its own seeds; training's random
+    stream is untouched).
     """
 
-    TOKENS = 100  # per sample: long enough to judge, short enough for every epoch
+    TOKENS = 100  # per sample: long enough to judge, short enough for every validation
+    DRAWS = 3  # of the two-sample test: a third of the report's, for speed
 
-    def __init__(self, train_paragraphs: list[str], n_samples: int, top_k: int, top_p: float, repo: Path):
+    def __init__(
+        self,
+        train_paragraphs: list[str],
+        val_paragraphs: list[str],
+        n_samples: int,
+        top_k: int,
+        top_p: float,
+        repo: Path,
+    ):
         from generation import SamplingSettings, read_prompts
+        from two_sample import ProseFeatures, TwoSampleTest
 
         contrast = load_novels(repo / "data/contrast")
         names, masked = names_to_mask(train_paragraphs, contrast)
@@ -283,6 +295,10 @@ class StyleProbe:
             {"training text": train_paragraphs}, contrast, words_per_sample, masked, False
         )
         self.copying = Copying(train_paragraphs, names)
+        self.two_sample = None
+        if n_samples >= TwoSampleTest.MIN_TEXTS and len(words(" ".join(val_paragraphs))) >= 3 * n_samples * self.TOKENS:
+            prose = ProseFeatures([p for ps in contrast.values() for p in ps], self.classifier, masked)
+            self.two_sample = TwoSampleTest(val_paragraphs, prose, masked, self.DRAWS, seed=0)
         self.prompts, self.n_samples = read_prompts(repo / "data/eval_prompts.txt"), n_samples
         self.settings = SamplingSettings(
             max_new_tokens=self.TOKENS, top_k=top_k, top_p=top_p, stop_at_end_of_text=False
@@ -295,8 +311,11 @@ class StyleProbe:
         samples = generate_samples(model, tokenizer, self.prompts, self.n_samples, self.settings, seed)
         model.train()
         texts = [s["text"] for s in samples]
-        return {
+        measures = {
             "style_p_author": statistics.mean(self.classifier.p_author(texts)),
             "style_copied_8grams": self.copying.ngram_rate(texts),
             "style_names_per_1000_words": self.copying.names_per_1000_words(texts),
         }
+        if self.two_sample:
+            measures["style_distinguishability"] = self.two_sample(texts).mean
+        return measures

@@ -1,40 +1,65 @@
-"""Does the model write like the author, or is it copying her? A style report for one or more models.
+"""Does the model write like the author, or is it copying her? A style report for models and texts.
 
   python style_report.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
   python style_report.py --models configs/gpt2-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
+  python style_report.py --texts chat=llama-samples.jsonl pastiche=pastiche.txt --out reports/others
 
 Each model (a folder, a Hub id or an adapter folder) writes --n-samples continuations of the shipped
 prompts (data/eval_prompts.txt, cycled in order, seeded), each exactly --max-new-tokens long (running on
-past a paragraph's end, so every model is judged on the same length). Reported per model:
-  1. held-out perplexity and bits per character on the validation paragraphs of --data (the split
-     train.py makes with the same --train-size and --split-seed), per real token, pads excluded;
-  2. P(author) from a classifier of the author's novels against contrast novels, with its accuracy on
-     whole held-out novels (flagged unreliable below 90%);
-  3. Burrows' Delta (cosine) from the samples to the author and to each contrast novel;
+past a paragraph's end, so every model is judged on the same length). Each --texts NAME=FILE adds a row
+for text written anywhere else. Reported per row:
+  1. distinguishability: the cross-validated ROC AUC of a classifier telling the texts from real held-out
+     author passages of the same lengths, over --draws fresh draws (0.5: passes for the author, 1.0:
+     always told apart), with its spread;
+  2. P(author) from a classifier of the author's novels against contrast novels ("closer to the author
+     than to the contrast authors"), with its accuracy on whole held-out novels;
+  3. Burrows' Delta (cosine) from the texts to the author and to each contrast novel;
   4. copying: share of word 8-grams found verbatim in the training paragraphs, the longest verbatim
      run, character names per 1,000 words;
-  5. distinct-1/2 and the within-sample repetition rate.
-Real held-out author paragraphs (the ceiling) and held-out contrast paragraphs (the floor) are scored
-the same way. Output: <out>/report.md (table first, then samples), report.json and style.png.
+  5. distinct-1/2 and the within-sample repetition rate;
+  6. for models only, held-out perplexity and bits per character on the validation paragraphs of --data.
+Reference rows are measured the same way: real held-out author passages (the floor of distinguishability,
+the ceiling of P(author)), held-out contrast passages, and the author's passages with their words shuffled.
+Output: <out>/report.md (table and verdict first, then samples), report.json and style.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import style
 from cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
+from dataset import load_paragraphs, split_paragraphs, text_chars
+from two_sample import FOLDS, ProseFeatures, TwoSampleTest
+
+MIN_TEXTS = TwoSampleTest.MIN_TEXTS
+PASSES = 0.6  # distinguishability at or below this passes for the author (the floor is about 0.5)
 
 REPO = Path(__file__).resolve().parent
 CONTRAST_HELD_OUT = 0.1  # the last tenth of each contrast novel is kept away from the classifier and Delta
+N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
+AUTHOR_ROW = "author, held out"
+RESERVED_FOR_REFERENCES = 1 / 3  # of the held-out author paragraphs: the floor's passages, never drawn to compare
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
-    add_flag(p, "--models", nargs="+", required=True, help="model folders, Hub ids or adapter folders")
+    add_flag(p, "--models", nargs="+", default=[], help="model folders, Hub ids or adapter folders")
     add_flag(p, "--names", nargs="+", default=None, help="a label per model in the report; without it, the paths")
+    add_flag(
+        p,
+        "--texts",
+        nargs="+",
+        default=[],
+        metavar="NAME=FILE",
+        help="a row for text written elsewhere (a prompted chat model, a human pastiche): FILE is a .jsonl with a "
+        "'text' field or a .txt with samples separated by blank lines; measured like the models, bar perplexity",
+    )
     add_flag(p, "--out", default="reports/style", help="report folder (report.md, report.json, style.png)")
     add_flag(p, "--overwrite", action="store_true", help="replace the files of an existing report in --out")
     add_flag(
@@ -46,7 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     sampling = p.add_argument_group("sampling")
     add_flag(sampling, "--prompts", default=str(REPO / "data/eval_prompts.txt"), help="prompt file, one per line")
-    add_flag(sampling, "--n-samples", type=int, default=24, help="samples per model, cycling through the prompts")
+    add_flag(
+        sampling,
+        "--n-samples",
+        type=int,
+        default=N_SAMPLES,
+        help="samples per model, cycling through the prompts (and passages per reference row)",
+    )
     add_flag(sampling, "--max-new-tokens", type=int, default=200, help="tokens generated per sample")
     add_flag(sampling, "--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     add_flag(sampling, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
@@ -64,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(style, "--contrast-novels", default=str(REPO / "data/contrast"), help="folder of other authors' novels")
     add_flag(style, "--ngram", type=int, default=8, help="word n-gram length of the copying measure")
     add_flag(style, "--mfw", type=int, default=150, help="most frequent words in Burrows' Delta")
+    add_flag(
+        style,
+        "--draws",
+        type=int,
+        default=5,
+        help="fresh draws of real author passages for the two-sample test; its spread is across them",
+    )
     return p.parse_args(argv)
 
 
@@ -71,7 +109,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
     """Fail fast on bad input; returns the prompts."""
     require(
         [
-            (args.n_samples >= 1, "--n-samples must be at least 1"),
+            (args.models or args.texts, "give --models, --texts or both: the report needs something to measure"),
+            (args.n_samples >= MIN_TEXTS, f"--n-samples must be at least {MIN_TEXTS} (five folds of two or more)"),
+            (args.draws >= 1, "--draws must be at least 1"),
             (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (args.ngram >= 2 and args.mfw >= 10, "--ngram must be at least 2 and --mfw at least 10"),
             (0 < args.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
@@ -82,12 +122,35 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for model in args.models:  # a path-like name that does not exist is a typo, not a Hub id
         if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
             raise UserError(f"--models {model}: no such folder; give a model folder, adapter folder or Hub id")
+    for spec in args.texts:
+        name, _, file = spec.partition("=")
+        if not name or not file:
+            raise UserError(f"--texts {spec}: write NAME=FILE, e.g. --texts chat=samples.jsonl")
+        if Path(file).suffix.lower() not in (".jsonl", ".txt") or not Path(file).is_file():
+            raise UserError(f"--texts {spec}: {file} is not a .jsonl or .txt file; give an existing file of samples")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {out} already holds a report; choose another folder or pass --overwrite")
     from generation import read_prompts
 
     return read_prompts(args.prompts)
+
+
+def read_texts(specs: list[str]) -> dict[str, list[str]]:
+    """NAME -> texts of each --texts NAME=FILE: .jsonl records' 'text' fields, or a .txt's blank-line blocks."""
+    texts = {}
+    for spec in specs:
+        name, _, file = spec.partition("=")
+        try:
+            texts[name] = load_paragraphs(file)
+        except UserError as error:
+            raise UserError(f"--texts {spec}: {error}") from None
+        if len(texts[name]) < MIN_TEXTS:
+            raise UserError(
+                f"--texts {spec}: {len(texts[name])} texts; the two-sample test needs {MIN_TEXTS} or more "
+                "(separate the samples of a .txt by blank lines)"
+            )
+    return texts
 
 
 @dataclass
@@ -101,13 +164,11 @@ class References:
     classifier: object  # style.AuthorClassifier
     delta: object  # style.Delta
     copying: object  # style.Copying
+    two_sample: TwoSampleTest
 
 
-def build_references(args: argparse.Namespace, passage_words: int) -> References:
-    import style
-    from dataset import load_paragraphs, split_paragraphs
-
-    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+def build_references(args: argparse.Namespace, train: list[str], val: list[str], passage_words: int) -> References:
+    """The classifiers, Delta, copying and the two-sample test, from the split of --data and the novels."""
     held_out = set(val)
     author = {t: [p for p in ps if p not in held_out] for t, ps in style.load_novels(args.author_novels).items()}
     contrast = style.load_novels(args.contrast_novels)
@@ -115,26 +176,44 @@ def build_references(args: argparse.Namespace, passage_words: int) -> References
     contrast_train = {title: ps[: cut[title]] for title, ps in contrast.items()}
     contrast_held_out = {title: ps[cut[title] :] for title, ps in contrast.items()}
     author_names, all_names = style.names_to_mask(train, contrast)
+    classifier = style.AuthorClassifier.fit(author, contrast_train, passage_words, all_names)
+    prose = ProseFeatures([p for ps in contrast_train.values() for p in ps], classifier, all_names)
     return References(
         train_paragraphs=train,
         val_paragraphs=val,
         contrast_held_out=contrast_held_out,
         contrast_train=contrast_train,
-        classifier=style.AuthorClassifier.fit(author, contrast_train, passage_words, all_names),
+        classifier=classifier,
         delta=style.Delta(author | contrast_train, all_names, n_words=args.mfw),
         copying=style.Copying(train, author_names, n=args.ngram),
+        two_sample=TwoSampleTest(val, prose, all_names, args.draws, args.seed, RESERVED_FOR_REFERENCES),
     )
+
+
+def reference_texts(refs: References, n: int, n_words: int, seed: int) -> dict[str, list[str]]:
+    """The reference rows' texts: `n` passages of `n_words` words each.
+
+    Real held-out author passages (from the paragraphs the two-sample test never draws from), the same
+    passages with their words shuffled (her vocabulary without her sentences), and held-out contrast passages.
+    """
+    author = refs.two_sample.reference_passages(n, n_words)
+    rng = random.Random(seed)
+    contrast = [p for ps in refs.contrast_held_out.values() for p in ps]
+    return {
+        AUTHOR_ROW: author,
+        "author, words shuffled": [" ".join(rng.sample(p.split(), len(p.split()))) for p in author],
+        "contrast, held out": style.passages(contrast, n_words, at_most=n),
+    }
 
 
 def style_metrics(texts: list[str], refs: References) -> dict:
     """Every text-only measure of one set of texts (samples, or real paragraphs cut to sample length)."""
-    import statistics
-
-    import style
-
     longest, passage = refs.copying.longest_run(texts)
+    p_author = refs.classifier.p_author(texts)
     return {
-        "p_author": statistics.mean(refs.classifier.p_author(texts)),
+        **refs.two_sample(texts).as_dict(),
+        "p_author": statistics.mean(p_author),
+        "p_author_standard_error": statistics.stdev(p_author) / len(p_author) ** 0.5,
         "delta_to_author": refs.delta.distance(texts, refs.train_paragraphs),
         "delta_to_contrast": {t: refs.delta.distance(texts, ps) for t, ps in refs.contrast_train.items()},
         "copied_ngram_share": refs.copying.ngram_rate(texts),
@@ -169,7 +248,6 @@ def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], args: argpa
     """train.py's validation: one paragraph per example, loss per real token, bits per character."""
     from accelerate import Accelerator
 
-    from dataset import text_chars
     from training import resolve_precision, validate, validation_loader
 
     # The precision train.py's --precision auto validates in (bf16 autocast where native), so the numbers match.
@@ -180,12 +258,14 @@ def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], args: argpa
 
 
 COLUMNS = [  # (key, heading, format)
+    ("distinguishability", "distinguishability (AUC)", "{:.2f}"),
+    ("distinguishability_spread", "spread", "±{:.2f}"),
+    ("copied_ngram_share", "copied word n-grams", "{:.2%}"),
+    ("p_author", "P(author)", "{:.2f}"),
     ("val_perplexity", "held-out perplexity", "{:,.1f}"),
     ("val_bits_per_char", "bits/char", "{:.3f}"),
-    ("p_author", "P(author)", "{:.2f}"),
     ("delta_to_author", "Delta to author", "{:.3f}"),
     ("delta_to_nearest_contrast", "Delta to nearest contrast", "{:.3f}"),
-    ("copied_ngram_share", "copied word n-grams", "{:.2%}"),
     ("longest_copied_run", "longest copied run (words)", "{}"),
     ("names_per_1000_words", "names per 1,000 words", "{:.1f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),
@@ -203,27 +283,73 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(args: argparse.Namespace, rows: list[dict], references: list[dict], classifier, samples) -> str:
+def above_ceiling(row: dict, author: dict) -> bool:
+    """P(author) higher than real held-out author text, by more than twice the two means' standard error."""
+    error = (row["p_author_standard_error"] ** 2 + author["p_author_standard_error"] ** 2) ** 0.5
+    return row["p_author"] - author["p_author"] > 2 * error
+
+
+def verdict(row: dict, author: dict) -> str:
+    """One sentence reading distinguishability, copying and P(author) together."""
+    auc, copied = row["distinguishability"], row["copied_ngram_share"]
+    if auc <= PASSES:
+        told = f"passes for the author (distinguishability {auc:.2f}, the floor is {author['distinguishability']:.2f})"
+    elif auc <= 0.8:
+        told = f"is often told apart from the author (distinguishability {auc:.2f})"
+    else:
+        told = f"is told apart from the author almost every time (distinguishability {auc:.2f})"
+    # Copying makes text indistinguishable too: more than twice the author's own rate (and over 1%) is copying.
+    copies = copied > max(2 * author["copied_ngram_share"], 0.01)
+    if copies:
+        copying = f"but {copied:.1%} of its word 8-grams are copied from the training text: that is memory, not style"
+    else:
+        copying = f"and copies {copied:.2%} of its word 8-grams (the author's own held-out text: "
+        copying += f"{author['copied_ngram_share']:.2%})"
+    sentence = f"**{row['name']}** {told}, {copying}."
+    if above_ceiling(row, author):
+        sentence += (
+            f" Its P(author) {row['p_author']:.2f} is above the real author's {author['p_author']:.2f}: "
+            "exaggerated vocabulary, not better style."
+        )
+    return sentence
+
+
+def markdown_report(args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples) -> str:
+    classifier = refs.classifier
     accuracy = ", ".join(f"{title} {acc:.0%}" for title, acc in classifier.heldout_by_novel.items())
-    verdict = "reliable" if classifier.reliable else "UNRELIABLE (below 90%): read P(author) with care"
+    reliability = "reliable" if classifier.reliable else "UNRELIABLE (below 90%): read P(author) with care"
+    author = next(r for r in references if r["name"] == AUTHOR_ROW)
+    pool = len(refs.two_sample.pool)
     parts = [
         "# Style report",
         "",
         table(rows + references),
         "",
+        "## Verdict",
+        "",
+        *(f"- {verdict(row, author)}" for row in rows + references if row is not author),
+        "",
         f"Samples: {args.n_samples} per model, {args.max_new_tokens} new tokens each, top-k {args.top_k}, "
         f"top-p {args.top_p}, temperature {args.temperature}, seed {args.seed}, prompts from {Path(args.prompts).name} "
         f"in order. Held-out text: the validation paragraphs of {Path(args.data).name} (train-size {args.train_size}, "
-        f"seed {args.split_seed}); the contrast rows are the last {CONTRAST_HELD_OUT:.0%} of each contrast novel. "
-        f"References are cut into passages of {classifier.passage_words} words, the samples' mean length.",
+        f"seed {args.split_seed}). Reference rows: {args.n_samples} passages of {classifier.passage_words} words "
+        f"(the samples' mean length); the contrast row's come from the last {CONTRAST_HELD_OUT:.0%} of each novel.",
         "",
-        f"- **P(author)**: TF-IDF word 1-2-grams and character 2-4-grams + logistic regression, author novels vs "
-        f"contrast novels, names masked. Accuracy on whole held-out novels: **{classifier.heldout_accuracy:.1%}** "
-        f"({accuracy}): {verdict}.",
+        f"- **Distinguishability**: can a classifier tell the row's texts from real author passages of the same "
+        f"lengths? ROC AUC under {FOLDS}-fold cross-validation, the mean over {args.draws} fresh draws of the "
+        f"author's passages (from {pool:,} words of held-out text), ± the standard deviation across draws. 0.5: "
+        f"indistinguishable; 1.0: always told apart. The `{AUTHOR_ROW}` row is the floor: real author text against "
+        "real author text. Features: word 1-2-grams and character 1-4-grams (TF-IDF), sentence and word lengths, "
+        "punctuation per word, the share of word pairs and triples found in the contrast novels, and P(author).",
+        f"- **Copying**: word {args.ngram}-grams of the texts found verbatim in the training paragraphs; names are "
+        "character names derived from the training text. Copied text is indistinguishable too, so read the two "
+        "together.",
+        f"- **P(author)**: closer to the author than to the contrast authors? TF-IDF word 1-2-grams and character "
+        f"2-4-grams + logistic regression, author novels vs contrast novels, names masked. Accuracy on whole "
+        f"held-out novels: **{classifier.heldout_accuracy:.1%}** ({accuracy}): {reliability}. The `{AUTHOR_ROW}` "
+        "row is its ceiling; a row above it uses the author's favourite words more than she does.",
         f"- **Delta**: Burrows' Delta, cosine variant, over the {args.mfw} most frequent words (names excluded); "
         "0 is the same profile, about 1 unrelated; lower to the author than to the contrast novels reads as her.",
-        f"- **Copying**: word {args.ngram}-grams of the samples found verbatim in the training paragraphs; names are "
-        "character names derived from the training text.",
         "- **Fluency**, per sample then averaged: distinct-n = distinct word n-grams over all n-grams; repetition = "
         "share of a sample's word 4-grams that already occurred in it.",
         "",
@@ -241,32 +367,37 @@ def markdown_report(args: argparse.Namespace, rows: list[dict], references: list
 
 
 def plot(path: Path, rows: list[dict]) -> None:
-    """Four bar charts, one bar per model and reference, side by side."""
+    """One bar chart per measure, one bar per row: models blue, other texts green, references grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("p_author", "P(author): higher reads as the author", 1),
-        ("delta_to_author", "Delta to the author: lower is closer", 1),
+        ("distinguishability", "distinguishability (AUC): 0.5 passes, 1.0 told apart", 1),
         ("copied_ngram_share", "copied word n-grams (%)", 100),
+        ("p_author", "P(author): closer to the author than the contrast", 1),
+        ("delta_to_author", "Delta to the author: lower is closer", 1),
         ("names_per_1000_words", "character names per 1,000 words", 1),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    colors = ["tab:blue" if "val_perplexity" in row else "tab:gray" for row in rows]
+    author = next(row for row in rows if row["name"] == AUTHOR_ROW)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8))
+    colors = ["tab:blue" if "model" in r else "tab:green" if "texts" in r else "tab:gray" for r in rows]
     for ax, (key, title, scale) in zip(axes, panels, strict=True):
-        ax.bar(range(len(rows)), [row[key] * scale for row in rows], color=colors)
+        errors = [row.get(f"{key}_spread", 0) * scale for row in rows]
+        ax.bar(range(len(rows)), [row[key] * scale for row in rows], yerr=errors, color=colors, capsize=3)
+        ax.axhline(author[key] * scale, color="black", linestyle=":", linewidth=1)  # the real author's level
         ax.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same seed, same bytes
     plt.close(fig)
 
 
-def write_report(out: Path, args: argparse.Namespace, rows: list[dict], references: list[dict], classifier, samples):
+def write_report(out: Path, args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples):
     out.mkdir(parents=True, exist_ok=True)
     settings = {key: value for key, value in vars(args).items() if key != "overwrite"}
+    classifier = refs.classifier
     classifier_summary = {
         "passage_words": classifier.passage_words,
         "heldout_novel_accuracy": classifier.heldout_accuracy,
@@ -281,16 +412,12 @@ def write_report(out: Path, args: argparse.Namespace, rows: list[dict], referenc
         "samples": samples,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(args, rows, references, classifier, samples))
+    (out / "report.md").write_text(markdown_report(args, rows, references, refs, samples))
     plot(out / "style.png", rows + references)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    prompts = check_args(args)
-    quiet_libraries()
-
-    import style
+def sample_models(args: argparse.Namespace, prompts: list[str], val_paragraphs: list[str]) -> list[tuple[dict, list]]:
+    """(row with the held-out perplexity, samples) for every --models entry, one model in memory at a time."""
     from generation import SamplingSettings, generate_samples
 
     settings = SamplingSettings(
@@ -300,30 +427,42 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         stop_at_end_of_text=False,  # every sample as long as every other, for every model
     )
-    names = args.names or args.models
-    rows, samples_by_model = [], {}
-    refs = None
-    for name, path in zip(names, args.models, strict=True):
+    sampled = []
+    for name, path in zip(args.names or args.models, args.models, strict=True):
         print(f"{name}: sampling {args.n_samples} x {args.max_new_tokens} tokens ...", flush=True)
         model, tokenizer = load_model(path, args)
         samples = generate_samples(model, tokenizer, prompts, args.n_samples, settings, args.seed)
-        if refs is None:  # the classifier reads passages as long as the samples
-            passage_words = max(20, round(sum(len(s["text"].split()) for s in samples) / len(samples)))
-            print(f"fitting the style classifier on {passage_words}-word passages ...", flush=True)
-            refs = build_references(args, passage_words)
-        texts = [s["text"] for s in samples]
-        rows.append({"name": name, "model": path, **held_out_perplexity(model, tokenizer, refs.val_paragraphs, args)})
-        rows[-1].update(style_metrics(texts, refs))
-        samples_by_model[name] = samples
-    words = refs.classifier.passage_words
+        row = {"name": name, "model": path, **held_out_perplexity(model, tokenizer, val_paragraphs, args)}
+        sampled.append((row, samples))
+        del model
+    return sampled
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = check_args(args)
+    texts = read_texts(args.texts)
+    quiet_libraries()
+    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+    sampled = sample_models(args, prompts, val)
+    # the classifiers read passages as long as the first row's texts
+    first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))
+    passage_words = max(20, round(sum(len(t.split()) for t in first) / len(first)))
+    print(f"fitting the style classifiers on {passage_words}-word passages ...", flush=True)
+    refs = build_references(args, train, val, passage_words)
+    rows = []
+    for row, samples in sampled:
+        print(f"{row['name']}: measuring ...", flush=True)
+        rows.append({**row, **style_metrics([s["text"] for s in samples], refs)})
+    for spec, (name, row_texts) in zip(args.texts, texts.items(), strict=True):
+        print(f"{name}: measuring ...", flush=True)
+        rows.append({"name": name, "texts": spec.partition("=")[2], **style_metrics(row_texts, refs)})
     references = [
-        {"name": "author, held out (ceiling)", **style_metrics(style.passages(refs.val_paragraphs, words), refs)},
-        {
-            "name": "contrast, held out (floor)",
-            **style_metrics(style.passages([p for ps in refs.contrast_held_out.values() for p in ps], words), refs),
-        },
+        {"name": name, **style_metrics(ref_texts, refs)}
+        for name, ref_texts in reference_texts(refs, args.n_samples, passage_words, args.seed).items()
     ]
-    write_report(Path(args.out), args, rows, references, refs.classifier, samples_by_model)
+    samples = {row["name"]: row_samples for row, row_samples in sampled}
+    write_report(Path(args.out), args, rows, references, refs, samples)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

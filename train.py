@@ -143,10 +143,17 @@ def add_sampling_flags(group) -> None:
         group,
         "--eval-style",
         help="at each validation, sample continuations of data/eval_prompts.txt and log how much they read like the "
-        "training text (a classifier against data/contrast novels), the share of copied word 8-grams and "
-        "character names per 1,000 words (style_report.py gives the full report)",
+        "training text (a classifier against data/contrast novels), how well a classifier tells them from "
+        "held-out text (distinguishability), the share of copied word 8-grams and character names per 1,000 "
+        "words (style_report.py gives the full report)",
     )
-    add_flag(group, "--eval-style-samples", type=int, default=12, help="samples of --eval-style, 100 tokens each")
+    add_flag(
+        group,
+        "--eval-style-samples",
+        type=int,
+        default=24,
+        help="samples of --eval-style, 100 tokens each (10 or more for its two-sample test)",
+    )
 
 
 def add_validation_flags(group) -> None:
@@ -427,7 +434,13 @@ def set_up(args: argparse.Namespace):
     if args.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
         from style import StyleProbe
 
-        run.style_probe = StyleProbe(train_paragraphs, args.eval_style_samples, args.top_k, args.top_p, REPO)
+        probe = StyleProbe(train_paragraphs, val_paragraphs, args.eval_style_samples, args.top_k, args.top_p, REPO)
+        if probe.two_sample is None:
+            accelerator.print(
+                "warning: --eval-style logs no distinguishability: it needs --eval-style-samples 10 or more and "
+                f"{3 * args.eval_style_samples * probe.TOKENS:,} words of validation text"
+            )
+        run.style_probe = probe
     return run, resume.state
 
 
@@ -570,9 +583,11 @@ def describe_validation(state, metrics: dict[str, float], verdict: str, max_copi
         f"{metrics['val_bits_per_char']:.3f} bits/char"
     ]
     if "style_p_author" in metrics:
+        told_apart = metrics.get("style_distinguishability")
         lines.append(
             f"{where} style: P(reads like the training text) {metrics['style_p_author']:.2f}, "
-            f"copied 8-grams {metrics['style_copied_8grams']:.1%}, "
+            + ("" if told_apart is None else f"distinguishability from held-out text {told_apart:.2f}, ")
+            + f"copied 8-grams {metrics['style_copied_8grams']:.1%}, "
             f"{metrics['style_names_per_1000_words']:.1f} character names per 1,000 words"
         )
     if verdict == "copying":
