@@ -13,6 +13,8 @@ import style
 import style_report
 from cli import UserError
 
+pytestmark = pytest.mark.xdist_group("style")  # one worker builds the references (half a minute) for all
+
 PASSAGE_WORDS = 130  # about what 200 sampled tokens come to
 
 
@@ -224,7 +226,7 @@ def test_style_report_tells_models_and_texts_from_the_author(
     data, texts = texts_for_the_report(tmp_path, austen_paragraphs)
     arguments = ["--models", str(tiny_config_dir), str(quickstart_style_model), "--from-scratch", *data]
     arguments += ["--names", "untrained", "quickstart-style", "--texts", *texts]
-    arguments += "--n-samples 20 --max-new-tokens 100 --draws 3 --train-size 0.97 --max-input-length 64".split()
+    arguments += "--n-samples 16 --max-new-tokens 100 --draws 2 --train-size 0.97 --max-input-length 64".split()
     result = run_script("style_report.py", *arguments, "--out", str(tmp_path / "report"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report_dir = tmp_path / "report"
@@ -240,13 +242,13 @@ def test_style_report_tells_models_and_texts_from_the_author(
         "author, words shuffled",
         "contrast, held out",
     ]
-    assert all(len(samples) == 20 for samples in report["samples"].values())
+    assert all(len(samples) == 16 for samples in report["samples"].values())
     told_apart = {name: row["distinguishability"] for name, row in rows.items()}
     floor = told_apart["author, held out"]
     assert floor <= 0.6 and told_apart["real"] <= 0.6, told_apart  # real Austen passes, as --texts too
     assert told_apart["author, words shuffled"] >= 0.9 and told_apart["contrast, held out"] >= 0.9, told_apart
     assert told_apart["quickstart-style"] >= floor + 0.3 and told_apart["untrained"] >= 0.9, told_apart
-    assert all(len(row["auc_by_draw"]) == 3 and row["distinguishability_spread"] >= 0 for row in rows.values())
+    assert all(len(row["auc_by_draw"]) == 2 and row["distinguishability_spread"] >= 0 for row in rows.values())
     assert "val_perplexity" in rows["quickstart-style"] and "val_perplexity" not in rows["real"]
     assert rows["quickstart-style"]["val_perplexity"] < rows["untrained"]["val_perplexity"]
 
