@@ -2,7 +2,7 @@
 
     python dataset.py build                      # data/austen/*.txt -> austen_dataset.pkl
     python dataset.py build --src novels/ --out my_author.pkl
-    python dataset.py tokenizer                  # a 4K BPE for the quickstart (bpe.py)
+    python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model (bpe.py)
 
 A training example is one paragraph framed by GPT-2's own end-of-text token,
 `<|endoftext|> paragraph <|endoftext|>`: the leading one tells the model "a new paragraph starts
@@ -386,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     tokenizer.add_argument("--seed", type=int, default=42, help="train.py's --seed, which draws the split")
     tokenizer.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes, end-of-text, merges")
-    tokenizer.add_argument("--config", type=Path, default=REPO / "configs/gpt2-tiny/config.json", help="architecture")
+    tokenizer.add_argument(
+        "--config", type=Path, default=REPO / "configs/gpt2-tiny/config.json", help="the model config to adapt"
+    )
+    tokenizer.add_argument("--layers", type=int, default=2, help="transformer blocks in the written config")
+    tokenizer.add_argument("--dropout", type=float, default=0.0, help="dropout in the written config")
     tokenizer.add_argument("--out", type=Path, default=REPO / "configs/austen-tiny", help="output folder")
     args = parser.parse_args(argv)
     return build_command(args) if args.command == "build" else tokenizer_command(args)
@@ -405,12 +409,14 @@ def tokenizer_command(args) -> int:
 
     if args.vocab_size < 257 + 1 or not 0 < args.train_size < 1:
         raise UserError("--vocab-size must exceed 257 (bytes and end-of-text) and --train-size lie in (0, 1)")
+    if args.layers < 1 or not 0 <= args.dropout < 1:
+        raise UserError("--layers must be at least 1 and --dropout lie in [0, 1)")
     if not args.config.is_file():
         raise UserError(f"--config {args.config}: no such file; give a model's config.json as the architecture")
     train, _ = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
     tokenizer = train_bpe(train, args.vocab_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer_and_config(tokenizer, args.config, args.out)
+    save_tokenizer_and_config(tokenizer, args.config, args.out, args.layers, args.dropout)
     chars = sum(len(p) for p in train)
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch(train))
     print(

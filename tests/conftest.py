@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "configs" / "gpt2-tiny"
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
+os.environ["AUSTEN_GPT_CPU_BF16"] = "0"  # --precision auto is fp32 on every CPU: the same numbers and times
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Under `pytest -n 2` each worker (and every training it starts) computes on one thread: two workers then
     # share the two cores without fighting over them, while each one's single-threaded start-up (imports,
