@@ -2,6 +2,7 @@
 
     python dataset.py build                      # data/austen/*.txt -> austen_dataset.pkl
     python dataset.py build --src novels/ --out my_author.pkl
+    python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model (bpe.py)
 
 A training example is one paragraph framed by GPT-2's own end-of-text token,
 `<|endoftext|> paragraph <|endoftext|>`: the leading one tells the model "a new paragraph starts
@@ -26,6 +27,7 @@ from typing import Any
 
 from cli import ArgumentParser, UserError, run_cli
 
+REPO = Path(__file__).resolve().parent
 TEXT_FIELDS = ("text", "sentence")  # "sentence" is the seed's key
 DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv")
 
@@ -369,16 +371,58 @@ class EpochBatches:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="build")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{build,tokenizer}")
     build = commands.add_parser("build", help="turn a folder of plain-text novels into a paragraph pickle")
     build.add_argument("--src", type=Path, default=Path("data/austen"), help="folder of .txt novels")
     build.add_argument("--out", type=Path, default=Path("austen_dataset.pkl"), help="output pickle")
+    tokenizer = commands.add_parser(
+        "tokenizer", help="train a small byte-level BPE on the training split, with a model config beside it"
+    )
+    tokenizer.add_argument(
+        "--data", default=str(REPO / "austen_dataset.pkl"), help="the paragraphs, as train.py's --data"
+    )
+    tokenizer.add_argument(
+        "--train-size", type=float, default=0.9, help="train.py's --train-size: fit on that split only"
+    )
+    tokenizer.add_argument("--seed", type=int, default=42, help="train.py's --seed, which draws the split")
+    tokenizer.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes, end-of-text, merges")
+    tokenizer.add_argument(
+        "--config", type=Path, default=REPO / "configs/gpt2-tiny/config.json", help="the model config to adapt"
+    )
+    tokenizer.add_argument("--layers", type=int, default=2, help="transformer blocks in the written config")
+    tokenizer.add_argument("--dropout", type=float, default=0.0, help="dropout in the written config")
+    tokenizer.add_argument("--out", type=Path, default=REPO / "configs/austen-tiny", help="output folder")
     args = parser.parse_args(argv)
+    return build_command(args) if args.command == "build" else tokenizer_command(args)
 
+
+def build_command(args) -> int:
     records = build_dataset(args.src, args.out)
     words = sum(len(r["sentence"].split()) for r in records)
     novels = len({r["novel"] for r in records})
     print(f"wrote {args.out}: {len(records):,} paragraphs, {words:,} words from {novels} novels")
+    return 0
+
+
+def tokenizer_command(args) -> int:
+    from bpe import save_tokenizer_and_config, train_bpe
+
+    if args.vocab_size < 257 + 1 or not 0 < args.train_size < 1:
+        raise UserError("--vocab-size must exceed 257 (bytes and end-of-text) and --train-size lie in (0, 1)")
+    if args.layers < 1 or not 0 <= args.dropout < 1:
+        raise UserError("--layers must be at least 1 and --dropout lie in [0, 1)")
+    if not args.config.is_file():
+        raise UserError(f"--config {args.config}: no such file; give a model's config.json as the architecture")
+    train, _ = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
+    tokenizer = train_bpe(train, args.vocab_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer_and_config(tokenizer, args.config, args.out, args.layers, args.dropout)
+    chars = sum(len(p) for p in train)
+    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(train))
+    print(
+        f"wrote {args.out}: {tokenizer.get_vocab_size():,} tokens, "
+        f"{chars / tokens:.2f} characters per token on the training split"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +24,12 @@ def default_device() -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32.
+
+    AUSTEN_GPT_CPU_BF16=0 answers no on any CPU: the tests set it, so that --precision auto computes in fp32
+    everywhere and the suite's numbers and times do not depend on which kind of CPU runs it."""
+    if os.environ.get("AUSTEN_GPT_CPU_BF16") == "0":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -64,7 +64,7 @@ def local_source(name: str) -> str:
         raise UserError(
             f"'{name}' is neither a local folder nor in the Hugging Face cache, and the Hub is unreachable; "
             "download it on a connected machine (hf download NAME --local-dir DIR) and pass that folder, "
-            "or train the offline config: --model configs/gpt2-tiny --from-scratch"
+            "or train the offline config: --model configs/austen-tiny --from-scratch"
         )
     return name
 

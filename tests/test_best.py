@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from argparse import Namespace
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def test_the_copying_guard_keeps_a_copying_model_from_being_the_best(tmp_path, t
     assert state["copy_guard_refusals"] and set(state["copy_guard_refusals"]) <= set(copying)
     assert state["best_step"] not in copying
     step = state["copy_guard_refusals"][0]
-    assert f"step {step} (epoch 2): the lowest validation loss so far, but its samples copy" in result.stdout
+    assert re.search(
+        rf"step {step} \(epoch [12]\): the lowest validation loss so far, but its samples copy", result.stdout
+    )
     assert "(--max-copied-8grams 0.05): not kept as the best model" in result.stdout
 
 

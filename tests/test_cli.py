@@ -206,7 +206,7 @@ def test_unreachable_hub_model(tmp_path, capsys, small_data, monkeypatch):
     message = run_in_process(train.main, ["--model", "no-such-org/no-such-model", "--data", str(small_data)], capsys)
     assert (
         "nor in the Hugging Face cache, and the Hub is unreachable" in message
-        and "--model configs/gpt2-tiny --from-scratch" in message
+        and "--model configs/austen-tiny --from-scratch" in message
     )
 
 

@@ -321,3 +321,29 @@ def test_damaged_cache_entry_is_rebuilt(tokenizer, austen_paragraphs, tmp_path):
         tokenizer, sample, 64
     )
     assert entry.read_bytes() != b"not a tensor file"
+
+
+def test_tokenizer_command_rebuilds_the_committed_quickstart_tokenizer_byte_for_byte(tmp_path):
+    """`python dataset.py tokenizer` with its defaults gives exactly the files of configs/austen-tiny."""
+    dataset.main(["tokenizer", "--out", str(tmp_path)])
+    committed = REPO / "configs" / "austen-tiny"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_tokenizer_command_builds_a_bpe_and_config_for_any_data(tmp_path, small_data):
+    """Another author's data and vocabulary size: the folder loads with the Auto classes, round-trips any text
+    and frames paragraphs with its own end-of-text token."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    dataset.main(["tokenizer", "--data", str(small_data), "--vocab-size", "400", "--out", str(tmp_path / "bpe")])
+    tokenizer, config = AutoTokenizer.from_pretrained(tmp_path / "bpe"), AutoConfig.from_pretrained(tmp_path / "bpe")
+    assert len(tokenizer) == config.vocab_size == 400
+    assert config.eos_token_id == config.bos_token_id == tokenizer.eos_token_id == tokenizer.bos_token_id
+    text = "\u201cMy dear Mr. Bennet,\u201d said his lady \u00e9l\u00e8ve 1813 \U0001f600"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: nothing is unknown
+    assert config.n_layer == 2 and config.n_embd == 256 and config.resid_pdrop == 0  # gpt2-tiny, 2 blocks, no dropout
+    with pytest.raises(UserError, match="--vocab-size"):
+        dataset.main(["tokenizer", "--data", str(small_data), "--vocab-size", "100", "--out", str(tmp_path / "x")])

@@ -124,7 +124,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
     double = torchrun(*args, cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, DDP)" in double.stdout
-    assert "linear decay to 0 at step 24" in double.stdout  # 189 examples in global batches of 8
+    assert "linear decay to 0 at step 24" in double.stdout  # 187 examples in global batches of 8
     assert max_difference(weights(one / "out"), weights(two / "out")) < 1e-4
     assert val_losses(one) == pytest.approx(val_losses(two), rel=1e-5)
     # only the first process writes: one log line per step, one checkpoint message

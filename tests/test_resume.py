@@ -34,7 +34,7 @@ MODES = {
     "full": [],
     "lora": ["--lora", "--rank-lora", "8", "--targets-lora", "c_attn", "c_fc"],
     # validation every 4 steps, the best model kept, and an early stop before the last step
-    "early stopping": "--eval-steps 4 --early-stopping-patience 1 --early-stopping-threshold 0.4".split(),
+    "early stopping": "--eval-steps 4 --early-stopping-patience 1 --early-stopping-threshold 0.2".split(),
 }
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "early stopping": "model.safetensors"}
 

@@ -22,10 +22,10 @@ def train(tmp: Path, model: Path, data: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir, small_data) -> Path:
-    """One uninterrupted 2-epoch run, shared by the tests below."""
+def trained(tmp_path_factory, gpt2_tiny_model_dir, small_data) -> Path:
+    """One uninterrupted 2-epoch run with GPT-2's tokenizer, as fine-tuning GPT-2 does, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("run")
-    result = train(tmp, tiny_model_dir, small_data)
+    result = train(tmp, gpt2_tiny_model_dir, small_data)
     assert result.returncode == 0, result.stderr[-3000:]
     (tmp / "stdout.txt").write_text(result.stdout)
     return tmp
@@ -93,11 +93,11 @@ def test_final_model_loads_with_plain_transformers_and_pipeline(trained):
 
 
 @pytest.mark.slow
-def test_epoch_resume_equals_uninterrupted(trained, tiny_model_dir, small_data, tmp_path):
+def test_epoch_resume_equals_uninterrupted(trained, gpt2_tiny_model_dir, small_data, tmp_path):
     # The interrupted run: all it left behind is its epoch-1 checkpoint and the best model so far.
     for kept in ("Epoch_1", "best"):
         shutil.copytree(trained / "Checkpoints" / kept, tmp_path / "Checkpoints" / kept)
-    result = train(tmp_path, tiny_model_dir, small_data, "--restore-file", "Epoch_1", "--load-checkpoint", "True")
+    result = train(tmp_path, gpt2_tiny_model_dir, small_data, "--restore-file", "Epoch_1", "--load-checkpoint", "True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     resumed, uninterrupted = load_file(tmp_path / "out/model.safetensors"), load_file(trained / "out/model.safetensors")
@@ -118,8 +118,8 @@ def test_from_scratch_trains_a_config_only_folder_and_padded_mode_trains_too(tin
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_changes_memory_not_results(trained, tiny_model_dir, small_data, tmp_path):
-    result = train(tmp_path, tiny_model_dir, small_data, "--gradient-checkpointing")
+def test_gradient_checkpointing_changes_memory_not_results(trained, gpt2_tiny_model_dir, small_data, tmp_path):
+    result = train(tmp_path, gpt2_tiny_model_dir, small_data, "--gradient-checkpointing")
     assert result.returncode == 0, result.stderr[-3000:]
     with_checkpointing, without = (
         load_file(tmp_path / "out/model.safetensors"),
