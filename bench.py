@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--block-size", type=int, default=100, help="tokens per example (the seed pads every one to it)")
     add_flag(p, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="precision of 'ours'")
     add_flag(p, "--rank-lora", type=int, default=64, help="LoRA rank")
-    add_flag(p, "--targets-lora", nargs="+", default=["c_attn"], help="layers with adapters")
+    add_flag(p, "--targets-lora", nargs="+", default=["auto"], help="layers with adapters, as train.py's")
     add_flag(p, "--gen-samples", type=int, default=3, help="samples in the generation benchmark (0: skip it)")
     add_flag(p, "--gen-tokens", type=int, default=300, help="new tokens per sample in the generation benchmark")
     add_flag(

@@ -23,8 +23,8 @@ from pathlib import Path
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_bpe(paragraphs: list[str], vocab_size: int):
-    """A byte-level BPE with `vocab_size` tokens (256 bytes, END_OF_TEXT, then merges) fit to `paragraphs`."""
+def train_bpe(paragraphs: list[str], vocab_size: int, special_tokens: tuple[str, ...] = (END_OF_TEXT,)):
+    """A byte-level BPE with `vocab_size` tokens (the special tokens, 256 bytes, then merges) fit to `paragraphs`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -32,7 +32,7 @@ def train_bpe(paragraphs: list[str], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -4,11 +4,12 @@
     python dataset.py build --src novels/ --out my_author.pkl
     python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model (bpe.py)
 
-A training example is one paragraph framed by GPT-2's own end-of-text token,
-`<|endoftext|> paragraph <|endoftext|>`: the leading one tells the model "a new paragraph starts
-here" (as between documents in GPT-2's pre-training), the closing one is a real target so the model
-learns where a paragraph ends. No tokens are added to the vocabulary, so the embedding matrix (and a
-LoRA adapter) keeps its size.
+A training example is one paragraph framed by the tokenizer's own special tokens: its begin-of-text token
+before it (Llama's `<|begin_of_text|>`), or its end-of-text token where it has no separate one (GPT-2's
+`<|endoftext|>`, Qwen's), and end-of-text after it: `<|endoftext|> paragraph <|endoftext|>` for GPT-2.
+The leading token tells the model "a new text starts here", as between documents in pre-training; the
+closing one is a real target, so the model learns where a paragraph ends. No tokens are added to the
+vocabulary, so the embedding matrix (and a LoRA adapter) keeps its size.
 """
 
 from __future__ import annotations
@@ -258,29 +259,39 @@ def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
+def paragraph_frame(tokenizer) -> tuple[int, int]:
+    """(start, end): the token ids before and after a paragraph, begin-of-text (end-of-text where the
+    tokenizer has no begin-of-text token) and end-of-text."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return start, tokenizer.eos_token_id
+
+
 def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack: bool = False) -> list[list[int]]:
     """Token blocks of at most `block_size`, tokenized in one batched call of the fast tokenizer.
 
-    pack=False: one `<eot> paragraph <eot>` per example (long ones cut in several), padded per batch.
-    pack=True: `<eot> p1 <eot> p2 <eot> ...` in corpus order, cut into full blocks, so no compute is
-    spent on padding and a paragraph is read after the one that precedes it in the novel.
+    pack=False: one `<start> paragraph <end>` per example (long ones cut in several), padded per batch.
+    pack=True: `<start> p1 <end> <start> p2 <end> ...` in corpus order (one token between paragraphs where
+    start and end are the same, as in GPT-2), cut into full blocks, so no compute is spent on padding and
+    a paragraph is read after the one that precedes it in the novel.
     """
-    eot = tokenizer.eos_token_id
+    start, end = paragraph_frame(tokenizer)
     encoded = encode_batch(tokenizer, paragraphs)
     if pack:
-        stream = [eot]
+        stream = [start]
         for ids in encoded:
+            if stream[-1] != start:
+                stream.append(start)
             stream.extend(ids)
-            stream.append(eot)
+            stream.append(end)
         return chunk_with_overlap(stream, block_size)
-    return [block for ids in encoded for block in chunk_with_overlap([eot, *ids, eot], block_size)]
+    return [block for ids in encoded for block in chunk_with_overlap([start, *ids, end], block_size)]
 
 
 def cache_key(tokenizer, paragraphs: list[str], block_size: int, pack: bool) -> str:
     """A hash of everything that decides the token blocks: the text, the tokenizer and the settings."""
     digest = hashlib.sha256(json.dumps({"format": 1, "block_size": block_size, "pack": pack}).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())  # vocabulary, merges, normalization
-    digest.update(str(tokenizer.eos_token_id).encode())
+    digest.update(str(paragraph_frame(tokenizer)).encode())
     for paragraph in paragraphs:
         digest.update(paragraph.encode() + b"\0")
     return digest.hexdigest()[:32]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError
+from dataset import paragraph_frame
 
 
 @dataclass
@@ -39,13 +40,13 @@ def generate_paragraphs(
 def generate_ids(model, tokenizer, prompt: str, n: int, settings: SamplingSettings, seed: int | None) -> torch.Tensor:
     """`n` continuations of `prompt`, each starting a new paragraph and stopping at end-of-text.
 
-    Returns the token ids, `<eot> prompt continuation`, rows padded with end-of-text after it. The
-    prompt is preceded by end-of-text, exactly as every training paragraph is. The torch RNG is
-    forked, so sampling neither depends on nor disturbs the training run's random stream; with
-    `seed=None` the samples differ on every call.
+    Returns the token ids, `<start> prompt continuation`, rows padded with end-of-text after it. The
+    prompt is preceded by the token that starts every training paragraph (dataset.paragraph_frame). The
+    torch RNG is forked, so sampling neither depends on nor disturbs the training run's random stream;
+    with `seed=None` the samples differ on every call.
     """
-    eot = tokenizer.eos_token_id
-    prompt_ids = [eot, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    start, eot = paragraph_frame(tokenizer)
+    prompt_ids = [start, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     room = context_length(model) - len(prompt_ids)
     if room < 1:
         raise UserError(f"the prompt fills the model's whole {context_length(model)}-token context; shorten it")
@@ -98,5 +99,7 @@ def generate_samples(
         start = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         for row in ids[:, start:]:
             text = tokenizer.decode(row, skip_special_tokens=False).replace(tokenizer.eos_token, "\n\n")
+            if tokenizer.bos_token and tokenizer.bos_token != tokenizer.eos_token:
+                text = text.replace(tokenizer.bos_token, "")
             samples.append({"prompt": prompt, "text": text.strip()})
     return samples

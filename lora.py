@@ -81,16 +81,56 @@ def lora_target_names(model) -> list[str]:
     return sorted(names)
 
 
-def add_lora(model, rank: int, alpha: int, dropout: float, targets: list[str], quantized: bool, base_name: str):
-    """Freeze the base model and attach fresh LoRA adapters to the `targets` layers."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
+def resolve_lora_targets(model, targets: list[str]) -> list[str]:
+    """The layer names --targets-lora means for this model: `auto` picks per architecture, `all-linear` is
+    every linear layer but the output layer, anything else must name layers the model has."""
     valid = lora_target_names(model)
+    if targets == ["all-linear"]:
+        return valid
+    if targets == ["auto"]:
+        return auto_lora_targets(model.config.model_type, valid)
     unknown = [t for t in targets if t not in valid]
     if unknown:
         raise UserError(
-            f"--targets-lora {' '.join(unknown)}: no such layer in this model; choose from {' '.join(valid)}"
+            f"--targets-lora {' '.join(unknown)}: no such layer in this model; choose from {' '.join(valid)}, "
+            "or auto or all-linear"
         )
+    return targets
+
+
+def auto_lora_targets(model_type: str, layers: list[str]) -> list[str]:
+    """--targets-lora auto: the attention's input projections, and its output projection where it is separate.
+
+    GPT-2: the fused c_attn only, the original project's choice. GPT-NeoX (Pythia): the fused query_key_value,
+    as PEFT does. Llama, Qwen, Mistral, Gemma, OPT, Phi and most newer models: q_proj, k_proj, v_proj and the
+    output projection (o_proj or out_proj); Phi-3's fused qkv_proj and o_proj. Anything else: PEFT's own
+    mapping for the architecture.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    output = [name for name in ("o_proj", "out_proj") if name in layers][:1]
+    if model_type == "gpt2":
+        return ["c_attn"]
+    if "query_key_value" in layers:
+        return ["query_key_value"]
+    if {"q_proj", "k_proj", "v_proj"} <= set(layers):
+        return ["q_proj", "k_proj", "v_proj", *output]
+    if "qkv_proj" in layers:
+        return ["qkv_proj", *output]
+    peft_default = [name for name in PEFT_TARGETS.get(model_type, []) if name in layers]
+    if peft_default:
+        return peft_default
+    raise UserError(
+        f"--targets-lora auto knows no attention layers for model type '{model_type}'; name them, e.g. "
+        f"--targets-lora {' '.join(layers[:2])} (this model has {' '.join(layers)}), or use all-linear"
+    )
+
+
+def add_lora(model, rank: int, alpha: int, dropout: float, targets: list[str], quantized: bool, base_name: str):
+    """Freeze the base model and attach fresh LoRA adapters to the `targets` layers (see resolve_lora_targets)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_lora_targets(model, targets)
     if quantized:
         # Casts the remaining fp16/bf16 weights (LayerNorms, embeddings) to fp32 for stable training.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -105,6 +145,11 @@ def add_lora(model, rank: int, alpha: int, dropout: float, targets: list[str], q
     model = get_peft_model(model, config)
     model.peft_config["default"].base_model_name_or_path = portable_name(base_name)
     return model
+
+
+def adapted_layers(model) -> list[str]:
+    """The layer names a PEFT model's adapters sit on, as its adapter_config.json records them."""
+    return sorted(model.peft_config["default"].target_modules)
 
 
 def load_lora(model, adapter_dir: Path, quantized: bool, trainable: bool):
@@ -148,7 +193,8 @@ def adapter_size(config: Any, rank: int, targets: list[str]) -> tuple[int, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         base_bytes = 4 * sum(p.numel() for p in model.parameters())  # tied embedding counted once
-        lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=True)
+        targets = resolve_lora_targets(model, targets)
+        lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=has_conv1d(model))
         peft_model = get_peft_model(model, lora)
     adapter_bytes = 4 * sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     return adapter_bytes, base_bytes

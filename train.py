@@ -95,7 +95,13 @@ def add_model_flags(group) -> None:
     add_flag(group, "--rank-lora", type=int, default=64, help="LoRA rank")
     add_flag(group, "--alpha-lora", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/rank)")
     add_flag(
-        group, "--targets-lora", nargs="+", default=["c_attn"], help="layers that get adapters, e.g. c_attn c_proj"
+        group,
+        "--targets-lora",
+        nargs="+",
+        default=["auto"],
+        help="layers that get adapters, e.g. q_proj v_proj; auto: the attention projections (GPT-2: c_attn, "
+        "GPT-NeoX: query_key_value, Llama/Qwen/Mistral/Gemma: q_proj k_proj v_proj o_proj); all-linear: every "
+        "linear layer but the output layer",
     )
     add_flag(
         group,
@@ -477,12 +483,14 @@ def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str
 
 def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     """The start-of-run summary: data, model, trainable share, memory, device, batch and schedule."""
-    from lora import parameter_counts
+    from lora import adapted_layers, parameter_counts
     from processes import parallelism
 
     args, accelerator = run.args, run.accelerator
     trainable, total = parameter_counts(run.model)
-    footprint = accelerator.unwrap_model(run.model).get_memory_footprint() / 2**20
+    model = accelerator.unwrap_model(run.model)
+    adapters = f" + LoRA on {' '.join(adapted_layers(model))}" if uses_adapters(args) else ""
+    footprint = model.get_memory_footprint() / 2**20
     effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
     processes = f"{accelerator.num_processes} processes"
     if accelerator.num_processes > 1:
@@ -491,7 +499,7 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
         f"data: {n_train:,} training / {n_val:,} validation paragraphs\n"
         f"examples: {len(run.train_loader.dataset):,} training / {len(run.val_loader.dataset):,} validation of "
         f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
-        f"model: {args.model}{' + LoRA' * uses_adapters(args)}, {trainable:,} of {total:,} parameters trainable "
+        f"model: {args.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}\n"
         f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "

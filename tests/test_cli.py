@@ -43,7 +43,7 @@ def test_seed_defaults_are_kept():
         False,
         64,
         16,
-        ["c_attn"],
+        ["auto"],  # c_attn on GPT-2, the seed's default (tests/test_lora.py)
     )
     assert (args.warmup_steps, args.sample_every, args.epochs, args.lr, args.eps) == (100, 100, 4, 5e-4, 1e-8)
     assert (args.check_dir, args.resume_from, args.save_interval, args.resume, args.output_dir) == (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_script, tiny_config, train_args
+from conftest import REPO, assert_user_error, run_script, tiny_config, train_args
 from safetensors.torch import load_file
 from test_cli import run_in_process
 
@@ -162,10 +162,62 @@ def test_adapter_sizes_for_gpt2_and_gpt2_medium_stay_under_ten_percent():
     from transformers import GPT2Config
 
     for config in (GPT2Config(), GPT2Config(n_embd=1024, n_layer=24, n_head=16)):  # gpt2, gpt2-medium
-        adapter, base = lora.adapter_size(config, rank=64, targets=["c_attn"])
+        adapter, base = lora.adapter_size(config, rank=64, targets=["auto"])
         assert adapter <= 0.10 * base
-    adapter, _ = lora.adapter_size(GPT2Config(), rank=64, targets=["c_attn"])
+    adapter, _ = lora.adapter_size(GPT2Config(), rank=64, targets=["auto"])  # c_attn
     assert adapter == 4 * 12 * 64 * (768 + 3 * 768)  # A: 768 x 64, B: 64 x 2304 per layer, fp32
+
+
+@pytest.mark.parametrize(
+    "name, mib_rank_64, mib_rank_16",
+    [("smollm2-135m", 28.1, 7.0), ("qwen2.5-0.5b", 33.0, 8.2), ("pythia-160m", 9.0, 2.2)],
+)
+def test_adapter_sizes_of_real_models_as_documented(name, mib_rank_64, mib_rank_16):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(REPO / "configs/real" / name)
+    for rank, documented in ((64, mib_rank_64), (16, mib_rank_16)):
+        adapter, base = lora.adapter_size(config, rank=rank, targets=["auto"])
+        assert round(adapter / 2**20, 1) == documented and adapter < 0.06 * base
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+
+
+@pytest.mark.parametrize(
+    "model_type, extra, expected",
+    [
+        ("gpt2", dict(n_embd=32, n_layer=2, n_head=4), ["c_attn"]),
+        ("llama", dict(num_key_value_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("qwen2", dict(num_key_value_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("mistral", dict(num_key_value_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("gemma", dict(num_key_value_heads=2, head_dim=8), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("gpt_neox", {}, ["query_key_value"]),
+        ("opt", dict(ffn_dim=64, word_embed_proj_dim=32), ["q_proj", "k_proj", "v_proj", "out_proj"]),
+        ("phi", {}, ["q_proj", "k_proj", "v_proj"]),
+        ("phi3", dict(num_key_value_heads=2, pad_token_id=0), ["qkv_proj", "o_proj"]),
+    ],
+)
+def test_auto_targets_are_the_attention_projections_of_each_architecture(model_type, extra, expected):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY, **extra))
+    assert lora.resolve_lora_targets(model, ["auto"]) == expected
+    linear = lora.resolve_lora_targets(model, ["all-linear"])
+    assert set(expected) < set(linear) and "lm_head" not in linear
+    with pytest.raises(UserError, match="no such layer in this model; choose from"):
+        lora.resolve_lora_targets(model, ["attn_nonexistent"])
+
+
+def test_auto_targets_fall_back_to_peft_and_else_ask_for_names():
+    assert lora.auto_lora_targets("bloom", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]) == [
+        "query_key_value"
+    ]
+    assert lora.auto_lora_targets("falcon", ["dense", "query_key_value"]) == ["query_key_value"]
+    assert lora.auto_lora_targets("mpt", ["Wqkv", "out_proj", "up_proj"]) == ["Wqkv"]  # PEFT's mapping
+    with pytest.raises(UserError, match="knows no attention layers for model type 'mystery'"):
+        lora.auto_lora_targets("mystery", ["wi", "wo"])
 
 
 # ---- bad input ---------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""Any causal LM: GPT-2, Llama, Qwen2, GPT-NeoX (Pythia) and Mistral, each as a tiny random model with a
+tokenizer whose special tokens are laid out as in the real family's, built offline with `tokenizers`.
+
+For each: the paragraph framing follows its own special tokens; full fine-tuning learns and resumes
+bitwise; sampling starts a paragraph and stops at end-of-text; LoRA picks the family's attention layers by
+itself and merges back exactly; QLoRA trains on its 4-bit layers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import export
+import inference
+import train
+from bpe import train_bpe
+from dataset import collate, paragraph_frame, tokenize_paragraphs
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    bos: str | None  # as the real tokenizers: Llama 3 and Mistral have their own, Qwen2 none, GPT-2/Pythia = eos
+    eos: str
+    pad: str | None  # Qwen2 pads with end-of-text, the others have no pad token
+    specials: tuple[str, ...]
+    config: dict
+    lora_targets: tuple[str, ...]
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FAMILIES = {
+    "gpt2": Family(
+        "gpt2", "<|endoftext|>", "<|endoftext|>", None, ("<|endoftext|>",),
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=128), ("c_attn",),
+    ),
+    "llama": Family(
+        "llama", "<|begin_of_text|>", "<|end_of_text|>", None, ("<|begin_of_text|>", "<|end_of_text|>"),
+        dict(TINY, num_key_value_heads=2, tie_word_embeddings=True), ATTENTION,
+    ),
+    "qwen2": Family(
+        "qwen2", None, "<|endoftext|>", "<|endoftext|>", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        dict(TINY, num_key_value_heads=2, tie_word_embeddings=True), ATTENTION,
+    ),
+    "gpt_neox": Family(
+        "gpt_neox", "<|endoftext|>", "<|endoftext|>", None, ("<|endoftext|>", "<|padding|>"),
+        dict(TINY), ("query_key_value",),
+    ),
+    "mistral": Family(
+        "mistral", "<s>", "</s>", None, ("<unk>", "<s>", "</s>"), dict(TINY, num_key_value_heads=2), ATTENTION
+    ),
+}  # fmt: skip
+
+
+def build_family(folder: Path, family: Family, paragraphs: list[str]) -> Path:
+    """A random tiny model of `family` saved with its tokenizer, like a Hub model folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokens = dict(bos_token=family.bos, eos_token=family.eos, pad_token=family.pad)
+    tokens = {key: value for key, value in tokens.items() if value is not None}
+    if "<unk>" in family.specials:
+        tokens["unk_token"] = "<unk>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(paragraphs, 512, family.specials), **tokens)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family.model_type, **family.config, **ids))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, austen_paragraphs) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(root / name, family, austen_paragraphs[:400]) for name, family in FAMILIES.items()}
+
+
+def train_run(tmp: Path, model: Path, data: Path, *extra: str) -> None:
+    argv = ["--model", str(model), "--data", str(data), "--check-dir", str(tmp / "Checkpoints")]
+    argv += ["--output-dir", str(tmp / "out"), "--max-input-length", "64", "--batch-size", "8", "--lr", "3e-3"]
+    argv += ["--warmup-steps", "2", "--sample-every", "0", "--precision", "fp32", "--seed", "3", "--data-cache", ""]
+    assert train.main(argv + list(extra)) == 0
+
+
+def metrics(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_paragraphs_are_framed_by_the_tokenizers_own_special_tokens(name, family_dirs, austen_paragraphs):
+    from utils import load_tokenizer
+
+    family, tokenizer = FAMILIES[name], load_tokenizer(str(family_dirs[name]))
+    start, end = paragraph_frame(tokenizer)
+    assert tokenizer.convert_ids_to_tokens([start, end]) == [family.bos or family.eos, family.eos]
+    paragraphs = austen_paragraphs[:3]
+    body = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in paragraphs]
+    examples = tokenize_paragraphs(tokenizer, paragraphs, 10_000)
+    assert examples == [[start, *ids, end] for ids in body]  # nothing added, nothing dropped
+    between = [end] if start == end else [end, start]  # GPT-2 and Pythia: one token between paragraphs
+    stream = [start, *body[0], *between, *body[1], *between, *body[2], end]
+    assert tokenize_paragraphs(tokenizer, paragraphs, 10_000, pack=True) == [stream]
+    batch = collate(examples[:2], tokenizer.pad_token_id)
+    short = min(len(e) for e in examples[:2])
+    row = [len(e) for e in examples[:2]].index(short)
+    assert batch["labels"][row, short - 1] == end  # the closing end-of-text is a real target
+    assert (batch["labels"][row, short:] == -100).all()  # padding never is, whatever its id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_full_fine_tuning_learns_resumes_bitwise_and_samples(name, family_dirs, small_data, tmp_path, capsys):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train_run(whole, family_dirs[name], small_data, "--epochs", "2")
+    losses = [m["train_loss"] for m in metrics(whole) if "train_loss" in m]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # it learns
+    shutil.copytree(whole / "Checkpoints/Epoch_1", resumed / "Checkpoints/Epoch_1")
+    train_run(resumed, family_dirs[name], small_data, "--epochs", "2", "--resume")
+    first, second = load_file(whole / "out/model.safetensors"), load_file(resumed / "out/model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    capsys.readouterr()
+    argv = ["--model-path", str(whole / "out"), "--prompt", "Elizabeth", "--n-return-seqs", "2", "--seed", "1"]
+    assert inference.main(argv + ["--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("1. Elizabeth") and "\n2. Elizabeth" in printed
+    family = FAMILIES[name]
+    assert family.eos not in printed and (family.bos is None or family.bos not in printed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_picks_the_attention_layers_merges_exactly_and_qlora_trains(name, family_dirs, small_data, tmp_path):
+    import bitsandbytes as bnb
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from utils import load_for_sampling
+
+    train_run(tmp_path / "lora", family_dirs[name], small_data, "--lora", "--rank-lora", "4", "--epochs", "1")
+    adapter = tmp_path / "lora/out"
+    assert sorted(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == sorted(
+        FAMILIES[name].lora_targets
+    )
+    assert export.main(["--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapters = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    ids = torch.tensor([[1, 5, 9, 200, 300, 17]])
+    with torch.no_grad():
+        assert (merged(ids).logits - adapters(ids).logits).abs().max() < 1e-4
+
+    train_run(tmp_path / "qlora", family_dirs[name], small_data, "--qlora", "--rank-lora", "4", "--epochs", "1")
+    train_losses = [m["train_loss"] for m in metrics(tmp_path / "qlora") if "train_loss" in m]
+    assert sum(train_losses[-3:]) < sum(train_losses[:3])  # it learns on the 4-bit layers
+    quantized = load_for_sampling(str(tmp_path / "qlora/out"), load_in_4bit=True)  # as inference.py does
+    four_bit = [layer for layer, module in quantized.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert all(any(layer.endswith(f"{t}.base_layer") for layer in four_bit) for t in FAMILIES[name].lora_targets)
