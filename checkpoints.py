@@ -36,7 +36,7 @@ FORMAT_VERSION = 2  # of trainer_state.json; checkpoints without one are version
 # Settings that decide the data split, the batches or the model: a resumed run must keep them.
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
-MUST_MATCH_ON_RESUME += ("targets_lora",)
+MUST_MATCH_ON_RESUME += ("targets_lora", "data_config", "data_split", "text_column")
 
 
 @dataclass
@@ -389,6 +389,8 @@ def check_resume_settings(
 ) -> None:
     """Settings that shape the data or the model must match the checkpoint's; others may change, and are logged."""
     for key in MUST_MATCH_ON_RESUME:
+        if key == "targets_lora" and args.targets_lora == ["auto"]:
+            continue  # the checkpoint's own adapters are loaded, on the layers they were made for
         if saved.get(key) != getattr(args, key):
             raise UserError(
                 f"cannot resume: {checkpoint} was trained with {flag_name(key)} {saved.get(key)}, "

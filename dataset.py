@@ -15,6 +15,7 @@ vocabulary, so the embedding matrix (and a LoRA adapter) keeps its size.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from cli import ArgumentParser, UserError, run_cli
+from sources import TEXT_FIELDS, add_source_flags
 
 REPO = Path(__file__).resolve().parent
-TEXT_FIELDS = ("text", "sentence")  # "sentence" is the seed's key
-DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv")
+DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
+COMPRESSED = (".gz", ".zst")  # around .txt, .jsonl, .json or .csv
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "owner/name" or "name"
 
 # ----------------------------------------------------------------------------------------------
 # Building the bundled dataset from plain-text novels
@@ -94,10 +97,22 @@ def build_dataset(src: Path, out: Path) -> list[dict[str, str]]:
 
 
 def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed if it ends in .gz or .zst."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
+    suffix = path.suffix.lower()
+    if suffix not in COMPRESSED:
+        return data
+    try:
+        if suffix == ".gz":
+            return gzip.decompress(data)
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    except Exception as err:  # truncated or damaged: gzip, zlib and zstandard raise different types
+        raise UserError(f"{path} is not a readable {suffix[1:]} file ({err}); check or recompress it") from None
 
 
 def read_text(path: Path) -> str:
@@ -128,15 +143,19 @@ class _BuiltinsOnlyUnpickler(pickle.Unpickler):
         self.path = path
 
 
-def record_text(record: Any, where: str) -> str:
-    """The text of one record: a string, or a dict's `text`/`sentence` field."""
+def record_text(record: Any, where: str, wanted: str | None) -> str:
+    """The text of one record: a string, or a dict's `wanted` field (default: `text`, else `sentence`)."""
     if isinstance(record, str):
         return record
     if isinstance(record, dict):
-        for field in TEXT_FIELDS:
+        for field in (wanted,) if wanted else TEXT_FIELDS:
             if isinstance(record.get(field), str):
                 return record[field]
-    raise UserError(f"{where} has no 'text' or 'sentence' string field; each record needs one")
+        raise UserError(
+            f"{where} has no '{wanted or 'text'}' string field; its fields are {', '.join(record)}"
+            + ("" if wanted else ": name one with --text-column")
+        )
+    raise UserError(f"{where} is a {type(record).__name__}, not a string or an object with a text field")
 
 
 def _records_from_pickle(path: Path) -> list[Any]:
@@ -175,11 +194,7 @@ def _records_from_json(path: Path) -> list[Any]:
 
 
 def _records_from_csv(path: Path) -> list[Any]:
-    reader = csv.DictReader(io.StringIO(read_text(path)))
-    field = next((f for f in TEXT_FIELDS if f in (reader.fieldnames or [])), None)
-    if field is None:
-        raise UserError(f"{path} has columns {reader.fieldnames or []}; it needs a 'text' or 'sentence' column")
-    return [row[field] or "" for row in reader]
+    return list(csv.DictReader(io.StringIO(read_text(path)), restval=""))
 
 
 _READERS = {
@@ -190,26 +205,53 @@ _READERS = {
 }
 
 
-def load_paragraphs(path: str | Path) -> list[str]:
-    """Every non-empty paragraph in a .pkl/.txt/.jsonl/.json/.csv file or a folder of .txt files."""
-    path = Path(path)
+def load_paragraphs(
+    path: str | Path, text_column: str | None = None, config: str | None = None, split: str | None = None
+) -> list[str]:
+    """Every non-empty paragraph of --data, which may be:
+
+    a .pkl/.txt/.jsonl/.json/.csv file (the text ones also .gz- or .zst-compressed), a .parquet or .arrow
+    file, a folder of .txt files, a `Dataset.save_to_disk` folder, or a Hugging Face Hub dataset id. Records
+    and rows give their `text_column` (default: `text`, else `sentence`); `config` and `split` (default:
+    train) pick a Hub dataset's configuration and split, `split` also a saved DatasetDict's.
+    """
+    import sources
+
+    split = split or "train"
+    name, path = str(path), Path(path)
+    suffix = path.suffix.lower()
+    inner = Path(path.stem).suffix.lower() if suffix in COMPRESSED else suffix
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise UserError(f"folder {path} holds no .txt files; --data takes a file or a folder of .txt files")
-        paragraphs = [p for file in files for p in blank_line_paragraphs(read_text(file))]
-    elif not path.is_file():
-        raise UserError(f"data file {path} does not exist; pass --data with a path to your dataset")
-    elif path.suffix.lower() == ".txt":
-        paragraphs = blank_line_paragraphs(read_text(path))
-    elif path.suffix.lower() in _READERS:
-        records = _READERS[path.suffix.lower()](path)
-        texts = (record_text(r, f"{path} record {i + 1}") for i, r in enumerate(records))
-        paragraphs = [t.strip() for t in texts if t.strip()]
+        if sources.is_saved_dataset(path):
+            texts = sources.texts_from_saved_dataset(path, split, text_column)
+        else:
+            files = sorted(path.glob("*.txt"))
+            if not files:
+                raise UserError(
+                    f"folder {path} holds no .txt files and no saved dataset; --data takes a file, a folder of "
+                    ".txt files, a Dataset.save_to_disk folder or a Hub dataset id"
+                )
+            texts = [p for file in files for p in blank_line_paragraphs(read_text(file))]
+    elif path.is_file():
+        if suffix in (".parquet", ".arrow"):
+            texts = sources.texts_from_table_file(path, text_column)
+        elif inner == ".txt":
+            texts = blank_line_paragraphs(read_text(path))
+        elif inner in _READERS and not (suffix in COMPRESSED and inner == ".pkl"):
+            records = _READERS[inner](path)
+            texts = [record_text(r, f"{path} record {i + 1}", text_column) for i, r in enumerate(records)]
+        else:
+            raise UserError(
+                f"{path} has an unknown extension; --data accepts {', '.join(DATA_SUFFIXES)}, the text ones "
+                f"also as {' or '.join(COMPRESSED)}, a folder, or a Hub dataset id"
+            )
+    elif suffix not in DATA_SUFFIXES + COMPRESSED and HUB_ID.fullmatch(name):
+        texts = sources.texts_from_hub(name, config, split, text_column)
     else:
-        raise UserError(f"{path} has an unknown extension; --data accepts {', '.join(DATA_SUFFIXES)} or a folder")
+        raise UserError(f"data file {path} does not exist; pass --data with a path to your dataset or a Hub dataset id")
+    paragraphs = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
     if not paragraphs:
-        raise UserError(f"{path} holds no non-empty paragraph; check the file and its text field")
+        raise UserError(f"{name} holds no non-empty paragraph; check the data and its text field")
     return paragraphs
 
 
@@ -392,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.add_argument(
         "--data", default=str(REPO / "austen_dataset.pkl"), help="the paragraphs, as train.py's --data"
     )
+    add_source_flags(tokenizer)
     tokenizer.add_argument(
         "--train-size", type=float, default=0.9, help="train.py's --train-size: fit on that split only"
     )
@@ -424,7 +467,8 @@ def tokenizer_command(args) -> int:
         raise UserError("--layers must be at least 1 and --dropout lie in [0, 1)")
     if not args.config.is_file():
         raise UserError(f"--config {args.config}: no such file; give a model's config.json as the architecture")
-    train, _ = split_paragraphs(load_paragraphs(args.data), args.train_size, args.seed)
+    paragraphs = load_paragraphs(args.data, args.text_column, args.data_config, args.data_split)
+    train, _ = split_paragraphs(paragraphs, args.train_size, args.seed)
     tokenizer = train_bpe(train, args.vocab_size)
     args.out.mkdir(parents=True, exist_ok=True)
     save_tokenizer_and_config(tokenizer, args.config, args.out, args.layers, args.dropout)

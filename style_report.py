@@ -35,6 +35,7 @@ from pathlib import Path
 import style
 from cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
 from dataset import load_paragraphs, split_paragraphs, text_chars
+from sources import add_source_flags
 from two_sample import FOLDS, ProseFeatures, TwoSampleTest
 
 MIN_TEXTS = TwoSampleTest.MIN_TEXTS
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(sampling, "--show-samples", type=int, default=3, help="samples per model printed in report.md")
     data = p.add_argument_group("data (as train.py)")
     add_flag(data, "--data", default=str(REPO / "austen_dataset.pkl"), help="the paragraphs the models trained on")
+    add_source_flags(data)
     add_flag(data, "--train-size", type=float, default=0.9, help="train.py's --train-size of the fine-tuned model")
     add_flag(data, "--split-seed", type=int, default=42, help="train.py's --seed of the fine-tuned model")
     add_flag(data, "--max-input-length", type=int, default=100, help="tokens per validation example, as trained")
@@ -443,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = check_args(args)
     texts = read_texts(args.texts)
     quiet_libraries()
-    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+    paragraphs = load_paragraphs(args.data, args.text_column, args.data_config, args.data_split)
+    train, val = split_paragraphs(paragraphs, args.train_size, args.split_seed)
     sampled = sample_models(args, prompts, val)
     # the classifiers read passages as long as the first row's texts
     first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))

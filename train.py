@@ -34,6 +34,7 @@ from cli import (
     run_cli,
 )
 from processes import StopSignals
+from sources import add_source_flags
 from utils import uses_adapters
 
 # torch, transformers and accelerate are imported inside the functions that use them, after the flags
@@ -65,8 +66,10 @@ def add_data_flags(group) -> None:
         group,
         "--data",
         default=DEFAULT_DATA,
-        help="paragraphs: .pkl, .txt, .jsonl, .json, .csv or a folder of .txt",
+        help="paragraphs: .pkl, .txt, .jsonl, .json, .csv (the text ones also .gz or .zst), .parquet, .arrow, a "
+        "folder of .txt, a Dataset.save_to_disk folder or a Hub dataset id",
     )
+    add_source_flags(group)
     add_flag(group, "--train-size", type=float, default=0.9, help="share of paragraphs for training; the rest validate")
     add_flag(
         group,
@@ -382,7 +385,8 @@ def set_up(args: argparse.Namespace):
 
     process_state = processes.start_processes()
     resume = checkpoints.plan_resume(args, process_state.num_processes, process_state.print)
-    train_paragraphs, val_paragraphs = split_paragraphs(load_paragraphs(data_path(args)), args.train_size, args.seed)
+    paragraphs = load_paragraphs(data_path(args), args.text_column, args.data_config, args.data_split)
+    train_paragraphs, val_paragraphs = split_paragraphs(paragraphs, args.train_size, args.seed)
     precision = training.resolve_precision(args.precision)
     tokenizer = utils.load_tokenizer(str(resume.checkpoint or args.model))
     # The same random weights (--from-scratch, new LoRA adapters) in every process: DDP and DeepSpeed

@@ -131,6 +131,15 @@ def test_bad_data_through_train(tmp_path, capsys, tiny_model_dir, monkeypatch):
     assert "does not exist" in run_in_process(
         train.main, ["--data", "nope.pkl", "--model", str(tiny_model_dir)], capsys
     )
+    (tmp_path / "rows.jsonl").write_text('{"body": "fine"}\n')
+    assert "record 1 has no 'title' string field; its fields are body" in run_in_process(
+        train.main, ["--data", "rows.jsonl", "--text-column", "title", "--model", str(tiny_model_dir)], capsys
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    assert "'nobody/no-such-novels' is neither a local path nor a dataset in the Hugging Face cache" in run_in_process(
+        train.main, ["--data", "nobody/no-such-novels", "--data-config", "en", "--model", str(tiny_model_dir)], capsys
+    )
     (tmp_path / "three.txt").write_text("a\n\nb\n\nc\n")
     assert "split empty" in run_in_process(
         train.main, ["--data", "three.txt", "--train-size", "0.9", "--model", str(tiny_model_dir)], capsys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import os
 import pickle
@@ -101,9 +102,90 @@ def write_formats(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def write_columnar_formats(folder: Path) -> dict[str, Path]:
+    """The same paragraphs as parquet, Arrow, saved datasets and compressed text, in a `body` column or field."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet
+    import zstandard
+    from datasets import Dataset, DatasetDict
+
+    rows = {"id": list(range(len(PARAGRAPHS))), "body": PARAGRAPHS}
+    paths = {kind: folder / name for kind, name in [("parquet", "d.parquet"), ("arrow", "d.arrow")]}
+    paths |= {"saved": folder / "saved", "saved_dict": folder / "saved_dict", "txt.gz": folder / "t.txt.gz"}
+    paths |= {"jsonl.zst": folder / "d.jsonl.zst", "csv.gz": folder / "d.csv.gz"}
+    pyarrow.parquet.write_table(pa.table(rows), paths["parquet"])
+    with pa.OSFile(str(paths["arrow"]), "wb") as sink, pa.ipc.new_stream(sink, pa.table(rows).schema) as writer:
+        writer.write_table(pa.table(rows))
+    Dataset.from_dict(rows).save_to_disk(str(paths["saved"]))
+    DatasetDict(train=Dataset.from_dict(rows), test=Dataset.from_dict({"id": [0], "body": ["x"]})).save_to_disk(
+        str(paths["saved_dict"])
+    )
+    paths["txt.gz"].write_bytes(gzip.compress("\n\n".join(PARAGRAPHS).encode()))
+    jsonl = "".join(json.dumps({"body": p}) + "\n" for p in PARAGRAPHS).encode()
+    paths["jsonl.zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    with io.StringIO() as text:
+        csv.writer(text).writerows([["id", "body"], *([i, p] for i, p in enumerate(PARAGRAPHS))])
+        paths["csv.gz"].write_bytes(gzip.compress(text.getvalue().encode()))
+    return paths
+
+
 @pytest.mark.parametrize("kind", ["pkl_dicts", "pkl_strings", "txt", "jsonl", "json", "csv", "folder"])
 def test_every_format_gives_the_same_paragraphs(tmp_path, kind):
     assert load_paragraphs(write_formats(tmp_path)[kind]) == PARAGRAPHS
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "saved", "saved_dict", "txt.gz", "jsonl.zst", "csv.gz"])
+def test_columnar_and_compressed_data_give_the_same_paragraphs(tmp_path, kind):
+    path = write_columnar_formats(tmp_path)[kind]
+    assert load_paragraphs(path, text_column="body") == PARAGRAPHS
+    if kind not in ("txt.gz",):  # plain text has no columns: every other source names the ones it has
+        with pytest.raises(UserError, match="'text'.*id, body|'text'.*body"):
+            load_paragraphs(path)
+        with pytest.raises(UserError, match="'title'"):
+            load_paragraphs(path, text_column="title")
+
+
+def test_tokenizer_command_reads_any_source_with_its_flags(tmp_path):
+    """The data flags reach load_paragraphs: a saved DatasetDict's split and text column."""
+    saved = write_columnar_formats(tmp_path)["saved_dict"]
+    argv = ["tokenizer", "--data", str(saved), "--data-split", "train", "--text-column", "body"]
+    assert dataset.main([*argv, "--train-size", "0.5", "--vocab-size", "300", "--out", str(tmp_path / "bpe")]) == 0
+    assert json.loads((tmp_path / "bpe/config.json").read_text())["vocab_size"] <= 300
+
+
+def test_a_saved_dataset_dict_takes_its_split(tmp_path):
+    path = write_columnar_formats(tmp_path)["saved_dict"]
+    assert load_paragraphs(path, text_column="body", split="test") == ["x"]
+    with pytest.raises(UserError, match="has no split 'validation'; its splits are train, test"):
+        load_paragraphs(path, text_column="body", split="validation")
+
+
+def test_a_hub_dataset_id_goes_to_load_dataset_with_its_config_and_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"content": PARAGRAPHS})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_paragraphs("someone/gothic-novels", "content", "en", "train[:90%]") == PARAGRAPHS
+    assert load_paragraphs("gothic", "content") == PARAGRAPHS
+    assert calls == [("someone/gothic-novels", "en", "train[:90%]"), ("gothic", None, "train")]
+
+
+def test_an_uncached_hub_dataset_offline_is_one_line_naming_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError) as error:
+        load_paragraphs("nobody/no-such-novels")
+    message = str(error.value)
+    assert "nobody/no-such-novels" in message and "\n" not in message
+    assert "hf download --repo-type dataset nobody/no-such-novels" in message and "save_to_disk" in message
 
 
 class Payload:
@@ -136,13 +218,17 @@ def test_pickled_objects_of_other_classes_are_refused(tmp_path):
     "name, content, message",
     [
         ("missing.jsonl", None, "does not exist"),
-        ("data.parquet", b"x", "unknown extension"),
+        ("data.xyz", b"x", "unknown extension"),
+        ("data.parquet", b"x", "data.parquet is not a readable parquet file"),
+        ("data.arrow", b"x", "data.arrow is not a readable arrow file"),
+        ("text.txt.gz", b"x", "text.txt.gz is not a readable gz file"),
+        ("text.jsonl.zst", b"x", "text.jsonl.zst is not a readable zst file"),
         ("empty.txt", b"\n\n  \n", "no non-empty paragraph"),
         ("blank.jsonl", b'{"text": "  "}\n', "no non-empty paragraph"),
-        ("nofield.jsonl", b'{"body": "hi"}\n', "record 1 has no 'text' or 'sentence'"),
+        ("nofield.jsonl", b'{"body": "hi"}\n', "record 1 has no 'text' string field; its fields are body"),
         ("broken.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "line 2 is not valid JSON"),
         ("latin1.txt", "caf\u00e9".encode("latin-1"), "latin1.txt is not UTF-8"),
-        ("nocol.csv", b"id,body\n1,hi\n", "needs a 'text' or 'sentence' column"),
+        ("nocol.csv", b"id,body\n1,hi\n", "record 1 has no 'text' string field; its fields are id, body"),
         ("dict.json", b'{"text": "hi"}', "expected a list"),
         ("notpickle.pkl", b"plain text", "not a readable pickle"),
     ],

@@ -137,20 +137,21 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path, tiny_model_dir, small_data):
-    """Dropout on: each process draws its own masks, and its random state is in the checkpoint."""
+def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path, gpt2_tiny_model_dir, small_data):
+    """Dropout on: each process draws its own masks, and its random state is in the checkpoint. GPT-2's
+    50,257-token output layer makes each step slow enough for the signal to land mid-run."""
     settings = [*COMMON, "--batch-size", "4", "--epochs", "1"]
-    whole = torchrun(*train_args(tmp_path / "whole", tiny_model_dir, small_data, *settings), cwd=tmp_path)
+    whole = torchrun(*train_args(tmp_path / "whole", gpt2_tiny_model_dir, small_data, *settings), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     cut = tmp_path / "cut"
     hook = sigterm_one_worker_after_step(5, cut)
-    stopped = torchrun(*train_args(cut, tiny_model_dir, small_data, *settings), cwd=tmp_path, while_running=hook)
+    stopped = torchrun(*train_args(cut, gpt2_tiny_model_dir, small_data, *settings), cwd=tmp_path, while_running=hook)
     assert stopped.returncode != 0 and stopped.stdout.count("stopped by SIGTERM at step") == 1, stopped.stderr[-3000:]
     step = int(stopped.stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert 5 <= step < 24 and [p.name for p in (cut / "Checkpoints").glob("Step_*")] == [f"Step_{step}"]
 
-    again = train_args(cut, tiny_model_dir, small_data, *settings, "--resume")
+    again = train_args(cut, gpt2_tiny_model_dir, small_data, *settings, "--resume")
     assert_user_error(run_script("train.py", *again, cwd=tmp_path), "2 processes")  # one process would differ
     result = torchrun(*again, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -160,7 +161,7 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path,
     one = tmp_path / "one"  # the same global batch in one process: other masks, about the same loss
     single = run_script(
         "train.py",
-        *train_args(one, tiny_model_dir, small_data, *COMMON, "--batch-size", "8", "--epochs", "1"),
+        *train_args(one, gpt2_tiny_model_dir, small_data, *COMMON, "--batch-size", "8", "--epochs", "1"),
         cwd=tmp_path,
     )
     assert single.returncode == 0, single.stderr[-3000:]

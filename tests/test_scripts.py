@@ -57,6 +57,7 @@ def test_bench_adapters_and_mfu_against_a_stated_peak(tmp_path):
     assert [r["mode"] for r in rows] == modes and report["generation"] is None
     assert all(r["trainable_params"] < r["total_params"] / 10 for r in rows)
     assert all(r["useful_tokens_per_s"] > 0 < r["flops_share_of_matmul_peak"] and r["data_prep_s"] > 0 for r in rows)
+    assert all(0 < r["data_prep_cached_s"] < r["data_prep_s"] for r in rows)  # ours, from its tokenized cache
     assert all(
         r["achieved_tflops"] == pytest.approx(r["flops_share_of_matmul_peak"] * r["matmul_peak_tflops"]) for r in rows
     )
