@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cli import UserError, first_line, flag_name
+from integrity import check_folder, json_problem
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
 TRAINER_STATE = "trainer_state.json"  # position, metrics, settings; written last, so it marks a complete checkpoint
@@ -37,6 +38,7 @@ FORMAT_VERSION = 2  # of trainer_state.json; checkpoints without one are version
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
 MUST_MATCH_ON_RESUME += ("targets_lora", "data_config", "data_split", "text_column")
+RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
 
 
 @dataclass
@@ -270,6 +272,8 @@ def is_checkpoint(folder: Path) -> bool:
 def checkpoint_progress(folder: Path) -> tuple[int, int]:
     """(global step, completed epochs): an epoch checkpoint sorts after a step checkpoint of the same
     step, since it also holds that epoch's validation."""
+    if problem := json_problem(folder / TRAINER_STATE):
+        raise UserError(f"{folder / TRAINER_STATE} is damaged ({problem}); {RESUME_ELSEWHERE}")
     state = json.loads((folder / TRAINER_STATE).read_text())
     return state["global_step"], state["epoch"]
 
@@ -313,7 +317,9 @@ def prune_step_checkpoints(check_dir: Path, keep: int) -> list[str]:
 
 
 def load_checkpoint_states(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(training_state tensors, trainer_state JSON) of a checkpoint; no pickled objects are executed."""
+    """(training_state tensors, trainer_state JSON) of a checkpoint, whose files are checked first (integrity.py);
+    no pickled objects are executed."""
+    check_folder(folder, RESUME_ELSEWHERE)
     try:
         training_state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
         trainer_state = json.loads((folder / TRAINER_STATE).read_text())

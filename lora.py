@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import UserError, first_line
+from integrity import check_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -21,6 +22,7 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 def adapter_base_model(path: str | Path) -> str:
     """The base model an adapter folder was trained on (a Hub id or an absolute local path)."""
+    check_folder(Path(path), "copy the adapter folder again, or train it anew")
     return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
@@ -156,6 +158,7 @@ def load_lora(model, adapter_dir: Path, quantized: bool, trainable: bool):
     """Attach the adapters saved in `adapter_dir` (a checkpoint or a final adapter folder)."""
     from peft import PeftConfig, PeftModel, prepare_model_for_kbit_training
 
+    check_folder(Path(adapter_dir), "copy the adapter folder again, or train it anew")
     if quantized and trainable:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # The same adapter matrices fit GPT-2's transposed Conv1D and a quantized Linear: say which one this is.

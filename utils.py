@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cli import UserError, first_line
+from integrity import check_folder
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -87,6 +88,8 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     folder = Path(name).expanduser()
+    if folder.is_dir():
+        check_folder(folder, "copy or download the folder again")
     if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
         # transformers would quietly build an empty-vocabulary tokenizer from config.json alone
         raise UserError(
@@ -110,6 +113,8 @@ def load_model(name: str, from_scratch: bool = False, **load_kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(name).expanduser()
+    if folder.is_dir():
+        check_folder(folder, "copy or download the model folder again")
     if from_scratch:
         config = from_hub_or_folder(AutoConfig.from_pretrained, name)
         return AutoModelForCausalLM.from_config(config)
