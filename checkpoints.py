@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cli import UserError, first_line, flag_name
-from integrity import check_folder, json_problem
+from integrity import check_folder
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
 TRAINER_STATE = "trainer_state.json"  # position, metrics, settings; written last, so it marks a complete checkpoint
@@ -272,9 +272,10 @@ def is_checkpoint(folder: Path) -> bool:
 def checkpoint_progress(folder: Path) -> tuple[int, int]:
     """(global step, completed epochs): an epoch checkpoint sorts after a step checkpoint of the same
     step, since it also holds that epoch's validation."""
-    if problem := json_problem(folder / TRAINER_STATE):
-        raise UserError(f"{folder / TRAINER_STATE} is damaged ({problem}); {RESUME_ELSEWHERE}")
-    state = json.loads((folder / TRAINER_STATE).read_text())
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{folder / TRAINER_STATE} is damaged (not valid JSON: {err}); {RESUME_ELSEWHERE}") from None
     return state["global_step"], state["epoch"]
 
 

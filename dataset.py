@@ -32,7 +32,7 @@ from sources import TEXT_FIELDS, add_source_flags
 
 REPO = Path(__file__).resolve().parent
 DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
-COMPRESSED = (".gz", ".zst")  # around .txt, .jsonl, .json or .csv
+COMPRESSED = (".gz", ".zst")  # around any of the formats above but .parquet and .arrow
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "owner/name" or "name"
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def load_paragraphs(
 ) -> list[str]:
     """Every non-empty paragraph of --data, which may be:
 
-    a .pkl/.txt/.jsonl/.json/.csv file (the text ones also .gz- or .zst-compressed), a .parquet or .arrow
+    a .pkl/.txt/.jsonl/.json/.csv file (also .gz- or .zst-compressed), a .parquet or .arrow
     file, a folder of .txt files, a `Dataset.save_to_disk` folder, or a Hugging Face Hub dataset id. Records
     and rows give their `text_column` (default: `text`, else `sentence`); `config` and `split` (default:
     train) pick a Hub dataset's configuration and split, `split` also a saved DatasetDict's.
@@ -237,13 +237,13 @@ def load_paragraphs(
             texts = sources.texts_from_table_file(path, text_column)
         elif inner == ".txt":
             texts = blank_line_paragraphs(read_text(path))
-        elif inner in _READERS and not (suffix in COMPRESSED and inner == ".pkl"):
+        elif inner in _READERS:
             records = _READERS[inner](path)
             texts = [record_text(r, f"{path} record {i + 1}", text_column) for i, r in enumerate(records)]
         else:
             raise UserError(
-                f"{path} has an unknown extension; --data accepts {', '.join(DATA_SUFFIXES)}, the text ones "
-                f"also as {' or '.join(COMPRESSED)}, a folder, or a Hub dataset id"
+                f"{path} has an unknown extension; --data accepts {', '.join(DATA_SUFFIXES)}, all but .parquet "
+                f"and .arrow also as {' or '.join(COMPRESSED)}, a folder, or a Hub dataset id"
             )
     elif suffix not in DATA_SUFFIXES + COMPRESSED and HUB_ID.fullmatch(name):
         texts = sources.texts_from_hub(name, config, split, text_column)

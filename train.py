@@ -66,7 +66,7 @@ def add_data_flags(group) -> None:
         group,
         "--data",
         default=DEFAULT_DATA,
-        help="paragraphs: .pkl, .txt, .jsonl, .json, .csv (the text ones also .gz or .zst), .parquet, .arrow, a "
+        help="paragraphs: .pkl, .txt, .jsonl, .json, .csv (also .gz or .zst), .parquet, .arrow, a "
         "folder of .txt, a Dataset.save_to_disk folder or a Hub dataset id",
     )
     add_source_flags(group)

@@ -155,6 +155,17 @@ def test_tokenizer_command_reads_any_source_with_its_flags(tmp_path):
     assert json.loads((tmp_path / "bpe/config.json").read_text())["vocab_size"] <= 300
 
 
+def test_a_compressed_pickle_still_goes_through_the_restricted_unpickler(tmp_path):
+    import gzip
+
+    (tmp_path / "ok.pkl.gz").write_bytes(gzip.compress(pickle.dumps(PARAGRAPHS)))
+    assert load_paragraphs(tmp_path / "ok.pkl.gz") == PARAGRAPHS
+    (tmp_path / "evil.pkl.gz").write_bytes(gzip.compress(pickle.dumps([Payload(str(tmp_path / "pwned"))])))
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        load_paragraphs(tmp_path / "evil.pkl.gz")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_a_saved_dataset_dict_takes_its_split(tmp_path):
     path = write_columnar_formats(tmp_path)["saved_dict"]
     assert load_paragraphs(path, text_column="body", split="test") == ["x"]
