@@ -35,10 +35,16 @@ def start_processes():
 class StopSignals:
     """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) asks the loop to stop after the current
     optimizer step, with a checkpoint. A second signal exits at once: checkpoint writes are atomic,
-    so an interrupted save leaves only a `.tmp` folder that is never resumed from."""
+    so an interrupted save leaves only a `.tmp` folder that is never resumed from.
+
+    `received` is this process's own news, set by the handler at any moment; `agreed` is what all
+    processes learnt at the last `agree()`, and is the only thing the loop may act on: a process that
+    acted on its own news alone would leave the others waiting in their next collective call.
+    """
 
     def __init__(self):
         self.received: int | None = None
+        self.agreed: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame) -> None:
@@ -49,13 +55,16 @@ class StopSignals:
         print(f"\n{name}: finishing this step, then saving a checkpoint ({name} again quits at once)", file=sys.stderr)
 
     def agree(self, accelerator) -> int | None:
-        """The signal any process received, now known to all of them (a collective call)."""
-        self.received = max_over_processes(accelerator, self.received or 0) or None
-        return self.received
+        """The signal any process received, now known to all of them (a collective call).
+
+        `received` is read, never written, here: a signal that lands during the collective call stays
+        in it for the next agreement instead of being overwritten by this one's answer."""
+        self.agreed = max_over_processes(accelerator, self.received or 0) or None
+        return self.agreed
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name
+        return signal.Signals(self.agreed).name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -345,9 +345,10 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                     log_samples(run, state, log)
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
                     early_stop = validate(run, state, log)
-                if stop.agree(accelerator) or (args.save_steps and state.global_step % args.save_steps == 0):
+                stopping = stop.agree(accelerator)
+                if stopping or (args.save_steps and state.global_step % args.save_steps == 0):
                     save(run, state, f"Step_{state.global_step}")
-                if stop.received:
+                if stopping:
                     return stopped(run, state, stop, resume_cmd)
                 if early_stop:
                     break
@@ -356,9 +357,10 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             if state.last_validation_step != state.global_step:  # not yet validated at this step
                 early_stop = validate(run, state, log)
-            if state.epoch % args.save_interval == 0 or state.epoch == args.epochs or stop.received:
+            stopping = stop.agree(accelerator)
+            if state.epoch % args.save_interval == 0 or state.epoch == args.epochs or stopping:
                 save(run, state, f"Epoch_{state.epoch}")
-            if stop.received:
+            if stopping:
                 return stopped(run, state, stop, resume_cmd)
             if early_stop:
                 break
@@ -651,7 +653,7 @@ def stopped(run: Run, state, stop: StopSignals, resume_cmd: str) -> int:
     run.accelerator.wait_for_everyone()  # until the first process has written the checkpoint
     way_on = continue_from_weights(state.last_checkpoint) if run.sharded else f"resume with:\n  {resume_cmd}"
     run.accelerator.print(f"stopped by {stop.name} at step {state.global_step}; {way_on}")
-    return 128 + stop.received  # 130 for Ctrl-C, 143 for SIGTERM
+    return 128 + stop.agreed  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 def non_finite_loss(run: Run, state, loss: float) -> str:

@@ -281,3 +281,26 @@ def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0}
     configure_deepspeed(under(DistributedType.DEEPSPEED, config), flags())
     assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5}
+
+
+def test_a_signal_during_the_agreement_is_kept_for_the_next_one(monkeypatch):
+    """The handler may run while `agree` waits in its collective call. The signal must survive that
+    call's answer (no signal yet), and the loop must act on agreements only: a process acting on its own
+    news would leave the other in its next collective call."""
+    import processes
+
+    stop, accelerator = processes.StopSignals(), SimpleNamespace(num_processes=2)
+    try:
+
+        def signal_arrives_during_the_call(accelerator, value: int) -> int:
+            stop._handle(signal.SIGTERM, None)  # what Python does once the C call returns
+            return value  # the other process had no signal either
+
+        monkeypatch.setattr(processes, "max_over_processes", signal_arrives_during_the_call)
+        assert stop.agree(accelerator) is None and stop.agreed is None
+        assert stop.received == signal.SIGTERM
+
+        monkeypatch.setattr(processes, "max_over_processes", lambda accelerator, value: value)
+        assert stop.agree(accelerator) == signal.SIGTERM and stop.name == "SIGTERM"
+    finally:
+        stop.restore()
