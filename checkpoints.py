@@ -5,14 +5,19 @@
                                        + trainer_state.json  position, metrics, settings; written last
 
 Every folder is written as `<name>.tmp` and renamed into place, so a crash leaves a `.tmp` folder that
-is never resumed from. `trainer_state.json` carries a format version so that later versions can tell
-old checkpoints from new ones. Resuming reloads weights, optimizer, schedule, every process's random
-state and the position in the epoch: the rest of the run is bitwise the one an uninterrupted run makes.
+is never resumed from; a save that fills the disk removes its `.tmp` folder and says how much space it
+needs. `trainer_state.json` carries a format version so that later versions can tell old checkpoints from
+new ones, and a manifest of the other files (integrity.py): a checkpoint damaged after it was written is
+told apart from an intact one, and `--resume` falls back to the newest intact one.
+
+Resuming reloads weights, optimizer, schedule, every process's random state and the position in the
+epoch: the rest of the run is bitwise the one an uninterrupted run makes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -28,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cli import UserError, first_line, flag_name
-from integrity import check_folder
+from cli import CliError, UserError, first_line, flag_name
+from integrity import MANIFEST_KEY, Manifest, check_folder, folder_problem
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
 TRAINER_STATE = "trainer_state.json"  # position, metrics, settings; written last, so it marks a complete checkpoint
@@ -39,6 +44,8 @@ MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
 MUST_MATCH_ON_RESUME += ("targets_lora", "data_config", "data_split", "text_column")
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
+EXPORT_NOTE = "training_metrics.json"  # beside the final model: where it comes from, and its numbers
+DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again
 
 
 @dataclass
@@ -93,10 +100,18 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace: bool = False) -> None:
+class DiskFull(CliError):
+    """A save that did not fit on its disk: its partial folder is gone, all that was saved before is intact."""
+
+
+def write_folder_atomically(
+    folder: Path, write: Callable[[Path], None], replace: bool = False, expected_bytes: int = 0
+) -> None:
     """Let `write` fill `<folder>.tmp`, fsync it, then rename it to `folder` (replacing it only if asked).
 
     A crash mid-write leaves only a `.tmp` folder, which is never mistaken for a checkpoint or a model.
+    A full disk raises DiskFull, saying how much the save needs (`expected_bytes`, an estimate) and what
+    is free, once the `.tmp` folder is removed; a folder being replaced is untouched until the very end.
     """
     if folder.exists() and not replace:
         raise UserError(f"{folder} already exists; refusing to overwrite it")
@@ -104,8 +119,19 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace
     if tmp.exists():
         shutil.rmtree(tmp)  # debris of an earlier interrupted write, never a complete folder
     tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except Exception as err:
+        written = folder_bytes(tmp)
+        if not disk_is_full(err, shutil.disk_usage(tmp).free, expected_bytes - written):
+            raise
+        shutil.rmtree(tmp)
+        needs = f"about {size_text(expected_bytes)}" if expected_bytes > written else f"over {size_text(written)}"
+        raise DiskFull(
+            f"the disk is full: saving {folder} needs {needs} and {size_text(shutil.disk_usage(folder.parent).free)} "
+            f"is free there; the partial {tmp.name} is removed and everything saved before is intact"
+        ) from None
     old = folder.with_name(folder.name + ".old")
     if folder.exists():  # replace=True: keep the old one until the new one is in place
         folder.rename(old)
@@ -113,6 +139,49 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace
     _fsync_tree(folder.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def disk_is_full(err: Exception, free: int, still_to_write: int) -> bool:
+    """Whether a failed write ran out of space. Each writer says so its own way (OSError ENOSPC, a
+    SafetensorError naming os error 28, torch.save's "unexpected pos"), so the disk is asked as well."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+        return True
+    return free < max(still_to_write, 2**20)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def tensor_bytes(*objects: Any) -> int:
+    """The bytes of the tensors in nested dicts, lists and tuples, each storage counted once."""
+    seen, total, stack = set(), 0, list(objects)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, torch.Tensor) and (item.data_ptr(), item.nbytes) not in seen:
+            seen.add((item.data_ptr(), item.nbytes))
+            total += item.nbytes
+    return total
+
+
+def weights_bytes(model, state_dict: dict[str, torch.Tensor] | None) -> int:
+    """About what save_weights writes: the model's tensors, or a PEFT model's adapters only."""
+    weights = model.state_dict() if state_dict is None else state_dict
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        weights = get_peft_model_state_dict(model, state_dict=weights)
+    return tensor_bytes(weights)
 
 
 def save_weights(model, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
@@ -136,13 +205,11 @@ def save_model_folder(
     replace: bool = False,
     notes: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
-    extra_files: dict[str, Callable[[Path], None]] | None = None,
 ) -> None:
     """A model (or adapter) folder that plain transformers/peft load, written atomically.
 
-    `notes` maps file names to JSON written beside the model; `extra_files` maps file names to
-    functions that write them (last, in order); `state_dict`: the weights when they are not in
-    `model` itself (gathered from FSDP shards or DeepSpeed).
+    `notes` maps file names to JSON written beside the model; `state_dict`: the weights when they are
+    not in `model` itself (gathered from FSDP shards or DeepSpeed).
     """
 
     def write(tmp: Path) -> None:
@@ -150,10 +217,8 @@ def save_model_folder(
         tokenizer.save_pretrained(tmp)
         for name, content in (notes or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        for name, write_file in (extra_files or {}).items():
-            write_file(tmp / name)
 
-    write_folder_atomically(folder, write, replace=replace)
+    write_folder_atomically(folder, write, replace=replace, expected_bytes=weights_bytes(model, state_dict))
 
 
 def copy_model_folder(source: Path, folder: Path, leave_out: set[str], notes: dict[str, Any]) -> None:
@@ -165,7 +230,7 @@ def copy_model_folder(source: Path, folder: Path, leave_out: set[str], notes: di
         for name, content in notes.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
-    write_folder_atomically(folder, write, replace=True)
+    write_folder_atomically(folder, write, replace=True, expected_bytes=folder_bytes(source))
 
 
 def save_checkpoint(
@@ -176,17 +241,20 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Model, tokenizer, tensor state and JSON state; the JSON goes last and marks the checkpoint complete."""
-    save_model_folder(
-        folder,
-        model,
-        tokenizer,
-        state_dict=state_dict,
-        extra_files={
-            TRAINING_STATE: lambda path: torch.save(training_state, path),
-            TRAINER_STATE: lambda path: path.write_text(json.dumps(trainer_state, indent=2) + "\n"),
-        },
-    )
+    """Model, tokenizer and tensor state, then the JSON state with the manifest of them all: written last,
+    it marks the checkpoint complete."""
+
+    def write(tmp: Path) -> None:
+        manifest = Manifest()
+        with manifest.safetensors_writes():
+            save_weights(model, tmp, state_dict)
+        tokenizer.save_pretrained(tmp)
+        manifest.write(tmp / TRAINING_STATE, lambda file: torch.save(training_state, file))
+        state = {**trainer_state, MANIFEST_KEY: manifest.complete(tmp)}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+    expected = weights_bytes(model, state_dict) + tensor_bytes(training_state)
+    write_folder_atomically(folder, write, expected_bytes=expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,24 +333,49 @@ def restore_states(states: dict[str, Any], accelerator, optimizer, scheduler) ->
 
 def is_checkpoint(folder: Path) -> bool:
     """Complete and in place: a `.tmp` folder (a save not yet renamed) never counts, even when full."""
-    in_place = not folder.name.endswith((".tmp", ".old"))
+    in_place = not folder.name.endswith((".tmp", ".old", DAMAGED))
     return in_place and (folder / TRAINER_STATE).is_file() and (folder / TRAINING_STATE).is_file()
 
 
-def checkpoint_progress(folder: Path) -> tuple[int, int]:
+def checkpoint_progress(folder: Path) -> tuple[int, int] | None:
     """(global step, completed epochs): an epoch checkpoint sorts after a step checkpoint of the same
-    step, since it also holds that epoch's validation."""
+    step, since it also holds that epoch's validation. None when trainer_state.json cannot say."""
     try:
         state = json.loads((folder / TRAINER_STATE).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"{folder / TRAINER_STATE} is damaged (not valid JSON: {err}); {RESUME_ELSEWHERE}") from None
-    return state["global_step"], state["epoch"]
+        return int(state["global_step"]), int(state["epoch"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def sorted_checkpoints(check_dir: Path, prefix: str = "") -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first; one whose trainer_state.json is damaged has no place in the
+    order and is left out (--resume sets it aside, pruning never touches it)."""
     folders = [p for p in check_dir.glob(f"{prefix}*") if is_checkpoint(p)] if check_dir.is_dir() else []
-    return sorted(folders, key=checkpoint_progress)
+    return sorted((p for p in folders if checkpoint_progress(p)), key=checkpoint_progress)
+
+
+def newest_intact_checkpoint(check_dir: Path, print_line: Callable[[str], None]) -> Path | None:
+    """--resume's choice: the newest checkpoint whose files check out. A damaged one met on the way, and
+    one whose trainer_state.json cannot be read, is renamed <name>.damaged, so that it is never chosen
+    again and stays for inspection; a line names each one and the reason."""
+    found = [p for p in check_dir.iterdir() if is_checkpoint(p)] if check_dir.is_dir() else []
+    unordered = [p for p in found if checkpoint_progress(p) is None]
+    for folder in [*unordered, *reversed(sorted_checkpoints(check_dir))]:
+        problem = folder_problem(folder) or (f"{folder / TRAINER_STATE} holds no step" if folder in unordered else None)
+        if problem is None:
+            return folder
+        print_line(f"{problem}: renamed it {set_aside(folder).name}, and looking for an older checkpoint")
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """`Step_300` becomes `Step_300.damaged` (or `.damaged-2`, ...): never resumed from, never deleted."""
+    target, n = folder.with_name(folder.name + DAMAGED), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}{DAMAGED}-{n}")
+    folder.rename(target)
+    return target
 
 
 def list_checkpoints(check_dir: Path) -> list[str]:
@@ -309,8 +402,16 @@ def find_checkpoint(check_dir: Path, name: str) -> Path:
     raise UserError(f"checkpoint {name} not found in {check_dir}; pick one of: {list_checkpoints(check_dir)}")
 
 
-def prune_step_checkpoints(check_dir: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` complete Step_N checkpoints; incomplete folders are not touched."""
+def prune_step_checkpoints(check_dir: Path, keep: int, newest: Path) -> list[str]:
+    """Delete all but the newest `keep` complete Step_N checkpoints, once `newest` (just saved) checks out
+    against its manifest; incomplete and damaged folders are never touched. A `newest` that does not check
+    out is set aside, and nothing is deleted: the previous checkpoint is then the last good one."""
+    problem = folder_problem(newest)
+    if problem:
+        raise CliError(
+            f"{problem} right after it was saved (a failing disk?); renamed it {set_aside(newest).name} and "
+            "deleted no older checkpoint. Check the disk, then resume with --resume"
+        )
     doomed = sorted_checkpoints(check_dir, prefix="Step_")[:-keep]
     for folder in doomed:
         shutil.rmtree(folder)
@@ -358,8 +459,13 @@ def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[
         print_line(f"ignoring incomplete checkpoints (an interrupted save): {', '.join(skipped)}")
     if args.resume_from:
         checkpoint = find_checkpoint(check_dir, args.resume_from)
-    elif complete := sorted_checkpoints(check_dir):
-        checkpoint = complete[-1]
+    elif intact := newest_intact_checkpoint(check_dir, print_line):
+        checkpoint = intact
+    elif damaged := sorted(p.name for p in check_dir.glob(f"*{DAMAGED}*")):
+        raise UserError(
+            f"--resume: no intact checkpoint left in {check_dir} (damaged: {', '.join(damaged)}); "
+            "start again with another --check-dir"
+        )
     else:
         print_line(f"--resume: no complete checkpoint in {check_dir} yet, starting from the beginning")
         return Resume()
@@ -378,8 +484,21 @@ def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[
         )
     resume = Resume(checkpoint, tensors, TrainingState.from_json(saved, checkpoint))
     if resume.state.epoch >= args.epochs:
-        raise UserError(f"{checkpoint} already completed {resume.state.epoch} epochs; raise --epochs to train further")
+        if exported(Path(args.output_dir), resume.state.global_step):
+            raise UserError(
+                f"{checkpoint} already completed {resume.state.epoch} epochs; raise --epochs to train further"
+            )
+        print_line(f"{checkpoint} completed the run, but its final model is not in {args.output_dir}: writing it")
     return resume
+
+
+def exported(output_dir: Path, step: int) -> bool:
+    """Whether `output_dir` holds the final model of a run that ended at `step`."""
+    note = output_dir / EXPORT_NOTE
+    try:
+        return json.loads(note.read_text())["last_step"]["step"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def continue_from_weights(checkpoint: Path) -> str:

@@ -216,7 +216,14 @@ def add_outputs_flags(group) -> None:
     add_flag(
         group, "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (Step_N); 0: off"
     )
-    add_flag(group, "--keep-last", type=int, default=0, help="keep only the newest K Step_N checkpoints; 0 keeps all")
+    add_flag(
+        group,
+        "--keep-last",
+        type=int,
+        default=0,
+        help="keep only the newest K Step_N checkpoints, deleting older ones once a new one checks out against its "
+        "manifest; 0 keeps all",
+    )
     add_bool_flag(group, "--resume", help="continue from the newest complete checkpoint in --check-dir (if any)")
     add_flag(
         group,
@@ -301,14 +308,16 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints import resume_command
+    from checkpoints import DiskFull, resume_command
 
     args = parse_args(argv)
     check_args(args)
     quiet_libraries()
-    stop = StopSignals()
+    stop, resume_cmd = StopSignals(), resume_command(sys.argv[1:] if argv is None else argv)
     try:
-        return train(args, stop, resume_command(sys.argv[1:] if argv is None else argv))
+        return train(args, stop, resume_cmd)
+    except DiskFull as full:
+        raise DiskFull(f"{full}. Free some space, then resume with: {resume_cmd}") from None
     finally:
         stop.restore()
 
@@ -630,7 +639,7 @@ def best_folder(args: argparse.Namespace) -> Path:
 
 def save(run: Run, state, name: str) -> None:
     """A checkpoint of this exact moment: weights (or adapters), optimizer (not under FSDP or DeepSpeed),
-    schedule, RNG, position. With --keep-last, older Step_N checkpoints go once this one is complete."""
+    schedule, RNG, position. With --keep-last, older Step_N checkpoints go once this one checks out."""
     import checkpoints
 
     accelerator, folder, started = run.accelerator, Path(run.args.check_dir) / name, time.perf_counter()
@@ -643,7 +652,9 @@ def save(run: Run, state, name: str) -> None:
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         accelerator.print(f"saved {folder} ({size:,.1f} MiB in {time.perf_counter() - started:.2f} s)")
         if name.startswith("Step_") and run.args.keep_last:
-            checkpoints.prune_step_checkpoints(Path(run.args.check_dir), run.args.keep_last)
+            deleted = checkpoints.prune_step_checkpoints(Path(run.args.check_dir), run.args.keep_last, folder)
+            if deleted:
+                accelerator.print(f"deleted {', '.join(deleted)} (--keep-last {run.args.keep_last})")
     state.last_checkpoint = folder
 
 
@@ -668,7 +679,7 @@ def export(run: Run, state, stopped_early: bool) -> None:
     """The final model (or adapters) in --output-dir: the best one with --load-best-at-end, else the last."""
     import json
 
-    from checkpoints import copy_model_folder, save_model_folder
+    from checkpoints import EXPORT_NOTE, copy_model_folder, save_model_folder
 
     accelerator, args = run.accelerator, run.args
     if stopped_early:
@@ -686,7 +697,7 @@ def export(run: Run, state, stopped_early: bool) -> None:
         )
     last = {"step": state.global_step, "epoch": state.current_epoch, **state.metrics}
     exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
-    notes = {"training_metrics.json": {"exported": "best" if use_best else "last", **exported, "last_step": last}}
+    notes = {EXPORT_NOTE: {"exported": "best" if use_best else "last", **exported, "last_step": last}}
     # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.
     weights = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:

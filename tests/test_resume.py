@@ -158,6 +158,39 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, mode, moment, t
     assert metric_steps(tmp_path) == expected_steps  # every step logged once, none missing (and the same last one)
 
 
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "a changed byte in the weights": ("model.safetensors", flip_one_byte, "its checksum differs"),
+    "a trainer_state.json that is not JSON": (TRAINER_STATE, lambda path: path.write_text("{"), "not valid JSON"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_falls_back_past_a_damaged_checkpoint_and_ends_as_uninterrupted(
+    uninterrupted, damage, tiny_model_dir, small_data, tmp_path
+):
+    """Killed right after Step_6 was saved; Step_6 then damaged (an interrupted copy, bit rot): --resume names
+    it, renames it Step_6.damaged, and goes on from Step_3 to the very weights of an uninterrupted run."""
+    expected, expected_steps, _ = uninterrupted("full")
+    argv = arguments(tmp_path, tiny_model_dir, small_data, "full")
+    run_killer(tmp_path, argv, **KILLS["right after a save"])
+    check_dir, (name, damage_file, reason) = tmp_path / "Checkpoints", DAMAGES[damage]
+    damage_file(check_dir / "Step_6" / name)
+    resumed = run_script("train.py", *argv, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{check_dir / 'Step_6' / name} is damaged ({reason}" in resumed.stdout
+    assert "renamed it Step_6.damaged" in resumed.stdout and f"resumed from {check_dir / 'Step_3'}" in resumed.stdout
+    assert (check_dir / "Step_6.damaged" / name).is_file()  # kept for inspection
+    assert_same_weights(final_weights(tmp_path, "full"), expected)
+    assert metric_steps(tmp_path) == expected_steps
+
+
 @pytest.mark.slow
 def test_external_sigkill_at_a_random_moment(uninterrupted, tiny_model_dir, small_data, tmp_path):
     """A real outside SIGKILL, wherever the run happens to be once it has passed step 5."""
