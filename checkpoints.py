@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from cli import CliError, UserError, first_line, flag_name
-from integrity import MANIFEST_KEY, Manifest, check_folder, folder_problem
+from integrity import MANIFEST_FILE, MANIFEST_KEY, Manifest, check_folder, folder_problem
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
-TRAINER_STATE = "trainer_state.json"  # position, metrics, settings; written last, so it marks a complete checkpoint
+TRAINER_STATE = MANIFEST_FILE  # position, metrics, settings, manifest; written last: it marks a complete checkpoint
 FORMAT_VERSION = 2  # of trainer_state.json; checkpoints without one are version 1 (read the same way)
 # Settings that decide the data split, the batches or the model: a resumed run must keep them.
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
@@ -71,6 +71,10 @@ class TrainingState:
     def current_epoch(self) -> int:
         """The epoch (counted from 1) that the last optimizer step belongs to."""
         return self.epoch + (self.batches_in_epoch > 0)
+
+    def last_point(self) -> dict[str, Any]:
+        """The run's last step and its numbers, as the final model's note records them."""
+        return {"step": self.global_step, "epoch": self.current_epoch, **self.metrics}
 
     def to_json(self, args: argparse.Namespace, processes: int) -> dict[str, Any]:
         state = {key: value for key, value in asdict(self).items() if key != "last_checkpoint"}
@@ -484,7 +488,7 @@ def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[
         )
     resume = Resume(checkpoint, tensors, TrainingState.from_json(saved, checkpoint))
     if resume.state.epoch >= args.epochs:
-        if exported(Path(args.output_dir), resume.state.global_step):
+        if exported(Path(args.output_dir), resume.state):
             raise UserError(
                 f"{checkpoint} already completed {resume.state.epoch} epochs; raise --epochs to train further"
             )
@@ -492,11 +496,11 @@ def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[
     return resume
 
 
-def exported(output_dir: Path, step: int) -> bool:
-    """Whether `output_dir` holds the final model of a run that ended at `step`."""
-    note = output_dir / EXPORT_NOTE
+def exported(output_dir: Path, state: TrainingState) -> bool:
+    """Whether `output_dir` holds the final model of the run that ended in `state` (its last step, epoch
+    and validation numbers, as recorded beside the model)."""
     try:
-        return json.loads(note.read_text())["last_step"]["step"] == step
+        return json.loads((output_dir / EXPORT_NOTE).read_text())["last_step"] == state.last_point()
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

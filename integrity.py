@@ -23,7 +23,8 @@ from typing import Any, BinaryIO
 
 from cli import UserError, first_line
 
-MANIFEST_KEY = "files"  # in trainer_state.json: {file name: {"size": bytes, "crc32": "8 hex digits"}}
+MANIFEST_FILE = "trainer_state.json"  # the checkpoint file that carries the manifest, written last
+MANIFEST_KEY = "files"  # in it: {file name: {"size": bytes, "crc32": "8 hex digits"}}
 CHUNK = 16 * 2**20
 _intact: set[tuple] = set()  # folders checked in this process, with each file's size and mtime at the time
 
@@ -96,12 +97,10 @@ def json_problem(path: Path) -> str | None:
 def recorded_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
     """The manifest in the folder's trainer_state.json, if it has one that parses (checkpoints of this
     project; older checkpoints and other folders have none)."""
-    from checkpoints import TRAINER_STATE
-
-    state = folder / TRAINER_STATE
-    if not state.is_file() or json_problem(state):
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_bytes()).get(MANIFEST_KEY)
+    except (OSError, ValueError, AttributeError):  # none, unreadable, not JSON, not a JSON object
         return None
-    manifest = json.loads(state.read_bytes()).get(MANIFEST_KEY)
     return manifest if isinstance(manifest, dict) else None
 
 

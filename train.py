@@ -695,7 +695,7 @@ def export(run: Run, state, stopped_early: bool) -> None:
             f"warning: {best.parent} does not hold the best model (step {state.best_step}): moved or deleted? "
             "Exporting the last step's model instead"
         )
-    last = {"step": state.global_step, "epoch": state.current_epoch, **state.metrics}
+    last = state.last_point()
     exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
     notes = {EXPORT_NOTE: {"exported": "best" if use_best else "last", **exported, "last_step": last}}
     # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.

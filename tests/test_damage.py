@@ -44,6 +44,7 @@ DAMAGE = {
     "zero bytes": lambda path: path.write_bytes(b""),
     "garbage": lambda path: path.write_bytes(b"\x00garbage" * 64),
     "one byte changed": change_one_byte,
+    "missing": Path.unlink,
 }
 SEEN_WITHOUT_A_MANIFEST = ["truncated", "zero bytes", "garbage"]  # a changed byte needs the checksum
 
@@ -90,46 +91,36 @@ def test_a_damaged_adapter_folder_is_named_by_inference_and_export(runs, tmp_pat
     assert not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize(
-    "name, how",
-    [
-        (name, how)
-        for name in ["model.safetensors", "trainer_state.json", "config.json", "training_state.pt"]
-        for how in ["truncated", "garbage", "one byte changed"]
-        if (name, how) != ("trainer_state.json", "one byte changed")  # the manifest itself: not a file it lists
-    ],
-)
-def test_a_damaged_checkpoint_named_by_resume_from_is_refused_untouched(
-    runs, tmp_path, capsys, tiny_model_dir, small_data, name, how
+CHECKPOINT_DAMAGE = [("full", "model.safetensors", how) for how in [*SEEN_WITHOUT_A_MANIFEST, "one byte changed"]]
+CHECKPOINT_DAMAGE += [("full", "config.json", "garbage"), ("full", "tokenizer.json", "missing")]
+CHECKPOINT_DAMAGE += [("full", TRAINING_STATE, "truncated"), ("full", TRAINER_STATE, "garbage")]
+CHECKPOINT_DAMAGE += [("lora", "adapter_model.safetensors", how) for how in SEEN_WITHOUT_A_MANIFEST]
+CHECKPOINT_DAMAGE += [("lora", "adapter_config.json", "garbage")]
+
+
+@pytest.mark.parametrize("run, name, how", CHECKPOINT_DAMAGE)
+def test_a_damaged_checkpoint_is_refused_by_name_and_set_aside_by_resume(
+    runs, tmp_path, capsys, tiny_model_dir, small_data, run, name, how
 ):
-    """A checkpoint the user names is used or refused, never replaced by another."""
-    check_dir = tmp_path / "Checkpoints"
-    shutil.copytree(runs / "full/Checkpoints/Epoch_1", check_dir / "Epoch_1")
-    DAMAGE[how](check_dir / "Epoch_1" / name)
-    argv = train_args(tmp_path, tiny_model_dir, small_data, "--epochs", "2", "--max-input-length", "64")
+    """--resume-from and --restore-file: the checkpoint named is refused and left as it is. --resume: it is
+    named, renamed Epoch_1.damaged, and with no other checkpoint left the run stops instead of starting over."""
+    check_dir, damaged = tmp_path / "Checkpoints", tmp_path / "Checkpoints/Epoch_1" / name
+    shutil.copytree(runs / run / "Checkpoints/Epoch_1", check_dir / "Epoch_1")
+    DAMAGE[how](damaged)
+    settings = RUNS_SETTINGS + (["--lora", "--rank-lora", "4"] if run == "lora" else [])
+    argv = train_args(tmp_path, tiny_model_dir, small_data, *settings)
     for resume in (["--resume-from", "Epoch_1"], ["--restore-file", "Epoch_1", "--load-checkpoint", "True"]):
-        message = run_in_process(train.main, [*argv, "--sample-every", "0", *resume], capsys)
-        assert f"{check_dir / 'Epoch_1' / name} is damaged" in message and "--resume-from" in message
-    assert [p.name for p in check_dir.iterdir()] == ["Epoch_1"]
+        message = run_in_process(train.main, [*argv, *resume], capsys)
+        assert f"{damaged} is {'missing' if how == 'missing' else 'damaged'}" in message
+        assert "--resume-from" in message and [p.name for p in check_dir.iterdir()] == ["Epoch_1"]
 
-
-def test_resume_with_every_checkpoint_damaged_sets_them_aside_and_says_so(
-    runs, tmp_path, capsys, tiny_model_dir, small_data
-):
-    check_dir = tmp_path / "Checkpoints"
-    for name in ("Epoch_1", "Epoch_2"):
-        shutil.copytree(runs / "full/Checkpoints" / name, check_dir / name)
-    cut_in_half(check_dir / "Epoch_2/model.safetensors")
-    (check_dir / "Epoch_1/trainer_state.json").write_text("{not json")
-    argv = train_args(tmp_path, tiny_model_dir, small_data, "--epochs", "3", "--max-input-length", "64", "--resume")
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(train.main, argv)
+        run_cli(train.main, [*argv, "--resume"])
     said, message = capsys.readouterr()
-    assert exit_info.value.code == 2 and message.startswith("error: --resume: no intact checkpoint left")
-    assert "(damaged: Epoch_1.damaged, Epoch_2.damaged)" in message and len(message.splitlines()) == 1
-    assert f"{check_dir / 'Epoch_2/model.safetensors'} is damaged" in said and "renamed it Epoch_2.damaged" in said
-    assert f"{check_dir / 'Epoch_1/trainer_state.json'} is damaged (not valid JSON" in said
-    assert sorted(p.name for p in check_dir.iterdir()) == ["Epoch_1.damaged", "Epoch_2.damaged"]  # nothing deleted
+    assert exit_info.value.code == 2 and len(message.splitlines()) == 1
+    assert message.startswith("error: --resume: no intact checkpoint left") and "(damaged: Epoch_1.damaged)" in message
+    assert f"{damaged} is " in said and "renamed it Epoch_1.damaged" in said
+    assert [p.name for p in check_dir.iterdir()] == ["Epoch_1.damaged"]  # nothing deleted
 
 
 # ---- the manifest ---------------------------------------------------------------------------------------
