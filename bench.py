@@ -8,7 +8,9 @@ the seed's way and Hugging Face's Trainer, and full fine-tuning against LoRA and
 
 Contenders, each in its own fresh process (so its peak memory is its own), on the same model config with
 random weights (the FLOPs are the real ones) and the same Austen paragraphs:
-  ours              this project: one batched tokenizer call, packed blocks, --precision (auto: bf16 where native)
+  ours              this project: one batched tokenizer call, packed blocks, --precision (auto: bf16 where native),
+                    the output layer and loss in chunks (chunked_loss.py)
+  ours-unchunked    the same with the model's own output layer and a whole-batch fp32 log-softmax
   ours-fp32         the same loop in fp32
   seed              the seed's way: per-paragraph Python tokenization, every example padded to --block-size,
                     pads trained on, fp32
@@ -45,14 +47,14 @@ PRESETS = {  # GPT-2 sizes by name, so no Hub access is needed; anything else is
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
 }
-CONTENDERS = ["ours", "ours-fp32", "seed", "trainer-ours", "trainer-collator", "lora", "qlora"]
+CONTENDERS = ["ours", "ours-unchunked", "ours-fp32", "seed", "trainer-ours", "trainer-collator", "lora", "qlora"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     add_flag(p, "--config", default="gpt2", help=f"model config: {', '.join(PRESETS)}, gpt2-tiny or a config folder")
     add_flag(
-        p, "--modes", nargs="+", choices=CONTENDERS, default=CONTENDERS[:5], help="contenders, first is the baseline"
+        p, "--modes", nargs="+", choices=CONTENDERS, default=CONTENDERS[:6], help="contenders, first is the baseline"
     )
     add_flag(p, "--steps", type=int, default=4, help="timed optimizer steps per contender")
     add_flag(p, "--warmup", type=int, default=2, help="untimed steps first (allocator, kernels, caches)")
@@ -202,9 +204,12 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     import torch
     from accelerate import Accelerator
 
+    import chunked_loss
     import training
 
     accelerator = Accelerator(mixed_precision=precision)
+    if mode not in ("seed", "ours-unchunked"):  # as train.py does by default
+        chunked_loss.install(model)
     optimizer = training.make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -309,7 +314,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     from training import resolve_precision
     from utils import load_tokenizer
 
-    own_precision = resolve_precision(args.precision) if mode in ("ours", "lora", "qlora") else "no"
+    own_precision = resolve_precision(args.precision) if mode in ("ours", "ours-unchunked", "lora", "qlora") else "no"
     device = PartialState().device
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
     examples, prep_seconds, cached_seconds = prepare_examples(mode, tokenizer, args.block_size)

@@ -137,6 +137,14 @@ def add_optimization_flags(group) -> None:
         help="auto: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32",
     )
     add_bool_flag(group, "--gradient-checkpointing", help="recompute activations in backward: less memory, more time")
+    add_bool_flag(
+        group,
+        "--chunked-loss",
+        default=True,
+        help="compute the output layer and the loss 1,024 tokens at a time, their gradients in the same pass: the "
+        "logits of a whole batch never exist (much less memory with a large vocabulary). Not under FSDP or "
+        "DeepSpeed, nor where the logits are more than a bias-free projection (checked at the start)",
+    )
     add_bool_flag(group, "--compile", help="torch.compile the model (inductor); pays a compile time at start")
     add_flag(group, "--seed", type=int, default=42, help="seed of the split, the data order and new weights")
 
@@ -167,6 +175,15 @@ def add_sampling_flags(group) -> None:
 
 def add_validation_flags(group) -> None:
     """When to validate, which model to keep, when to stop, where the numbers go."""
+    add_flag(
+        group,
+        "--log-every",
+        type=int,
+        default=10,
+        help="every N optimizer steps (and at each sample, validation, checkpoint and epoch end): read the loss from "
+        "the device, log its mean since the last time, update the progress bar, check for a non-finite loss and a "
+        "stop signal. In between the host never waits for the device",
+    )
     add_flag(
         group, "--eval-steps", type=int, default=0, help="also validate every N optimizer steps; 0: epoch ends only"
     )
@@ -253,6 +270,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.eval_style_samples >= 1, "--eval-style-samples must be at least 1"),
         (args.save_interval >= 1, "--save-interval must be at least 1"),
         (args.save_steps >= 0 and args.keep_last >= 0, "--save-steps and --keep-last must be 0 (off) or more"),
+        (args.log_every >= 1, "--log-every must be 1 or more"),
         (not (args.resume and args.resume_from), "--resume takes the newest checkpoint, --resume-from one: use one"),
         (args.eps > 0, "--eps must be positive"),
         (args.weight_decay >= 0 and args.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must not be negative"),
@@ -305,6 +323,7 @@ class Run:
     sampling: Any  # generation.SamplingSettings of the periodic samples
     style_probe: Any  # style.StyleProbe with --eval-style, else None
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
+    skips_on_device: bool  # a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,9 +342,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
-    """Forward, backward, clip, step, schedule; samples, validation and checkpoints on their schedules."""
-    import torch
+    """Forward, backward, clip, step, schedule; samples, validation and checkpoints on their schedules.
 
+    Between log points the host never waits for the device: losses, token counts and the non-finite
+    check stay on it (training.StepMeter), and a step with a non-finite loss is skipped there. At a log
+    point (every --log-every steps, and wherever a sample, validation or checkpoint needs the host anyway)
+    the numbers are read, logged, and checked; the processes agree on a stop signal there too.
+    """
     import training
     from runlog import RunLog
 
@@ -337,25 +360,28 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
         for epoch in range(state.epoch, args.epochs):
             batches = training.epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
             bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
-            started, real_tokens = time.perf_counter(), 0
+            meter = training.StepMeter(accelerator.device)
             for batch in bar:
                 state.batches_in_epoch += 1
                 window, step_now = training.accumulation_window(state.batches_in_epoch, n_batches, accumulate)
-                loss = training.forward_backward(model, batch, accelerator, window, sync=step_now)
-                if not torch.isfinite(loss):  # the same verdict on every process: all stop together
-                    raise CliError(non_finite_loss(run, state, loss.item()))
-                real_tokens += int(batch["attention_mask"].sum())
+                meter.add(training.forward_backward(model, batch, accelerator, window, sync=step_now), batch)
                 if not step_now:
                     continue
-                training.optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm)
+                skip = meter.end_step(state.global_step + 1)
+                if not run.skips_on_device:  # this optimizer needs the host to decide: it waits every step
+                    check_finite(run, state, meter)
+                training.optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
                 state.global_step += 1
-                log_step(run, state, log, bar, loss.item(), real_tokens / (time.perf_counter() - started))
-                if args.sample_every and state.global_step % args.sample_every == 0:
+                log_now, sample, evaluate, checkpoint = scheduled(args, state, n_batches)
+                if not log_now:
+                    continue  # the device runs ahead: nothing was read from it
+                log_step(run, state, log, bar, meter)  # the log point
+                if sample:
                     log_samples(run, state, log)
-                if args.eval_steps and state.global_step % args.eval_steps == 0:
+                if evaluate:
                     early_stop = validate(run, state, log)
                 stopping = stop.agree(accelerator)
-                if stopping or (args.save_steps and state.global_step % args.save_steps == 0):
+                if stopping or checkpoint:
                     save(run, state, f"Step_{state.global_step}")
                 if stopping:
                     return stopped(run, state, stop, resume_cmd)
@@ -387,6 +413,7 @@ def set_up(args: argparse.Namespace):
     from accelerate.utils import TorchDynamoPlugin, set_seed
 
     import checkpoints
+    import chunked_loss
     import processes
     import training
     import utils
@@ -424,6 +451,8 @@ def set_up(args: argparse.Namespace):
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo, **trackers)
     processes.refuse_unsupported(accelerator, args, resume.checkpoint)
     processes.configure_deepspeed(accelerator, args)
+    if args.chunked_loss and not processes.optimizer_state_is_split(accelerator):  # sharded weights: not there
+        chunked_loss.install(model)
     optimizer = training.make_optimizer(model, args.lr, args.eps, args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
@@ -448,6 +477,7 @@ def set_up(args: argparse.Namespace):
         sampling=SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p),
         style_probe=None,
         sharded=processes.optimizer_state_is_split(accelerator),
+        skips_on_device=training.skips_on_device(optimizer) and not processes.optimizer_state_is_split(accelerator),
     )
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
     for warning in questionable_settings(args, len(train_loader), total_steps):
@@ -516,12 +546,20 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
         f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
         f"model: {args.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}\n"
+        f"mixed precision {accelerator.mixed_precision}, {loss_path(run.model)}\n"
         f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
         f"accumulated x {processes}), {total_steps // args.epochs} steps per epoch, {total_steps} in all\n"
         f"schedule: AdamW lr {args.lr:g}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0 at "
         f"step {total_steps}"
     )
+
+
+def loss_path(model) -> str:
+    from chunked_loss import CHUNK_TOKENS, chunked_head
+
+    if chunked_head(model):
+        return f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
+    return "the model's own output layer and a whole-batch loss"
 
 
 def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, total_steps: int) -> list[str]:
@@ -559,10 +597,36 @@ def progress_bar(run: Run, batches, epoch: int, skip: int):
     return tqdm(batches, description, total=len(run.train_loader), initial=skip, disable=disable)
 
 
-def log_step(run: Run, state, log, bar, loss: float, tokens_per_s: float) -> None:
+def scheduled(args: argparse.Namespace, state, n_batches: int) -> tuple[bool, bool, bool, bool]:
+    """(a log point, a sample, a validation, a checkpoint) after this step. Samples, validations and
+    checkpoints need the host anyway, so each is a log point too, as is an epoch's last step."""
+    step = state.global_step
+    sample, evaluate, checkpoint = (due(n, step) for n in (args.sample_every, args.eval_steps, args.save_steps))
+    last = state.batches_in_epoch == n_batches
+    return due(args.log_every, step) or sample or evaluate or checkpoint or last, sample, evaluate, checkpoint
+
+
+def due(every: int, step: int) -> bool:
+    """Whether a --*-every/--*-steps schedule (0: off) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
+def log_step(run: Run, state, log, bar, meter) -> None:
+    """Read the steps since the last log point from the device; stop on a non-finite loss among them,
+    else update the bar and log their mean loss."""
+    loss, tokens_per_s, failed_step, failed_loss = meter.read()
+    if failed_step:  # skipped on the device; the same numbers on every process, so all stop together
+        raise CliError(non_finite_loss(run, state, failed_step, failed_loss))
     lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(step=state.global_step, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
     log.metrics(state.global_step, state.current_epoch, train_loss=loss, train_lr=lr)
+
+
+def check_finite(run: Run, state, meter) -> None:
+    """For optimizers that cannot skip a step on the device: the host reads the flag before the step."""
+    failed_step, failed_loss = (number.item() for number in (meter.first_failed_step, meter.failed_loss))
+    if failed_step:
+        raise CliError(non_finite_loss(run, state, failed_step, failed_loss))
 
 
 def log_samples(run: Run, state, log) -> None:
@@ -667,11 +731,11 @@ def stopped(run: Run, state, stop: StopSignals, resume_cmd: str) -> int:
     return 128 + stop.agreed  # 130 for Ctrl-C, 143 for SIGTERM
 
 
-def non_finite_loss(run: Run, state, loss: float) -> str:
+def non_finite_loss(run: Run, state, step: int, loss: float) -> str:
     way_on = "go on from its weights" if run.sharded else "resume from it"
     return (
-        f"the loss became {loss} at step {state.global_step + 1}; stopped without saving. "
-        f"Last good checkpoint: {state.last_checkpoint}; {way_on} with a lower --lr"
+        f"the loss became {loss} at step {step}; stopped without saving (that step left the weights as they "
+        f"were). Last good checkpoint: {state.last_checkpoint}; {way_on} with a lower --lr"
     )
 
 

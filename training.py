@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -105,9 +106,17 @@ def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over real targets (label != -100), and the number of targets.
 
     The labels are shifted left rather than the logits sliced, which would copy batch x length x vocab floats.
+    No attention mask is passed: batches are right-padded, and under causal attention no real token sees a
+    later position, so the padding cannot change their outputs (its own targets are -100). Given a mask,
+    transformers reads it on the host at every forward to learn whether it masks anything: on a GPU, the
+    host would wait for the device each time.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    import chunked_loss
+
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    if head := chunked_loss.chunked_head(model):  # the output layer and the loss a chunk of tokens at a time
+        return chunked_loss.loss_sum(model, head, batch["input_ids"], targets), (targets != -100).sum()
+    logits = model(input_ids=batch["input_ids"]).logits
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
     return loss, (targets != -100).sum()
 
@@ -151,26 +160,82 @@ def accumulation_window(batches_done: int, batches_in_epoch: int, accumulate: in
 
 
 def forward_backward(model, batch: dict, accelerator, window: int, sync: bool) -> torch.Tensor:
-    """Backpropagate one batch's share of the step's loss; returns that batch's mean loss (all processes).
+    """Backpropagate one batch's share of the step's loss; returns that batch's mean loss (all processes),
+    on the device: nothing here makes the host wait for the device.
 
     The loss is the mean over the real tokens of every process's batch, the same one process would
     get from all of them; x processes, as DDP averages gradients. Gradients are synchronized across
-    processes only on the last batch of a window (`sync`).
+    processes only on the last batch of a window (`sync`). A non-finite loss is backpropagated too: its
+    step is then skipped (see StepMeter), and its gradients are discarded with the others.
     """
     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
         loss_sum, n_targets = lm_loss_sum(model, batch)
         totals = accelerator.reduce(torch.stack([loss_sum.detach(), n_targets.float()]), "sum")
-        if torch.isfinite(totals[0]):  # a non-finite loss never reaches the gradients
-            accelerator.backward(loss_sum * accelerator.num_processes / totals[1] / window)
+        accelerator.backward(loss_sum * accelerator.num_processes / totals[1] / window)
     return totals[0] / totals[1]
 
 
-def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: float) -> None:
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer can skip a step on the device, given a flag tensor (torch's fused Adam and
+    AdamW read `found_inf`, as GradScaler sets it); others need the host to decide."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's AcceleratedOptimizer
+    return isinstance(inner, torch.optim.Adam) and bool(inner.defaults.get("fused"))
+
+
+def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: float, skip: torch.Tensor) -> None:
+    """Clip, step, zero the gradients, schedule. `skip` (1.0 on the device: the step's loss was not finite)
+    makes a fused AdamW leave weights and moments as they are, without the host reading it."""
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if skips_on_device(optimizer):
+        inner.found_inf = skip
     optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
+
+
+class StepMeter:
+    """The training loss, token count and non-finite losses since the last log point, kept on the device.
+
+    Reading a number from a GPU makes the host wait until the GPU has caught up, which leaves it idle
+    while the host prepares the next step. So the loop reads these only at log points (`read`), a
+    handful of times per --log-every steps, and never between them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.started, self.batches = device, time.perf_counter(), 0
+        zero = torch.zeros((), device=device)
+        self.loss_sum, self.tokens, self.step_loss = zero.clone(), zero.clone(), zero.clone()
+        self.first_failed_step, self.failed_loss = torch.zeros((), dtype=torch.int64, device=device), zero.clone()
+
+    def add(self, loss: torch.Tensor, batch: dict) -> None:
+        """One batch's mean loss, and its real (not padding) tokens."""
+        self.loss_sum += loss.detach()
+        self.step_loss += loss.detach()
+        self.tokens += batch["attention_mask"].sum()
+        self.batches += 1
+
+    def end_step(self, step: int) -> torch.Tensor:
+        """Close optimizer step `step`; returns its skip flag (1.0 if its loss was not finite). The first
+        such step and its loss are remembered for `read`."""
+        failed = ~torch.isfinite(self.step_loss)
+        first = failed & (self.first_failed_step == 0)
+        self.first_failed_step = torch.where(first, step, self.first_failed_step)
+        self.failed_loss = torch.where(first, self.step_loss, self.failed_loss)
+        self.step_loss = torch.zeros_like(self.step_loss)
+        return failed.float()
+
+    def read(self) -> tuple[float, float, int, float]:
+        """(mean loss per batch, tokens per second, first failed step or 0, its loss), read from the device
+        at once, then restarted for the next interval."""
+        numbers = [self.loss_sum, self.tokens, self.first_failed_step, self.failed_loss]
+        numbers = torch.stack([number.double() for number in numbers])
+        loss_sum, tokens, failed_step, failed_loss = numbers.cpu().tolist()
+        mean, per_second = loss_sum / max(1, self.batches), tokens / (time.perf_counter() - self.started)
+        self.started, self.batches = time.perf_counter(), 0
+        self.loss_sum, self.tokens = torch.zeros_like(self.loss_sum), torch.zeros_like(self.tokens)
+        return mean, per_second, int(failed_step), failed_loss
 
 
 # ----------------------------------------------------------------------------------------------

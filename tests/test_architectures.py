@@ -126,7 +126,7 @@ def test_full_fine_tuning_learns_resumes_bitwise_and_samples(name, family_dirs, 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train_run(whole, family_dirs[name], small_data, "--epochs", "2")
     losses = [m["train_loss"] for m in metrics(whole) if "train_loss" in m]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # it learns
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns (each: the mean since the previous log point)
     shutil.copytree(whole / "Checkpoints/Epoch_1", resumed / "Checkpoints/Epoch_1")
     train_run(resumed, family_dirs[name], small_data, "--epochs", "2", "--resume")
     first, second = load_file(whole / "out/model.safetensors"), load_file(resumed / "out/model.safetensors")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO, assert_user_error, run_script, train_args
 from safetensors.torch import load_file
+from test_resume import logged_step
 
 COMMON = ["--max-input-length", "64", "--sample-every", "0", "--lr", "1e-3"]
 # bf16 rounding or dropout masks would differ by design
@@ -66,11 +67,12 @@ def accelerate_launch(config: str, *args: str, cwd: Path, fsdp: bool = False) ->
 
 
 def sigterm_one_worker_after_step(step: int, run_dir: Path):
-    """A while_running hook: once `step` optimizer steps are logged, SIGTERM the second worker alone."""
+    """A while_running hook: once optimizer step `step` (or a later one) is logged, SIGTERM the second worker
+    alone. The processes agree on it at their next log point."""
 
     def hook(launcher: subprocess.Popen) -> None:
-        log, deadline = run_dir / "Checkpoints/logs/metrics.jsonl", time.monotonic() + 240
-        while not (log.exists() and len(log.read_text().splitlines()) >= step):
+        deadline = time.monotonic() + 240
+        while logged_step(run_dir) < step:
             assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
             time.sleep(0.05)
         workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()

@@ -53,7 +53,7 @@ def test_loss_falls_and_samples_during_training_do_not_break_it(run):
     _, tmp = run
     metrics = [json.loads(line) for line in (tmp / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
     losses = [m["train_loss"] for m in metrics if "train_loss" in m]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert losses[-1] < losses[0] - 0.05  # each: the mean since the previous log point
     samples = (tmp / "Checkpoints/logs/samples.jsonl").read_text().splitlines()
     assert len(samples) >= 3 * 10  # sampled (eval mode) every 3 steps, training went on each time
     stdout = (tmp / "stdout.txt").read_text()

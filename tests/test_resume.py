@@ -82,11 +82,18 @@ def start_training(tmp: Path, argv: list[str], **streams) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=tmp, env=env(), text=True, **streams)
 
 
+def logged_step(run_dir: Path) -> int:
+    """The last optimizer step the run has logged (log points come every --log-every steps and at saves)."""
+    metrics = run_dir / "Checkpoints/logs/metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
 def wait_for_step(tmp: Path, child: subprocess.Popen, step: int) -> None:
-    """Poll the run's metrics until it has logged `step` optimizer steps (or ended)."""
-    metrics, deadline = tmp / "Checkpoints/logs/metrics.jsonl", time.monotonic() + 120
+    """Poll the run's metrics until it has logged optimizer step `step` or a later one (or ended)."""
+    deadline = time.monotonic() + 120
     while child.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and metrics.read_text().count("train_loss") >= step:
+        if logged_step(tmp) >= step:
             return
         time.sleep(0.005)
 

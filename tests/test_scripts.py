@@ -39,7 +39,7 @@ def test_bench_quick_with_its_defaults(tmp_path):
     result = run_script("bench.py", "--quick", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
-    for mode in ["ours", "ours-fp32", "seed", "trainer-ours", "trainer-collator"]:
+    for mode in ["ours", "ours-unchunked", "ours-fp32", "seed", "trainer-ours", "trainer-collator"]:
         assert f"| {mode} |" in table
     assert "| ours | " in table and "1.00x" in table and "MFU" not in table
     assert "one batched call (inference.py)" in table

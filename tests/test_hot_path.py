@@ -1,0 +1,224 @@
+"""The training step's hot path: no device-to-host reads between log points, and a non-finite loss that
+never updates the weights, skipped on the device."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_args
+from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train
+import training
+
+# Steps of the run below: 24 (one epoch of 187 examples in batches of 8), a log point every 10.
+SETTINGS = ["--epochs", "1", "--max-input-length", "64", "--sample-every", "0", "--precision", "fp32"]
+SETTINGS += ["--data-cache", "", "--log-every", "10"]
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts `aten._local_scalar_dense`: every `.item()`, `int(t)`, `float(t)` or `if t:` on a tensor, each
+    of which makes the host wait for the device, outside the functions that are allowed to. The DataLoader
+    draws each epoch's worker seed from a CPU generator: a read of the host's own memory, not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.allowed, self.outside = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.allowed:
+            callers = [f"{frame.filename}:{frame.lineno}" for frame in traceback.extract_stack()[:-1]]
+            if not any("torch/utils/data/" in caller for caller in callers):
+                self.outside.append(callers[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def allowed_in(reads: ScalarReads, function):
+    def wrapper(*args, **kwargs):
+        reads.allowed += 1
+        try:
+            return function(*args, **kwargs)
+        finally:
+            reads.allowed -= 1
+
+    return wrapper
+
+
+def test_no_host_waits_for_the_device_between_log_points(tmp_path, tiny_model_dir, small_data, monkeypatch):
+    """The whole training loop runs under the counter; set-up, log points, validation, checkpoints and the
+    export may read, the steps between them must not."""
+    reads, log_points = ScalarReads(), []
+    log_step = train.log_step
+    monkeypatch.setattr(
+        train, "log_step", lambda run, state, *a: log_points.append(state.global_step) or log_step(run, state, *a)
+    )
+    for name in ("set_up", "log_step", "validate", "save", "log_samples", "export"):
+        monkeypatch.setattr(train, name, allowed_in(reads, getattr(train, name)))
+    with reads:
+        assert train.main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
+    assert log_points == [10, 20, 24]  # every 10 steps, and the epoch's last step
+    assert reads.outside == []
+
+
+def test_a_non_finite_loss_is_skipped_on_the_device_and_named_at_the_next_log_point(
+    tmp_path, tiny_model_dir, small_data, monkeypatch, capsys
+):
+    """Step 3's loss is made infinite: the weights after the run stops are those of steps 1-2 and 4-..., never
+    an update from step 3; the run stops at the log point of step 10 and names step 3."""
+    lm_loss_sum, calls = training.lm_loss_sum, [0]
+
+    def infinite_at_step_3(model, batch):
+        loss, n = lm_loss_sum(model, batch)
+        calls[0] += model.training
+        return (loss * float("inf") if calls[0] == 3 else loss), n
+
+    monkeypatch.setattr(training, "lm_loss_sum", infinite_at_step_3)
+    updates = []
+    optimizer_step = training.optimizer_step
+
+    def recording_step(model, optimizer, *args):
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer_step(model, optimizer, *args)
+        updates.append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)))
+
+    monkeypatch.setattr(training, "optimizer_step", recording_step)
+    with pytest.raises(train.CliError, match="the loss became inf at step 3; stopped without saving"):
+        train.main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS, "--warmup-steps", "0"))
+    assert updates == [True, True, False, *[True] * 7]  # stopped at the log point of step 10
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "Checkpoints").glob("Step_*"))
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_log_point(tmp_path, tiny_model_dir, small_data):
+    assert train.main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
+    lines = [json.loads(line) for line in (tmp_path / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines if "train_loss" in line]
+    assert steps == [10, 20, 24] and all(line["train_loss"] > 0 for line in lines if "train_loss" in line)
+    assert load_file(Path(tmp_path / "out/model.safetensors"))
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_right_padding_needs_no_attention_mask_in_training(architecture):
+    """Why lm_loss_sum passes none: under causal attention the real tokens' logits are bitwise the same."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from dataset import collate
+
+    small = dict(vocab_size=100, bos_token_id=0, eos_token_id=0)
+    config = {
+        "gpt2": GPT2Config(n_layer=2, n_embd=64, n_head=4, **small),
+        "llama": LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **small,
+        ),
+    }[architecture]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    batch = collate([[1, 5, 7, 9, 11, 13], [1, 4, 4]], pad_id=0)
+    masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    unmasked = model(input_ids=batch["input_ids"]).logits
+    real = batch["attention_mask"].bool()
+    assert torch.equal(masked[real], unmasked[real])
+
+
+# ---- the chunked output layer and loss ---------------------------------------------------------------
+
+
+def tiny_model(architecture: str, vocab: int = 300):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    small = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    config = {
+        "gpt2": GPT2Config(n_layer=2, n_embd=64, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **small),
+        "llama": LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            **small,
+        ),
+    }[architecture]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def loss_and_gradients(model, batch: dict, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, n = training.lm_loss_sum(model, batch)
+    (loss / n).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 2e-2)])
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_the_chunked_loss_has_the_same_value_and_gradients(architecture, precision, tolerance, monkeypatch):
+    """GPT-2 ties its output layer to the embeddings, this Llama does not; a padded batch (targets -100) in
+    chunks of 7 tokens, so that chunks end mid-row and one is short."""
+    import chunked_loss
+    from dataset import collate
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_TOKENS", 7)
+    model = tiny_model(architecture)
+    batch = collate([list(range(1, 20)), [5, 6, 7, 8, 9], list(range(100, 112))], pad_id=0)
+    expected_loss, expected = loss_and_gradients(model, batch, precision)
+    assert chunked_loss.install(model)
+    loss, grads = loss_and_gradients(model, batch, precision)
+    assert chunked_loss.chunked_head(model) is not None and grads.keys() == expected.keys()
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=tolerance)
+    for name, grad in grads.items():
+        scale = expected[name].abs().max().item()
+        assert (grad - expected[name]).abs().max().item() <= tolerance * scale + 1e-8, name
+    if architecture == "gpt2":  # still tied: one tensor, named as before
+        assert model.lm_head.weight is model.transformer.wte.weight
+    assert set(model.state_dict()) == set(tiny_model(architecture).state_dict())
+
+
+def test_the_chunked_loss_trains_lora_adapters_the_same(monkeypatch):
+    import chunked_loss
+    from dataset import collate
+    from lora import add_lora
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_TOKENS", 7)
+    batch = collate([list(range(1, 20)), [5, 6, 7, 8, 9]], pad_id=0)
+    results = []
+    for chunked in (False, True):
+        model = add_lora(tiny_model("gpt2"), 4, 8, 0.0, ["c_attn", "c_fc"], quantized=False, base_name="tiny")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # not zero, so that every adapter gets a gradient
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        assert not chunked or chunked_loss.install(model)
+        results.append(loss_and_gradients(model, batch, "fp32"))
+    (loss, grads), (chunked_loss_value, chunked_grads) = results
+    assert chunked_loss_value.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert grads.keys() == chunked_grads.keys() and all("lora_" in name for name in grads)
+    assert all(torch.allclose(grads[k], chunked_grads[k], rtol=1e-4, atol=1e-7) for k in grads)
+
+
+def test_an_output_layer_that_is_more_than_a_projection_keeps_its_own_path():
+    """Soft-capped logits (as Gemma 2's) are caught by the check at installation. (Scaled ones need no
+    catching: a scale commutes with the projection, so the chunked loss computes them right.)"""
+    import chunked_loss
+
+    model = tiny_model("llama")
+    forward = model.forward
+
+    def soft_capped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return type(out)(logits=2.0 * torch.tanh(out.logits / 2.0))
+
+    model.forward = soft_capped
+    head = model.lm_head
+    assert not chunked_loss.install(model)
+    assert model.lm_head is head and chunked_loss.chunked_head(model) is None
