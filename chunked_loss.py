@@ -105,13 +105,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(compute)
             for start in range(0, hidden.shape[0], CHUNK_TOKENS):
                 h, t = hidden[start : start + CHUNK_TOKENS].to(compute), targets[start : start + CHUNK_TOKENS]
-                logits = (h @ w.T).float()
+                log_probs = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)  # (logsumexp: 5x slower on CPU)
                 valid, picked = t != -100, t.clamp(min=0)[:, None]
-                log_norm = torch.logsumexp(logits, dim=-1)
-                total += ((log_norm - logits.gather(1, picked).squeeze(1)) * valid).sum()
+                total -= (log_probs.gather(1, picked).squeeze(1) * valid).sum()
                 if not (want_hidden or want_weight):
                     continue
-                grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' memory
+                grad = log_probs.exp_()  # the softmax, in the log-probabilities' memory
                 grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))  # minus one-hot
                 grad = grad.mul_(valid[:, None]).to(compute)
                 if want_hidden:
