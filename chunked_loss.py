@@ -28,10 +28,18 @@ class HiddenStatesHead(torch.nn.Module):
 
     def __init__(self, weight: torch.nn.Parameter):
         super().__init__()
-        self.weight, self.pass_through = weight, False
+        self.weight, self.pass_through, self.compute_dtype = weight, False, weight.dtype
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden if self.pass_through else F.linear(hidden, self.weight)
+        if not self.pass_through:
+            return F.linear(hidden, self.weight)
+        # The dtype the projection would have run in here, inside the model's forward, where accelerate's
+        # autocast is on (the loss runs outside it).
+        device = hidden.device.type
+        self.compute_dtype = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        )
+        return hidden
 
 
 def install(model) -> bool:
@@ -85,9 +93,7 @@ def loss_sum(model, head: HiddenStatesHead, input_ids: torch.Tensor, targets: to
     """Cross-entropy summed over the targets that are not -100, the logits computed chunk by chunk."""
     with hidden_states_out(model):
         hidden = model(input_ids=input_ids).logits
-    device = hidden.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return LinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(), compute)
+    return LinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(), head.compute_dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

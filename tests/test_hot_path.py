@@ -153,9 +153,14 @@ def tiny_model(architecture: str, vocab: int = 300):
 
 
 def loss_and_gradients(model, batch: dict, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """As train.py computes them: under bf16, autocast is on inside the model's forward only (accelerate
+    wraps it), and the loss is computed outside."""
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss, n = training.lm_loss_sum(model, batch)
+    forward = model.forward
+    if precision == "bf16":
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(forward)
+    loss, n = training.lm_loss_sum(model, batch)
+    model.forward = forward
     (loss / n).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -175,7 +180,9 @@ def test_the_chunked_loss_has_the_same_value_and_gradients(architecture, precisi
     expected_loss, expected = loss_and_gradients(model, batch, precision)
     assert chunked_loss.install(model)
     loss, grads = loss_and_gradients(model, batch, precision)
-    assert chunked_loss.chunked_head(model) is not None and grads.keys() == expected.keys()
+    head = chunked_loss.chunked_head(model)
+    assert head.compute_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)  # as the layer would
+    assert grads.keys() == expected.keys()
     assert loss.item() == pytest.approx(expected_loss.item(), rel=tolerance)
     for name, grad in grads.items():
         scale = expected[name].abs().max().item()
