@@ -58,7 +58,7 @@ def install(model) -> bool:
         expected = model(input_ids=tokens).logits
         replacement = HiddenStatesHead(head.weight)
         setattr(parent, name, replacement)
-        with hidden_states_out(model):
+        with hidden_states_out(replacement):
             hidden = model(input_ids=tokens).logits
         exact = hidden.shape[-1] == head.in_features and torch.allclose(
             F.linear(hidden, head.weight).float(), expected.float(), atol=1e-5, rtol=1e-4
@@ -79,9 +79,8 @@ def chunked_head(model) -> HiddenStatesHead | None:
 
 
 @contextlib.contextmanager
-def hidden_states_out(model) -> Iterator[None]:
-    """Within: the model's forward returns hidden states as its `logits`."""
-    head = chunked_head(model)
+def hidden_states_out(head: HiddenStatesHead) -> Iterator[None]:
+    """Within: the forward of the model that holds `head` returns hidden states as its `logits`."""
     head.pass_through = True
     try:
         yield
@@ -91,7 +90,7 @@ def hidden_states_out(model) -> Iterator[None]:
 
 def loss_sum(model, head: HiddenStatesHead, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the targets that are not -100, the logits computed chunk by chunk."""
-    with hidden_states_out(model):
+    with hidden_states_out(head):
         hidden = model(input_ids=input_ids).logits
     return LinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(), head.compute_dtype)
 

@@ -367,9 +367,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                 meter.add(training.forward_backward(model, batch, accelerator, window, sync=step_now), batch)
                 if not step_now:
                     continue
-                skip = meter.end_step(state.global_step + 1)
-                if not run.skips_on_device:  # this optimizer needs the host to decide: it waits every step
-                    check_finite(run, state, meter)
+                skip = skip_flag(run, state, meter)
                 training.optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
                 state.global_step += 1
                 log_now, sample, evaluate, checkpoint = scheduled(args, state, n_batches)
@@ -451,7 +449,8 @@ def set_up(args: argparse.Namespace):
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo, **trackers)
     processes.refuse_unsupported(accelerator, args, resume.checkpoint)
     processes.configure_deepspeed(accelerator, args)
-    if args.chunked_loss and not processes.optimizer_state_is_split(accelerator):  # sharded weights: not there
+    sharded = processes.optimizer_state_is_split(accelerator)
+    if args.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
         chunked_loss.install(model)
     optimizer = training.make_optimizer(model, args.lr, args.eps, args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -476,8 +475,8 @@ def set_up(args: argparse.Namespace):
         val_chars=text_chars(val_paragraphs),
         sampling=SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p),
         style_probe=None,
-        sharded=processes.optimizer_state_is_split(accelerator),
-        skips_on_device=training.skips_on_device(optimizer) and not processes.optimizer_state_is_split(accelerator),
+        sharded=sharded,
+        skips_on_device=training.skips_on_device(optimizer) and not sharded,
     )
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
     for warning in questionable_settings(args, len(train_loader), total_steps):
@@ -622,11 +621,16 @@ def log_step(run: Run, state, log, bar, meter) -> None:
     log.metrics(state.global_step, state.current_epoch, train_loss=loss, train_lr=lr)
 
 
-def check_finite(run: Run, state, meter) -> None:
-    """For optimizers that cannot skip a step on the device: the host reads the flag before the step."""
+def skip_flag(run: Run, state, meter):
+    """The step's flag for the optimizer, on the device: 1.0 if its loss was not finite. An optimizer that
+    cannot skip a step on the device gets none: the host reads the flag first (and waits for the device)."""
+    flag = meter.end_step(state.global_step + 1)
+    if run.skips_on_device:
+        return flag
     failed_step, failed_loss = (number.item() for number in (meter.first_failed_step, meter.failed_loss))
     if failed_step:
         raise CliError(non_finite_loss(run, state, failed_step, failed_loss))
+    return None
 
 
 def log_samples(run: Run, state, log) -> None:

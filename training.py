@@ -182,14 +182,16 @@ def skips_on_device(optimizer) -> bool:
     return isinstance(inner, torch.optim.Adam) and bool(inner.defaults.get("fused"))
 
 
-def optimizer_step(model, optimizer, scheduler, accelerator, max_grad_norm: float, skip: torch.Tensor) -> None:
-    """Clip, step, zero the gradients, schedule. `skip` (1.0 on the device: the step's loss was not finite)
-    makes a fused AdamW leave weights and moments as they are, without the host reading it."""
+def optimizer_step(
+    model, optimizer, scheduler, accelerator, max_grad_norm: float, skip: torch.Tensor | None = None
+) -> None:
+    """Clip, step, zero the gradients, schedule. `skip` (1.0 on the device: the step's loss was not finite;
+    only for an optimizer that `skips_on_device`) makes it leave weights and moments as they are, without
+    the host reading the flag."""
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if skips_on_device(optimizer):
-        inner.found_inf = skip
+    if skip is not None:
+        getattr(optimizer, "optimizer", optimizer).found_inf = skip
     optimizer.step()
     optimizer.zero_grad()
     scheduler.step()

@@ -101,37 +101,6 @@ def test_the_logged_loss_is_the_mean_since_the_last_log_point(tmp_path, tiny_mod
     assert load_file(Path(tmp_path / "out/model.safetensors"))
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
-def test_right_padding_needs_no_attention_mask_in_training(architecture):
-    """Why lm_loss_sum passes none: under causal attention the real tokens' logits are bitwise the same."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    from dataset import collate
-
-    small = dict(vocab_size=100, bos_token_id=0, eos_token_id=0)
-    config = {
-        "gpt2": GPT2Config(n_layer=2, n_embd=64, n_head=4, **small),
-        "llama": LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **small,
-        ),
-    }[architecture]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    batch = collate([[1, 5, 7, 9, 11, 13], [1, 4, 4]], pad_id=0)
-    masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    unmasked = model(input_ids=batch["input_ids"]).logits
-    real = batch["attention_mask"].bool()
-    assert torch.equal(masked[real], unmasked[real])
-
-
-# ---- the chunked output layer and loss ---------------------------------------------------------------
-
-
 def tiny_model(architecture: str, vocab: int = 300):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -150,6 +119,22 @@ def tiny_model(architecture: str, vocab: int = 300):
     }[architecture]
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_right_padding_needs_no_attention_mask_in_training(architecture):
+    """Why lm_loss_sum passes none: under causal attention the real tokens' logits are bitwise the same."""
+    from dataset import collate
+
+    model = tiny_model(architecture).eval()
+    batch = collate([[1, 5, 7, 9, 11, 13], [1, 4, 4]], pad_id=0)
+    masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    unmasked = model(input_ids=batch["input_ids"]).logits
+    real = batch["attention_mask"].bool()
+    assert torch.equal(masked[real], unmasked[real])
+
+
+# ---- the chunked output layer and loss ---------------------------------------------------------------
 
 
 def loss_and_gradients(model, batch: dict, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
