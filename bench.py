@@ -9,14 +9,18 @@ the seed's way and Hugging Face's Trainer, and full fine-tuning against LoRA and
 Contenders, each in its own fresh process (so its peak memory is its own), on the same model config with
 random weights (the FLOPs are the real ones) and the same Austen paragraphs:
   ours              this project: one batched tokenizer call, packed blocks, --precision (auto: bf16 where native),
-                    the output layer and loss in chunks (chunked_loss.py)
-  ours-unchunked    the same with the model's own output layer and a whole-batch fp32 log-softmax
-  ours-fp32         the same loop in fp32
+                    the output layer and loss in chunks (chunked_loss.py), the GELU fused (fused.py)
+  ours-unfused      the same loop on the model as transformers builds it: its own output layer and GELU, and a
+                    whole-batch fp32 log-softmax
+  ours-fp32         ours in fp32
   seed              the seed's way: per-paragraph Python tokenization, every example padded to --block-size,
                     pads trained on, fp32
   trainer-ours      transformers.Trainer in fp32, fed our exact packed batches
+  trainer-amp       the same at ours' mixed precision (bf16=True, or fp16=True where ours is fp16)
   trainer-collator  transformers.Trainer in fp32 with its usual DataCollatorForLanguageModeling(mlm=False):
                     one paragraph per example, padded per batch
+  ours-unchunked    ours with the model's own output layer and a whole-batch loss (the GELU fused)
+  ours-compile      ours with torch.compile (inductor), as train.py --compile; its compile time falls in warm-up
   lora, qlora       our loop training LoRA adapters (on a 4-bit base for qlora)
 Generation (unless --gen-samples 0): inference.py's sampling, --gen-samples x --gen-tokens new tokens from one
 batched `generate` call with the KV cache, against one call per sample, in generated tokens/s.
@@ -47,14 +51,19 @@ PRESETS = {  # GPT-2 sizes by name, so no Hub access is needed; anything else is
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
 }
-CONTENDERS = ["ours", "ours-unchunked", "ours-fp32", "seed", "trainer-ours", "trainer-collator", "lora", "qlora"]
+CONTENDERS = [  # the first 7 run by default
+    "ours", "ours-unfused", "ours-fp32", "seed", "trainer-ours", "trainer-amp", "trainer-collator",
+    "ours-unchunked", "ours-compile", "lora", "qlora",
+]  # fmt: skip
+MIXED_PRECISION = {"ours", "ours-unfused", "ours-unchunked", "ours-compile", "trainer-amp", "lora", "qlora"}
+MODEL_AS_BUILT = {"seed", "ours-unfused"}  # no chunked loss, no fused GELU: the model's own layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     add_flag(p, "--config", default="gpt2", help=f"model config: {', '.join(PRESETS)}, gpt2-tiny or a config folder")
     add_flag(
-        p, "--modes", nargs="+", choices=CONTENDERS, default=CONTENDERS[:6], help="contenders, first is the baseline"
+        p, "--modes", nargs="+", choices=CONTENDERS, default=CONTENDERS[:7], help="contenders, first is the baseline"
     )
     add_flag(p, "--steps", type=int, default=4, help="timed optimizer steps per contender")
     add_flag(p, "--warmup", type=int, default=2, help="untimed steps first (allocator, kernels, caches)")
@@ -203,13 +212,18 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     and with `profile` a profile of one more step (the last batch, untimed)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import TorchDynamoPlugin
 
     import chunked_loss
+    import fused
     import training
 
-    accelerator = Accelerator(mixed_precision=precision)
-    if mode not in ("seed", "ours-unchunked"):  # as train.py does by default
-        chunked_loss.install(model)
+    dynamo = TorchDynamoPlugin(backend="inductor" if mode == "ours-compile" else "no")
+    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
+    if mode not in MODEL_AS_BUILT:  # as train.py does by default
+        fused.fuse_activations(model)
+        if mode != "ours-unchunked":
+            chunked_loss.install(model)
     optimizer = training.make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -238,8 +252,8 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     return seconds, profile_step(lambda: step(last))
 
 
-def train_with_trainer(model, batches: list[dict], workdir: Path) -> list[float]:
-    """Seconds per optimizer step of transformers.Trainer (fp32), fed exactly `batches` in order."""
+def train_with_trainer(model, batches: list[dict], workdir: Path, precision: str) -> list[float]:
+    """Seconds per optimizer step of transformers.Trainer at `precision`, fed exactly `batches` in order."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -274,8 +288,8 @@ def train_with_trainer(model, batches: list[dict], workdir: Path) -> list[float]
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        fp16=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         seed=0,
     )
     timer = StepTimer()
@@ -314,7 +328,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     from training import resolve_precision
     from utils import load_tokenizer
 
-    own_precision = resolve_precision(args.precision) if mode in ("ours", "ours-unchunked", "lora", "qlora") else "no"
+    own_precision = resolve_precision(args.precision) if mode in MIXED_PRECISION else "no"
     device = PartialState().device
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
     examples, prep_seconds, cached_seconds = prepare_examples(mode, tokenizer, args.block_size)
@@ -328,7 +342,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         trainable, total = parameter_counts(model)
         config = model_config(args.config)
         if mode.startswith("trainer"):
-            seconds, profiled = train_with_trainer(model, batches, Path(workdir)), None
+            seconds, profiled = train_with_trainer(model, batches, Path(workdir), own_precision), None
         else:
             seconds, profiled = train_own_loop(model, batches, own_precision, mode, profile)
     timed = list(zip(seconds[args.warmup :], batches[args.warmup : len(seconds)], strict=True))

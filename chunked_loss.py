@@ -5,7 +5,9 @@ in fp32, then as much again for the log-softmax and for its gradient), and their
 fifth of a CPU step. Here the hidden states are projected a chunk of tokens at a time; each chunk's loss
 and its gradients (softmax minus one-hot, times the weight and times the hidden states) are computed at
 once, and the chunk's logits are dropped before the next (the approach of Liger's fused linear
-cross-entropy, in plain PyTorch). Backward then only scales the stored gradients.
+cross-entropy, in plain PyTorch). Backward then only scales the stored gradients. On CUDA, where Apple's
+Cut Cross-Entropy is installed (`pip install cut-cross-entropy`), its Triton kernel does the same without
+writing even a chunk's logits to memory.
 
 The model keeps its output layer: `HiddenStatesHead` takes its place and its weight (under the same name,
 so checkpoints and tied embeddings are unchanged), passing hidden states through while the loss is
@@ -15,6 +17,8 @@ computed, and computing logits as before everywhere else (sampling, generation, 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -92,7 +96,23 @@ def loss_sum(model, head: HiddenStatesHead, input_ids: torch.Tensor, targets: to
     """Cross-entropy summed over the targets that are not -100, the logits computed chunk by chunk."""
     with hidden_states_out(head):
         hidden = model(input_ids=input_ids).logits
-    return LinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(), head.compute_dtype)
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    if uses_fused_kernel(hidden.device, head.compute_dtype):
+        from cut_cross_entropy import linear_cross_entropy
+
+        compute = head.compute_dtype
+        return linear_cross_entropy(hidden.to(compute), head.weight.to(compute), targets, reduction="sum").float()
+    return LinearCrossEntropy.apply(hidden, head.weight, targets, head.compute_dtype)
+
+
+def uses_fused_kernel(device: torch.device, compute: torch.dtype) -> bool:
+    """Whether the loss runs in Cut Cross-Entropy's kernel: on CUDA, in bf16 or fp16, where it is installed."""
+    return device.type == "cuda" and compute in (torch.bfloat16, torch.float16) and _cut_cross_entropy_installed()
+
+
+@functools.cache
+def _cut_cross_entropy_installed() -> bool:
+    return importlib.util.find_spec("cut_cross_entropy") is not None
 
 
 class LinearCrossEntropy(torch.autograd.Function):

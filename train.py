@@ -145,6 +145,14 @@ def add_optimization_flags(group) -> None:
         "logits of a whole batch never exist (much less memory with a large vocabulary). Not under FSDP or "
         "DeepSpeed, nor where the logits are more than a bias-free projection (checked at the start)",
     )
+    add_bool_flag(
+        group,
+        "--fused-activations",
+        default=True,
+        help="run GPT-2's (and Phi's) tanh GELU, written in transformers as 7 elementwise operations that each keep "
+        "their output for backward, as PyTorch's one fused kernel: the same function within rounding, less memory "
+        "and time. Saved models are unchanged",
+    )
     add_bool_flag(group, "--compile", help="torch.compile the model (inductor); pays a compile time at start")
     add_flag(group, "--seed", type=int, default=42, help="seed of the split, the data order and new weights")
 
@@ -412,6 +420,7 @@ def set_up(args: argparse.Namespace):
 
     import checkpoints
     import chunked_loss
+    import fused
     import processes
     import training
     import utils
@@ -452,6 +461,8 @@ def set_up(args: argparse.Namespace):
     sharded = processes.optimizer_state_is_split(accelerator)
     if args.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
         chunked_loss.install(model)
+    if args.fused_activations:
+        fused.fuse_activations(model)
     optimizer = training.make_optimizer(model, args.lr, args.eps, args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
@@ -545,7 +556,7 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
         f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
         f"model: {args.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}, {loss_path(run.model)}\n"
+        f"mixed precision {accelerator.mixed_precision}, {hot_path(run.model, accelerator)}\n"
         f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
         f"accumulated x {processes}), {total_steps // args.epochs} steps per epoch, {total_steps} in all\n"
         f"schedule: AdamW lr {args.lr:g}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0 at "
@@ -553,12 +564,20 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     )
 
 
-def loss_path(model) -> str:
-    from chunked_loss import CHUNK_TOKENS, chunked_head
+def hot_path(model, accelerator) -> str:
+    """How the output layer, the loss and the activations run (chunked_loss.py, fused.py)."""
+    from chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
+    from fused import fused_activations
+    from training import compute_dtype
 
-    if chunked_head(model):
-        return f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
-    return "the model's own output layer and a whole-batch loss"
+    if not chunked_head(model):
+        loss = "the model's own output layer and a whole-batch loss"
+    elif uses_fused_kernel(accelerator.device, compute_dtype(accelerator.mixed_precision)):
+        loss = "output layer and loss in Cut Cross-Entropy's kernel"
+    else:
+        loss = f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
+    fused = fused_activations(model)
+    return loss + (f", {fused} activations in PyTorch's fused GELU" if fused else "")
 
 
 def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, total_steps: int) -> list[str]:

@@ -214,3 +214,84 @@ def test_an_output_layer_that_is_more_than_a_projection_keeps_its_own_path():
     head = model.lm_head
     assert not chunked_loss.install(model)
     assert model.lm_head is head and chunked_loss.chunked_head(model) is None
+
+
+# ---- the fused GELU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_the_fused_gelu_has_the_same_value_and_gradients(precision, tolerance):
+    """GPT-2's gelu_new as PyTorch's one kernel: the model's loss and every gradient as before, its config and
+    weights' names unchanged (so saved models are the same)."""
+    from transformers.activations import NewGELUActivation
+
+    import fused
+    from dataset import collate
+
+    model = tiny_model("gpt2")
+    assert model.config.activation_function == "gelu_new"
+    batch = collate([list(range(1, 20)), [5, 6, 7, 8, 9]], pad_id=0)
+    expected_loss, expected = loss_and_gradients(model, batch, precision)
+    assert fused.fuse_activations(model) == 2 == fused.fused_activations(model)  # one per block
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    loss, grads = loss_and_gradients(model, batch, precision)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=tolerance)
+    for name, grad in grads.items():
+        scale = expected[name].abs().max().item()
+        assert (grad - expected[name]).abs().max().item() <= tolerance * scale + 1e-8, name
+    assert model.config.activation_function == "gelu_new"
+    assert set(model.state_dict()) == set(tiny_model("gpt2").state_dict())
+    assert fused.fuse_activations(tiny_model("llama")) == 0  # SiLU: already one kernel
+
+
+def test_the_fused_gelu_keeps_less_for_backward():
+    """What it is for: the tensors autograd keeps for one MLP activation, before and after."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    import fused
+
+    def saved_bytes(activation) -> int:
+        kept = []
+        with saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+            activation(torch.randn(64, 256, requires_grad=True))
+        return sum(kept)
+
+    model = tiny_model("gpt2")
+    unfused = saved_bytes(model.transformer.h[0].mlp.act)
+    fused.fuse_activations(model)
+    assert saved_bytes(model.transformer.h[0].mlp.act) * 4 <= unfused
+
+
+# ---- on CUDA (the GPU check, scripts/gpu_check.sh, runs these; skipped elsewhere) --------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["chunks", "cut-cross-entropy"])
+def test_on_cuda_the_chunked_loss_has_the_same_value_and_gradients(kernel, monkeypatch):
+    """bf16 on the GPU, GPT-2 with its tied output layer: our chunks, and Cut Cross-Entropy's kernel where it
+    is installed, against the model's own output layer and a whole-batch loss."""
+    import chunked_loss
+    from dataset import collate
+
+    if kernel == "cut-cross-entropy":
+        pytest.importorskip("cut_cross_entropy")
+    else:
+        monkeypatch.setattr(chunked_loss, "_cut_cross_entropy_installed", lambda: False)
+    monkeypatch.setattr(chunked_loss, "CHUNK_TOKENS", 7)
+    model = tiny_model("gpt2", vocab=5000).cuda()
+    batch = {k: v.cuda() for k, v in collate([list(range(1, 40)), [5, 6, 7, 8, 9]], pad_id=0).items()}
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, n = training.lm_loss_sum(model, batch)
+        (loss / n).backward()
+        return loss.item(), {k: p.grad.float().clone() for k, p in model.named_parameters()}
+
+    expected_loss, expected = loss_and_grads()
+    assert chunked_loss.install(model)
+    assert chunked_loss.uses_fused_kernel(batch["input_ids"].device, torch.bfloat16) == (kernel != "chunks")
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(expected_loss, rel=2e-2)
+    for name, grad in grads.items():
+        assert (grad - expected[name]).abs().max().item() <= 2e-2 * expected[name].abs().max().item() + 1e-6, name

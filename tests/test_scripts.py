@@ -39,7 +39,7 @@ def test_bench_quick_with_its_defaults(tmp_path):
     result = run_script("bench.py", "--quick", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
-    for mode in ["ours", "ours-unchunked", "ours-fp32", "seed", "trainer-ours", "trainer-collator"]:
+    for mode in ["ours", "ours-unfused", "ours-fp32", "seed", "trainer-ours", "trainer-amp", "trainer-collator"]:
         assert f"| {mode} |" in table
     assert "| ours | " in table and "1.00x" in table and "MFU" not in table
     assert "one batched call (inference.py)" in table
@@ -63,3 +63,19 @@ def test_bench_adapters_and_mfu_against_a_stated_peak(tmp_path):
     )
     markdown = (tmp_path / "bench.md").read_text()
     assert "MFU (1.5 TFLOP/s peak)" in markdown and "| qlora |" in markdown
+
+
+def test_the_gpu_check_asks_bench_for_what_it_has():
+    """scripts/gpu_check.sh runs only where a GPU is lent: its bench.py lines must parse here, or the rare GPU
+    session is lost to a typo."""
+    import shlex
+
+    import bench
+
+    script = (REPO / "scripts/gpu_check.sh").read_text().replace("\\\n", " ")
+    invocations = [shlex.split(line)[2:] for line in script.splitlines() if line.startswith("python bench.py ")]
+    assert len(invocations) == 3
+    for argv in invocations:
+        args = bench.parse_args([a.replace("$peak", "989").replace("$out", "out") for a in argv])
+        assert args.markdown and set(args.modes) <= set(bench.CONTENDERS)
+    assert "--card-peak-tflops" in invocations[0] and "16" in invocations[0] and "1024" in invocations[0]
