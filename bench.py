@@ -9,9 +9,10 @@ the seed's way and Hugging Face's Trainer, and full fine-tuning against LoRA and
 Contenders, each in its own fresh process (so its peak memory is its own), on the same model config with
 random weights (the FLOPs are the real ones) and the same Austen paragraphs:
   ours              this project: one batched tokenizer call, packed blocks, --precision (auto: bf16 where native),
-                    the output layer and loss in chunks (chunked_loss.py), the GELU fused (fused.py)
-  ours-unfused      the same loop on the model as transformers builds it: its own output layer and GELU, and a
-                    whole-batch fp32 log-softmax
+                    the output layer and loss in chunks (chunked_loss.py), the GELU fused and, on a CPU,
+                    attention with dropout recomputed in backward (lean_layers.py)
+  ours-unfused      the same loop on the model as transformers builds it: its own output layer, GELU and
+                    attention, and a whole-batch fp32 log-softmax
   ours-fp32         ours in fp32
   seed              the seed's way: per-paragraph Python tokenization, every example padded to --block-size,
                     pads trained on, fp32
@@ -19,11 +20,12 @@ random weights (the FLOPs are the real ones) and the same Austen paragraphs:
   trainer-amp       the same at ours' mixed precision (bf16=True, or fp16=True where ours is fp16)
   trainer-collator  transformers.Trainer in fp32 with its usual DataCollatorForLanguageModeling(mlm=False):
                     one paragraph per example, padded per batch
-  ours-unchunked    ours with the model's own output layer and a whole-batch loss (the GELU fused)
+  ours-unchunked    ours with the model's own output layer and a whole-batch loss (the other layers as ours)
   ours-compile      ours with torch.compile (inductor), as train.py --compile; its compile time falls in warm-up
   lora, qlora       our loop training LoRA adapters (on a 4-bit base for qlora)
 Generation (unless --gen-samples 0): inference.py's sampling, --gen-samples x --gen-tokens new tokens from one
-batched `generate` call with the KV cache, against one call per sample, in generated tokens/s.
+batched `generate` call with the KV cache, against one call per sample, then one sample of --gen-long-contexts
+times the model's context (the window slides), in generated tokens/s.
 Reported: whole-corpus data preparation seconds, from reading the pickle to token blocks (ours also again from
 its tokenized cache); useful (non-pad) tokens/s, the median over the timed
 steps after warm-up; peak memory (max allocated on CUDA, peak RSS on CPU); achieved FLOP/s (6N + 12LdT per
@@ -56,7 +58,7 @@ CONTENDERS = [  # the first 7 run by default
     "ours-unchunked", "ours-compile", "lora", "qlora",
 ]  # fmt: skip
 MIXED_PRECISION = {"ours", "ours-unfused", "ours-unchunked", "ours-compile", "trainer-amp", "lora", "qlora"}
-MODEL_AS_BUILT = {"seed", "ours-unfused"}  # no chunked loss, no fused GELU: the model's own layers
+MODEL_AS_BUILT = {"seed", "ours-unfused"}  # the model's own layers: no chunked loss, no lean_layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--targets-lora", nargs="+", default=["auto"], help="layers with adapters, as train.py's")
     add_flag(p, "--gen-samples", type=int, default=3, help="samples in the generation benchmark (0: skip it)")
     add_flag(p, "--gen-tokens", type=int, default=300, help="new tokens per sample in the generation benchmark")
+    add_flag(
+        p,
+        "--gen-long-contexts",
+        type=float,
+        default=1.5,
+        help="then one sample of this many model contexts of new tokens (the window slides); 0 skips it",
+    )
     add_flag(
         p,
         "--card-peak-tflops",
@@ -215,13 +224,14 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     from accelerate.utils import TorchDynamoPlugin
 
     import chunked_loss
-    import fused
+    import lean_layers
     import training
 
     dynamo = TorchDynamoPlugin(backend="inductor" if mode == "ours-compile" else "no")
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
     if mode not in MODEL_AS_BUILT:  # as train.py does by default
-        fused.fuse_activations(model)
+        lean_layers.fuse_activations(model)
+        lean_layers.recompute_attention(model, accelerator.device)
         if mode != "ours-unchunked":
             chunked_loss.install(model)
     optimizer = training.make_optimizer(model, lr=1e-4)
@@ -307,10 +317,10 @@ def matmul_peak(precision: str, device) -> float:
     from training import compute_dtype
 
     dtype = compute_dtype(precision)
-    n = 4096 if torch.cuda.is_available() else 1024
+    n = 4096 if torch.cuda.is_available() else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(6):
+    for _ in range(10):
         started = time.perf_counter()
         a @ b
         if torch.cuda.is_available():
@@ -337,6 +347,9 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     if len(examples) < n * args.batch_size:
         raise UserError(f"the corpus has too few examples for {n} steps of {args.batch_size}")
     batches = batches_for(mode, examples, n, args, tokenizer)
+    peak = matmul_peak(own_precision, device)  # again after training: the best of both (a shared machine varies)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak memory is training's alone
     with tempfile.TemporaryDirectory() as workdir:
         model = build(mode, args, own_precision, device, Path(workdir))
         trainable, total = parameter_counts(model)
@@ -352,7 +365,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     # layer) plus attention scores and values (nanoGPT's estimate_mfu); position embeddings excluded.
     weights = total - config.n_positions * config.n_embd
     flops_per_token = 6 * weights + 12 * config.n_layer * config.n_embd * args.block_size
-    peak = matmul_peak(own_precision, device)
+    peak = max(peak, matmul_peak(own_precision, device))
     on_cuda = torch.cuda.is_available()
     memory = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -375,54 +388,61 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
 
 
 def measure_generation(args: argparse.Namespace) -> dict:
-    """Generated tokens/s of inference.py's sampling: all samples in one batched call, then one call each."""
+    """Generated tokens/s of inference.py's sampling: all samples in one batched call, then one call each, then
+    one sample longer than the context (the window slides)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from generation import SamplingSettings, generate_ids
+    from generation import SamplingSettings, context_length, prompt_ids, sample_ids
     from training import default_device
     from utils import load_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.config)).to(default_device()).eval()
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))
-    settings = SamplingSettings(max_new_tokens=args.gen_tokens)
-    prompt = "It is a truth universally acknowledged"
-    prompt_length = 1 + len(tokenizer.encode(prompt))
+    ids, eot = prompt_ids(tokenizer, "It is a truth universally acknowledged"), tokenizer.eos_token_id
+    long_tokens = int(args.gen_long_contexts * context_length(model))
 
-    def tokens_per_second(n: int, calls: int) -> float:
+    def tokens_per_second(n: int, calls: int, tokens: int) -> float:
+        settings = SamplingSettings(max_new_tokens=tokens, paragraphs=None)  # every sample its full length
         started, generated = time.perf_counter(), 0
         for call in range(calls):
-            new = generate_ids(model, tokenizer, prompt, n, settings, seed=call)[:, prompt_length:]
-            ended = (new == tokenizer.eos_token_id).cumsum(dim=1) > 0  # pads after the first end-of-text
-            generated += int((~ended).sum()) + int(ended.any(dim=1).sum())
+            generated += sum(len(row) for row in sample_ids(model, [ids] * n, settings, call, eot))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return generated / (time.perf_counter() - started)
 
-    generate_ids(model, tokenizer, prompt, 1, SamplingSettings(max_new_tokens=8), seed=0)  # warm-up
+    tokens_per_second(1, 1, 8)  # warm-up
     return {
         "samples": args.gen_samples,
         "new_tokens": args.gen_tokens,
-        "batched_tokens_per_s": tokens_per_second(args.gen_samples, 1),
-        "one_by_one_tokens_per_s": tokens_per_second(1, args.gen_samples),
+        "batched_tokens_per_s": tokens_per_second(args.gen_samples, 1, args.gen_tokens),
+        "one_by_one_tokens_per_s": tokens_per_second(1, args.gen_samples, args.gen_tokens),
+        "context": context_length(model),
+        "long_tokens": long_tokens,
+        "long_tokens_per_s": tokens_per_second(1, 1, long_tokens) if long_tokens else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
 
 def generation_table(result: dict, args: argparse.Namespace) -> str:
     ratio = result["batched_tokens_per_s"] / result["one_by_one_tokens_per_s"]
-    return "\n".join(
-        [
-            f"Generation, {args.config} (fp32, KV cache, top-k 50, top-p 0.95) on {result['device']}: "
-            f"{result['samples']} samples x {result['new_tokens']} new tokens",
-            "",
-            "| sampling | generated tokens/s | vs one by one |",
-            "|---|---|---|",
-            f"| one batched call (inference.py) | {result['batched_tokens_per_s']:,.0f} | {ratio:.2f}x |",
-            f"| one call per sample | {result['one_by_one_tokens_per_s']:,.0f} | 1.00x |",
-        ]
-    )
+    lines = [
+        f"Generation, {args.config} (fp32, KV cache, top-k 50, top-p 0.95) on {result['device']}: "
+        f"{result['samples']} samples x {result['new_tokens']} new tokens",
+        "",
+        "| sampling | generated tokens/s | vs one by one |",
+        "|---|---|---|",
+        f"| one batched call (inference.py) | {result['batched_tokens_per_s']:,.0f} | {ratio:.2f}x |",
+        f"| one call per sample | {result['one_by_one_tokens_per_s']:,.0f} | 1.00x |",
+    ]
+    if result["long_tokens_per_s"]:
+        long_ratio = result["long_tokens_per_s"] / result["one_by_one_tokens_per_s"]
+        lines.append(
+            f"| one sample of {result['long_tokens']:,} tokens, {result['context']:,}-token context (the window "
+            f"slides) | {result['long_tokens_per_s']:,.0f} | {long_ratio:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def results_table(results: list[dict], args: argparse.Namespace) -> str:
@@ -468,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.steps >= 1 and args.warmup >= 0, "--steps must be at least 1 and --warmup at least 0"),
             (args.batch_size >= 1 and args.block_size >= 2, "--batch-size must be at least 1, --block-size 2"),
             (args.gen_samples >= 0 and args.gen_tokens >= 1, "--gen-samples must be 0 or more, --gen-tokens 1 or more"),
+            (args.gen_long_contexts >= 0, "--gen-long-contexts must be 0 (skip) or more"),
             (args.card_peak_tflops is None or args.card_peak_tflops > 0, "--card-peak-tflops must be positive"),
         ]
     )

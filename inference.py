@@ -2,16 +2,23 @@
 
   python inference.py --model-path GPT2_fine_tuned_Austen --prompt "It was a fine morning"
   python inference.py --model-path Checkpoints/Epoch_2 --prompt "Emma" --n-return-seqs 5 --seed 1
+  python inference.py --prompt "Emma" --max-new-tokens 3000 --paragraphs 12 --output emma.md   # longer than the context
+  python inference.py --prompts-file data/eval_prompts.txt --output samples.jsonl
+  python inference.py --interactive                                  # the model loaded once, prompt after prompt
   python inference.py --model-path my_adapters --load-in-4bit --base-model gpt2-medium --prompt "Emma"
 
 A folder of LoRA/QLoRA adapters (adapter_config.json) is recognised and loaded on its base model.
-All samples come from one batched `generate` call with the KV cache, using the tokenizer saved with
-the model; each starts as a new paragraph and stops at end-of-text.
+Samples come from batched `generate` calls with the KV cache, using the tokenizer saved with the model;
+each starts as a new paragraph and stops after --paragraphs end-of-text tokens or its length. A length
+beyond the model's context slides the window (generation.py says how far back the model sees).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import shlex
+import sys
 
 from cli import (
     ArgumentParser,
@@ -29,14 +36,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     add_flag(p, "--model-path", default="GPT2_fine_tuned_Austen", help="model or adapter folder, or a Hub id")
     add_flag(p, "--prompt", default="", help="text the samples continue; empty starts a fresh paragraph")
-    add_flag(p, "--n-return-seqs", type=int, default=3, help="number of samples")
-    add_flag(p, "--max-length", type=int, default=300, help="tokens per sample with the prompt, within the context")
-    add_flag(p, "--max-new-tokens", type=int, default=None, help="tokens after the prompt; overrides --max-length")
+    add_flag(p, "--prompts-file", default=None, help="a text file of prompts, one per line (# comments), instead")
+    add_bool_flag(p, "--interactive", help="load the model once, then read prompts and :commands (:help lists them)")
+    add_flag(p, "--n-return-seqs", type=int, default=3, help="samples per prompt")
+    add_flag(p, "--max-length", type=int, default=300, help="tokens per sample with the prompt")
+    add_flag(
+        p,
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens after the prompt; overrides --max-length; more than the model's context slides the window",
+    )
+    add_flag(p, "--paragraphs", type=int, default=1, help="stop a sample after this many paragraphs (end-of-text)")
     add_flag(p, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
     add_flag(p, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
     add_flag(p, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative")
     add_flag(p, "--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens; 1.0 is none")
-    add_flag(p, "--seed", type=int, default=None, help="makes samples reproducible; without it they differ each run")
+    add_flag(p, "--seed", type=int, default=None, help="makes samples reproducible; without it one is drawn and kept")
+    add_flag(
+        p,
+        "--output",
+        default=None,
+        help="append the samples, with the model, prompt, settings, seed, date and the command that draws them "
+        "again, to this .jsonl (a record per sample) or .md (for reading) file",
+    )
     add_flag(p, "--base-model", default=None, help="base model of an adapter folder (default: its adapter_config.json)")
     add_bool_flag(p, "--load-in-4bit", help="quantize the (base) model to 4-bit NF4 with bitsandbytes")
     add_original_qlora_flag(p)
@@ -45,35 +68,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    rules = [
-        (args.n_return_seqs >= 1, "--n-return-seqs must be at least 1"),
-        (args.max_length >= 1, "--max-length must be at least 1"),
-        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-        (args.top_k >= 0, "--top-k must be 0 (off) or more"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1], e.g. 0.95"),
-        (args.temperature > 0, "--temperature must be positive, e.g. 0.8"),
-        (args.repetition_penalty > 0, "--repetition-penalty must be positive, e.g. 1.1"),
-    ]
-    require(rules)
+def check_settings(settings, n: int, prefix: str = "--") -> None:
+    """Refuse sampling settings that cannot sample; names are flags (prefix '--') or session commands (':')."""
+    require(
+        [
+            (n >= 1, f"{prefix}n-return-seqs must be at least 1"),
+            (settings.max_length >= 1, f"{prefix}max-length must be at least 1"),
+            (settings.max_new_tokens is None or settings.max_new_tokens >= 1, f"{prefix}max-new-tokens must be 1+"),
+            (settings.paragraphs is None or settings.paragraphs >= 1, f"{prefix}paragraphs must be at least 1"),
+            (settings.top_k >= 0, f"{prefix}top-k must be 0 (off) or more"),
+            (0 < settings.top_p <= 1, f"{prefix}top-p must be in (0, 1], e.g. 0.95"),
+            (settings.temperature > 0, f"{prefix}temperature must be positive, e.g. 0.8"),
+            (settings.repetition_penalty > 0, f"{prefix}repetition-penalty must be positive, e.g. 1.1"),
+        ]
+    )
+
+
+def sampling_settings(args: argparse.Namespace):
+    from generation import SamplingSettings
+
+    return SamplingSettings(
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+        paragraphs=args.paragraphs,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_args(args)
+    settings = sampling_settings(args)
+    check_settings(settings, args.n_return_seqs)
+    require([(not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one")])
+
+    import sample_log
+    import session
+    from generation import fresh_seed, generate_paragraphs, read_prompts, rows_per_call, sample_prompts
+
+    # Every check on the user's input before the model loads (which takes long, and may download).
+    output = sample_log.check_output(args.output) if args.output else None
+    prompts = read_prompts(args.prompts_file, "--prompts-file") if args.prompts_file else [args.prompt]
+    at_terminal = session.check_stdin(sys.stdin) if args.interactive else False
     quiet_libraries()
 
-    from generation import SamplingSettings, generate_paragraphs
     from utils import load_for_sampling, load_tokenizer
 
     model = load_for_sampling(args.model_path, args.base_model, args.load_in_4bit)
     tokenizer = load_tokenizer(args.model_path)
-    settings = SamplingSettings(
-        args.max_length, args.max_new_tokens, args.top_k, args.top_p, args.temperature, args.repetition_penalty
-    )
-    samples = generate_paragraphs(model, tokenizer, args.prompt, args.n_return_seqs, settings, args.seed)
-    for number, text in enumerate(samples, 1):
-        print(f"{number}. {text}\n")
+    source = sample_log.Source(args.model_path, args.base_model, args.load_in_4bit)
+
+    def keep(prompt: str, texts: list[str], settings, seed: int, again: str | None = None) -> None:
+        if output:
+            sample_log.append(output, sample_log.records(source, prompt, texts, settings, seed, again))
+
+    if args.interactive:
+        if at_terminal:
+            print(f"{args.model_path} loaded. A line is a prompt; :help lists the commands, Ctrl-D ends.")
+        lines = session.terminal_lines() if at_terminal else session.piped_lines(sys.stdin)
+        check = functools.partial(check_settings, prefix=":")
+        return session.Session(model, tokenizer, settings, args.n_return_seqs, args.seed, check, keep).run(lines)
+
+    seed = args.seed if args.seed is not None else fresh_seed()
+    if not args.prompts_file:
+        texts = generate_paragraphs(model, tokenizer, args.prompt, args.n_return_seqs, settings, seed)
+        print("\n\n".join(f"{number}. {text}" for number, text in enumerate(texts, 1)) + "\n")
+        keep(args.prompt, texts, settings, seed)
+        return 0
+    again = shlex.join(["python", "inference.py", *(sys.argv[1:] if argv is None else argv), "--seed", str(seed)])
+    print(f"{len(prompts)} prompts x {args.n_return_seqs} samples, up to {rows_per_call(model)} in one call")
+    for number, (prompt, texts) in enumerate(
+        zip(prompts, sample_prompts(model, tokenizer, prompts, args.n_return_seqs, settings, seed), strict=True), 1
+    ):
+        print(f"\n[{number}/{len(prompts)}] {prompt}\n")
+        print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)))
+        keep(prompt, texts, settings, seed, again)
     return 0
 
 

@@ -300,9 +300,7 @@ class StyleProbe:
             prose = ProseFeatures([p for ps in contrast.values() for p in ps], self.classifier, masked)
             self.two_sample = TwoSampleTest(val_paragraphs, prose, masked, self.DRAWS, seed=0)
         self.prompts, self.n_samples = read_prompts(repo / "data/eval_prompts.txt"), n_samples
-        self.settings = SamplingSettings(
-            max_new_tokens=self.TOKENS, top_k=top_k, top_p=top_p, stop_at_end_of_text=False
-        )
+        self.settings = SamplingSettings(max_new_tokens=self.TOKENS, top_k=top_k, top_p=top_p, paragraphs=None)
 
     def __call__(self, model, tokenizer, seed: int) -> dict[str, float]:
         from generation import generate_samples

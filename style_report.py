@@ -427,7 +427,7 @@ def sample_models(args: argparse.Namespace, prompts: list[str], val_paragraphs: 
         top_k=args.top_k,
         top_p=args.top_p,
         temperature=args.temperature,
-        stop_at_end_of_text=False,  # every sample as long as every other, for every model
+        paragraphs=None,  # every sample as long as every other, for every model
     )
     sampled = []
     for name, path in zip(args.names or args.models, args.models, strict=True):

@@ -420,7 +420,7 @@ def set_up(args: argparse.Namespace):
 
     import checkpoints
     import chunked_loss
-    import fused
+    import lean_layers
     import processes
     import training
     import utils
@@ -462,7 +462,9 @@ def set_up(args: argparse.Namespace):
     if args.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
         chunked_loss.install(model)
     if args.fused_activations:
-        fused.fuse_activations(model)
+        lean_layers.fuse_activations(model)
+    if not (args.gradient_checkpointing or sharded):  # (they recompute, or wrap, the whole block themselves)
+        lean_layers.recompute_attention(model, accelerator.device)
     optimizer = training.make_optimizer(model, args.lr, args.eps, args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
@@ -565,9 +567,9 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
 
 
 def hot_path(model, accelerator) -> str:
-    """How the output layer, the loss and the activations run (chunked_loss.py, fused.py)."""
+    """How the output layer, the loss, the activations and attention run (chunked_loss.py, lean_layers.py)."""
     from chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
-    from fused import fused_activations
+    from lean_layers import fused_activations, recomputes_attention
     from training import compute_dtype
 
     if not chunked_head(model):
@@ -577,7 +579,8 @@ def hot_path(model, accelerator) -> str:
     else:
         loss = f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
     fused = fused_activations(model)
-    return loss + (f", {fused} activations in PyTorch's fused GELU" if fused else "")
+    loss += f", {fused} activations in PyTorch's fused GELU" if fused else ""
+    return loss + (", attention with dropout recomputed in backward" if recomputes_attention(model) else "")
 
 
 def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, total_steps: int) -> list[str]:

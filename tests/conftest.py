@@ -29,14 +29,26 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 sys.path.insert(0, str(REPO))
 
 
-def run_script(
-    script: str, *args: str, cwd: Path, timeout: float = 300, env_extra: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run one of the repo's scripts as a user would, capturing its output (`env_extra`: more environment variables)."""
+def script_env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the repo's scripts run in under test: offline, the repo importable."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    env.update(env_extra or {})
+    return {**env, **(env_extra or {})}
+
+
+def run_script(
+    script: str,
+    *args: str,
+    cwd: Path,
+    timeout: float = 300,
+    env_extra: dict[str, str] | None = None,
+    stdin: str | int | None = None,
+) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would, capturing its output (`env_extra`: more environment
+    variables; `stdin`: text piped in, or subprocess.DEVNULL)."""
+    command = [sys.executable, str(REPO / script), *args]
+    given = {"input": stdin} if isinstance(stdin, str) else {"stdin": stdin}
     return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        command, cwd=cwd, env=script_env(env_extra), capture_output=True, text=True, timeout=timeout, **given
     )
 
 

@@ -225,14 +225,14 @@ def test_the_fused_gelu_has_the_same_value_and_gradients(precision, tolerance):
     weights' names unchanged (so saved models are the same)."""
     from transformers.activations import NewGELUActivation
 
-    import fused
+    import lean_layers
     from dataset import collate
 
     model = tiny_model("gpt2")
     assert model.config.activation_function == "gelu_new"
     batch = collate([list(range(1, 20)), [5, 6, 7, 8, 9]], pad_id=0)
     expected_loss, expected = loss_and_gradients(model, batch, precision)
-    assert fused.fuse_activations(model) == 2 == fused.fused_activations(model)  # one per block
+    assert lean_layers.fuse_activations(model) == 2 == lean_layers.fused_activations(model)  # one per block
     assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
     loss, grads = loss_and_gradients(model, batch, precision)
     assert loss.item() == pytest.approx(expected_loss.item(), rel=tolerance)
@@ -241,14 +241,14 @@ def test_the_fused_gelu_has_the_same_value_and_gradients(precision, tolerance):
         assert (grad - expected[name]).abs().max().item() <= tolerance * scale + 1e-8, name
     assert model.config.activation_function == "gelu_new"
     assert set(model.state_dict()) == set(tiny_model("gpt2").state_dict())
-    assert fused.fuse_activations(tiny_model("llama")) == 0  # SiLU: already one kernel
+    assert lean_layers.fuse_activations(tiny_model("llama")) == 0  # SiLU: already one kernel
 
 
 def test_the_fused_gelu_keeps_less_for_backward():
     """What it is for: the tensors autograd keeps for one MLP activation, before and after."""
     from torch.autograd.graph import saved_tensors_hooks
 
-    import fused
+    import lean_layers
 
     def saved_bytes(activation) -> int:
         kept = []
@@ -258,8 +258,46 @@ def test_the_fused_gelu_keeps_less_for_backward():
 
     model = tiny_model("gpt2")
     unfused = saved_bytes(model.transformer.h[0].mlp.act)
-    fused.fuse_activations(model)
+    lean_layers.fuse_activations(model)
     assert saved_bytes(model.transformer.h[0].mlp.act) * 4 <= unfused
+
+
+def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_result(tmp_path):
+    """GPT-2's attention dropout sends PyTorch's CPU attention to its unfused path, which keeps the whole score
+    matrices for backward; recomputing them there instead changes no bit of the loss, the gradients or the
+    random stream (the dropout masks are drawn again from the saved state), and keeps far less."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import lean_layers
+    from dataset import collate
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, attn_pdrop=0.1, n_positions=256)
+    batch = collate([list(range(1, 200)), list(range(50, 120))], pad_id=0)
+
+    def step(recompute: bool):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config).train()
+        assert lean_layers.recompute_attention(model, torch.device("cpu")) if recompute else True
+        kept = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            loss, n = training.lm_loss_sum(model, batch)
+        (loss / n).backward()
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        return model, loss, grads, torch.rand(3), sum(kept)
+
+    _, loss, grads, after, kept = step(recompute=False)
+    model, recomputed_loss, recomputed_grads, recomputed_after, recomputed_kept = step(recompute=True)
+    assert torch.equal(loss, recomputed_loss) and torch.equal(after, recomputed_after)
+    assert all(torch.equal(grads[k], recomputed_grads[k]) for k in grads)
+    scores = 2 * 4 * 199 * 199 * 4  # one layer's attention probabilities alone, fp32
+    assert recomputed_kept < kept - 2 * scores
+    assert lean_layers.recomputes_attention(model)
+    model.save_pretrained(tmp_path)
+    assert "sdpa" not in (tmp_path / "config.json").read_text()  # saved models are as before
+    assert not lean_layers.recompute_attention(GPT2LMHeadModel(config), torch.device("meta"))  # CPU only
 
 
 # ---- on CUDA (the GPU check, scripts/gpu_check.sh, runs these; skipped elsewhere) --------------------------

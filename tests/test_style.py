@@ -149,7 +149,7 @@ def test_an_adapter_folder_is_measured_as_its_base_model(adapter_dir, tiny_model
     from generation import SamplingSettings, generate_samples
 
     args = style_report.parse_args(["--models", str(adapter_dir), "--max-input-length", "64"])
-    settings = SamplingSettings(max_new_tokens=12, stop_at_end_of_text=False)
+    settings = SamplingSettings(max_new_tokens=12, paragraphs=None)
     measured = []
     for path in (adapter_dir, tiny_model_dir):
         model, tokenizer = style_report.load_model(str(path), args)

@@ -1,0 +1,272 @@
+"""inference.py's sampling: texts longer than the context, stops after paragraphs, many prompts in batched
+calls, the files it keeps, the interactive session (piped and at a terminal), and its bad input."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, assert_user_error, run_script, script_env, tiny_config
+from test_cli import run_in_process
+
+import generation
+import inference
+import sample_log
+from generation import SamplingSettings, sample_ids, window_tokens
+
+CONTEXT = 32
+EOT = 0  # the tiny tokenizer's end-of-text
+
+
+def short_context_model(eot_bias: float | None = None):
+    """A tiny random GPT-2 with a 32-token context; `eot_bias` makes end-of-text likelier (paragraphs end)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config(n_positions=CONTEXT)).eval()
+    if eot_bias is not None:
+        head = torch.nn.Linear(64, model.config.vocab_size, bias=True)
+        head.weight = model.lm_head.weight  # still tied
+        with torch.no_grad():
+            head.bias.zero_()[EOT] = eot_bias
+        model.lm_head = head
+    return model
+
+
+GREEDY = dict(top_k=1, top_p=1.0, paragraphs=None)
+
+
+def test_a_sample_longer_than_the_context_has_no_seam():
+    """Greedy, so every token is the one the model picks given what it sees: 100 new tokens from a 32-token
+    context, each equal to a fresh forward over the window the docs describe (the whole text until the
+    context fills, then the newest 3/4 of a context, then writing on to a full context): nothing repeated,
+    nothing lost, the KV cache and positions right across every slide."""
+    model = short_context_model()
+    prompt = [EOT, 5, 6, 7]
+    new = sample_ids(model, [prompt], SamplingSettings(max_new_tokens=100, **GREEDY), seed=0, eot=EOT)[0]
+    assert len(new) == 100 > CONTEXT
+    text, keep = prompt + new, window_tokens(CONTEXT)
+    assert keep == 24
+    starts, end = {}, CONTEXT  # the window each new token is written from
+    starts.update({j: 0 for j in range(len(prompt), CONTEXT)})
+    while end < len(text):
+        starts.update({j: end - keep for j in range(end, min(end + CONTEXT - keep, len(text)))})
+        end += CONTEXT - keep
+    with torch.no_grad():
+        for j in range(len(prompt), len(text)):
+            window = torch.tensor([text[starts[j] : j]])
+            assert model(input_ids=window).logits[0, -1].argmax().item() == text[j], f"token {j}"
+
+
+def test_paragraphs_stop_each_sample_of_a_long_batch():
+    """Three samples in one call, end-of-text made likely: each stops right after its fourth paragraph, some
+    after more tokens than the context holds."""
+    model = short_context_model(eot_bias=1.5)
+    settings = SamplingSettings(max_new_tokens=2000, paragraphs=4)
+    rows = sample_ids(model, [[EOT, 5, 6]] * 3, settings, seed=1, eot=EOT)
+    assert all(row.count(EOT) == 4 and row[-1] == EOT for row in rows), rows
+    assert min(len(row) for row in rows) > CONTEXT
+    assert len({tuple(row) for row in rows}) == 3
+
+
+def test_prompts_of_different_lengths_batch_as_they_sample_alone():
+    """Left padding: the padded rows see the same text at the same positions, so greedy samples are equal."""
+    model = short_context_model()
+    settings = SamplingSettings(max_new_tokens=40, **GREEDY)
+    prompts = [[EOT, 5, 6, 7, 8, 9], [EOT, 11], [EOT, 12, 13, 14]]
+    together = sample_ids(model, prompts, settings, seed=0, eot=EOT)
+    assert together == [sample_ids(model, [p], settings, seed=0, eot=EOT)[0] for p in prompts]
+
+
+# ---- inference.py: files worth keeping, many prompts -------------------------------------------------
+
+
+def sample(tiny_model_dir, capsys, *argv: str) -> str:
+    assert inference.main(["--model-path", str(tiny_model_dir), "--max-new-tokens", "15", *argv]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    return out.out
+
+
+def test_jsonl_output_holds_what_drew_each_sample_and_draws_it_again(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "samples.jsonl"
+    printed = sample(tiny_model_dir, capsys, "--prompt", "Emma was", "--n-return-seqs", "2", "--output", str(out))
+    records = sample_log.read_jsonl(out)
+    assert [r["sample"] for r in records] == [1, 2] and {r["of"] for r in records} == {2}
+    assert printed == "\n\n".join(f"{r['sample']}. {r['text']}" for r in records) + "\n\n"
+    first = records[0]
+    assert first["prompt"] == "Emma was" and first["model"] == str(tiny_model_dir) and first["date"]
+    assert first["settings"] == {**SamplingSettings(max_new_tokens=15).as_dict(), "paragraphs": 1}
+    assert isinstance(first["seed"], int)  # drawn, as no --seed was given, and kept
+    again = shlex.split(first["command"])
+    assert again[:2] == ["python", "inference.py"] and "--seed" in again
+    assert sample(tiny_model_dir, capsys, *again[2:]) == printed  # the same samples, from the record alone
+    sample(tiny_model_dir, capsys, *again[2:], "--output", str(out))  # appended, not overwritten
+    assert [r["text"] for r in sample_log.read_jsonl(out)] == [r["text"] for r in records] * 2
+
+
+def test_markdown_output_is_for_reading(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "samples.md"
+    argv = ["--prompt", "Emma was", "--paragraphs", "2", "--seed", "4", "--output", str(out)]
+    printed = sample(tiny_model_dir, capsys, *argv)
+    text = out.read_text()
+    assert text.startswith("## Emma was\n\n") and "seed 4" in text and "paragraphs 2" in text
+    assert "`python inference.py --model-path" in text
+    for number, sample_text in enumerate(printed.strip().split("\n\n"), 1):
+        assert sample_text.split(". ", 1)[1].split("\n\n")[0] in text, number
+
+
+def test_a_prompts_file_samples_in_batched_calls(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# three prompts\nEmma was\n\nMr Knightley\nIt was\n")
+    calls = []
+    real = generation.sample_ids
+    monkeypatch.setattr(generation, "rows_per_call", lambda model: 4)
+    monkeypatch.setattr(
+        generation, "sample_ids", lambda model, rows, *a: calls.append(len(rows)) or real(model, rows, *a)
+    )
+    out = tmp_path / "samples.jsonl"
+    argv = ["--prompts-file", str(prompts), "--n-return-seqs", "2", "--seed", "9", "--output", str(out)]
+    printed = sample(tiny_model_dir, capsys, *argv)
+    assert calls == [4, 2]  # 3 prompts x 2 samples, 4 to a call
+    records = sample_log.read_jsonl(out)
+    assert [r["prompt"] for r in records] == ["Emma was"] * 2 + ["Mr Knightley"] * 2 + ["It was"] * 2
+    assert all(r["text"].startswith(r["prompt"]) and r["text"] in printed for r in records)
+    assert "[3/3] It was" in printed
+    again = shlex.split(records[0]["command"])
+    assert "--prompts-file" in again and again[again.index("--seed") + 1] == "9"
+    assert sample(tiny_model_dir, capsys, *again[2:]) == printed
+
+
+# ---- the interactive session ----------------------------------------------------------------------------
+
+
+def test_an_interactive_session_with_piped_prompts(tiny_model_dir, tmp_path):
+    lines = ["Emma was", ":temperature 0.5", ":n 2", "Harriet", ":top-p 2", ":seed 3", ":settings", "", ":quit"]
+    argv = ["--interactive", "--model-path", str(tiny_model_dir), "--max-new-tokens", "10", "--n-return-seqs", "1"]
+    out = tmp_path / "session.jsonl"
+    result = run_script("inference.py", *argv, "--output", str(out), cwd=tmp_path, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout
+    assert "temperature 0.5" in printed and "n 2" in printed
+    assert "error: :top-p must be in (0, 1]" in printed  # refused; the session goes on
+    assert "n 2 · seed 3 · max_length 300 · max_new_tokens 10 · top_k 50 · top_p 0.95 · temperature 0.5" in printed
+    records = sample_log.read_jsonl(out)
+    assert [(r["prompt"], r["sample"], r["of"]) for r in records] == [
+        ("Emma was", 1, 1),
+        ("Harriet", 1, 2),
+        ("Harriet", 2, 2),
+        ("", 1, 2),
+        ("", 2, 2),
+    ]
+    assert records[0]["text"] in printed  # streamed, then the same text kept
+    assert "1. Harriet" in printed and "2. Harriet" in printed
+    assert records[1]["settings"]["temperature"] == 0.5 and records[3]["seed"] == 3
+
+
+def read_until(fd: int, wanted: bytes, seen: bytearray, after: int = 0, timeout: float = 120) -> int:
+    """Read the terminal into `seen` until `wanted` shows after offset `after`; returns where it ends."""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen[after:]:
+        assert time.monotonic() < deadline, f"no {wanted!r} in {bytes(seen)[-800:]!r}"
+        if select.select([fd], [], [], 1)[0]:
+            seen += os.read(fd, 4096)
+    return seen.index(wanted, after) + len(wanted)
+
+
+@pytest.mark.slow
+def test_an_interactive_session_at_a_terminal_keeps_going_after_ctrl_c(tiny_model_dir):
+    """Through a pseudo-terminal, as a person types: a sample far too long to finish streams until Ctrl-C,
+    which stops it and not the session; a setting changes; a short sample completes; Ctrl-D ends."""
+    argv = [sys.executable, str(REPO / "inference.py"), "--interactive", "--model-path", str(tiny_model_dir)]
+    argv += ["--max-new-tokens", "1000000", "--paragraphs", "100000", "--n-return-seqs", "1"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the terminal is its stdin and stdout
+        os.execve(sys.executable, argv, script_env())
+    seen = bytearray()
+    try:
+        at = read_until(fd, b"> ", seen)
+        os.write(fd, b"Emma was\n")
+        at = read_until(fd, b"Emma was\r\nEmma was", seen, at)  # the typed line's echo, then the sample
+        while len(seen) < at + 200:  # it streams
+            read_until(fd, b" ", seen, len(seen) - 1)
+        os.write(fd, b"\x03")  # Ctrl-C
+        at = read_until(fd, b"[stopped]", seen, at)
+        at = read_until(fd, b"> ", seen, at)
+        os.write(fd, b":max-new-tokens 5\n")
+        at = read_until(fd, b"max-new-tokens 5\r\n> ", seen, at)
+        os.write(fd, b"Harriet\n")
+        at = read_until(fd, b"Harriet\r\nHarriet", seen, at)
+        at = read_until(fd, b"> ", seen, at)  # five tokens later, the next prompt
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert os.waitstatus_to_exitcode(status) == 0, bytes(seen)[-2000:]
+    assert b"Traceback" not in seen
+
+
+# ---- bad input: one line, exit 2, nothing written ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--paragraphs", "0"], "--paragraphs must be at least 1"),
+        (["--prompts-file", "missing.txt"], "--prompts-file missing.txt: no such file"),
+        (["--output", "samples.txt"], "give a .jsonl file (a record per sample) or a .md file"),
+        (["--output", "no/such/folder/s.jsonl"], "the folder no/such/folder does not exist"),
+        (["--interactive", "--prompts-file", "p.txt"], "--interactive and --prompts-file: choose one"),
+    ],
+)
+def test_bad_sampling_input(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert message in run_in_process(inference.main, argv, capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prompts_file_that_holds_nothing_or_cannot_be_read(capsys, tmp_path):
+    empty, binary, folder = tmp_path / "empty.txt", tmp_path / "binary.txt", tmp_path / "folder.md"
+    empty.write_text("# only a comment\n\n")
+    binary.write_bytes(b"\xff\xfe\x00prompt")
+    folder.mkdir()
+    assert "holds no prompt" in run_in_process(inference.main, ["--prompts-file", str(empty)], capsys)
+    assert "is not UTF-8 text" in run_in_process(inference.main, ["--prompts-file", str(binary)], capsys)
+    assert "is a folder" in run_in_process(inference.main, ["--output", str(folder)], capsys)
+
+
+def test_interactive_without_a_terminal_or_a_pipe(tmp_path, tiny_model_dir):
+    result = run_script(
+        "inference.py", "--interactive", "--model-path", str(tiny_model_dir), cwd=tmp_path, stdin=subprocess.DEVNULL
+    )
+    assert_user_error(result, "--interactive needs a terminal, or prompts piped in")
+
+
+def test_the_sample_files_in_sample_outputs_were_written_by_inference():
+    """sample_outputs/ holds what `inference.py --output` wrote, and its README gives the commands."""
+    kept = sorted(REPO.glob("sample_outputs/*/samples.*"))
+    assert kept, "no samples file in sample_outputs/"
+    for path in kept:
+        readme = (path.parent / "README.md").read_text()
+        assert f"--output sample_outputs/{path.parent.name}/{path.name}" in readme, path
+        if path.suffix == ".jsonl":
+            records = sample_log.read_jsonl(path)
+            assert records and all(r["command"].startswith("python inference.py") for r in records)
+        else:
+            assert path.read_text().startswith("## ") and "`python inference.py " in path.read_text()
+
+
+def test_the_session_help_names_every_command():
+    import session
+
+    assert all(f":{name}" in session.HELP for name in session.SETTINGS if name != "n-return-seqs")
