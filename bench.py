@@ -403,8 +403,8 @@ def measure_generation(args: argparse.Namespace) -> dict:
     ids, eot = prompt_ids(tokenizer, "It is a truth universally acknowledged"), tokenizer.eos_token_id
     long_tokens = int(args.gen_long_contexts * context_length(model))
 
-    def tokens_per_second(n: int, calls: int, tokens: int) -> float:
-        settings = SamplingSettings(max_new_tokens=tokens, paragraphs=None)  # every sample its full length
+    def tokens_per_second(n: int, calls: int, tokens: int, static_cache: bool = False) -> float:
+        settings = SamplingSettings(max_new_tokens=tokens, paragraphs=None, static_cache=static_cache)
         started, generated = time.perf_counter(), 0
         for call in range(calls):
             generated += sum(len(row) for row in sample_ids(model, [ids] * n, settings, call, eot))
@@ -413,6 +413,9 @@ def measure_generation(args: argparse.Namespace) -> dict:
         return generated / (time.perf_counter() - started)
 
     tokens_per_second(1, 1, 8)  # warm-up
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:  # transformers compiles generation with a static cache: the first call of a shape compiles
+        tokens_per_second(args.gen_samples, 1, args.gen_tokens, static_cache=True)
     return {
         "samples": args.gen_samples,
         "new_tokens": args.gen_tokens,
@@ -421,7 +424,8 @@ def measure_generation(args: argparse.Namespace) -> dict:
         "context": context_length(model),
         "long_tokens": long_tokens,
         "long_tokens_per_s": tokens_per_second(1, 1, long_tokens) if long_tokens else None,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "static_tokens_per_s": tokens_per_second(args.gen_samples, 1, args.gen_tokens, True) if on_cuda else None,
+        "device": torch.cuda.get_device_name() if on_cuda else "cpu",
     }
 
 
@@ -436,6 +440,12 @@ def generation_table(result: dict, args: argparse.Namespace) -> str:
         f"| one batched call (inference.py) | {result['batched_tokens_per_s']:,.0f} | {ratio:.2f}x |",
         f"| one call per sample | {result['one_by_one_tokens_per_s']:,.0f} | 1.00x |",
     ]
+    if result["static_tokens_per_s"]:
+        static_ratio = result["static_tokens_per_s"] / result["one_by_one_tokens_per_s"]
+        lines.append(
+            f"| one batched call, static KV cache (compiled; inference.py --static-cache) | "
+            f"{result['static_tokens_per_s']:,.0f} | {static_ratio:.2f}x |"
+        )
     if result["long_tokens_per_s"]:
         long_ratio = result["long_tokens_per_s"] / result["one_by_one_tokens_per_s"]
         lines.append(

@@ -33,6 +33,7 @@ class SamplingSettings:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     paragraphs: int | None = 1  # stop after this many end-of-text tokens; None: write on to the full length
+    static_cache: bool = False  # a preallocated KV cache, which transformers compiles on CUDA
 
     def new_tokens(self, prompt_tokens: int) -> int:
         return max(self.max_new_tokens or self.max_length - prompt_tokens, 1)
@@ -109,6 +110,7 @@ def sample_ids(
                 pad_token_id=eot,
                 stopping_criteria=[stop],
                 streamer=streamer,
+                cache_implementation="static" if settings.static_cache else None,
             )
             still = []
             for i, row in zip(active, out[:, width:].tolist(), strict=True):

@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
     add_flag(p, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative")
     add_flag(p, "--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens; 1.0 is none")
+    add_bool_flag(
+        p,
+        "--static-cache",
+        help="a preallocated KV cache, which transformers compiles on CUDA (a compile at the start, then faster "
+        "tokens where Python overhead dominates; bench.py measures it on a GPU)",
+    )
     add_flag(p, "--seed", type=int, default=None, help="makes samples reproducible; without it one is drawn and kept")
     add_flag(
         p,
@@ -95,6 +101,7 @@ def sampling_settings(args: argparse.Namespace):
         temperature=args.temperature,
         repetition_penalty=args.repetition_penalty,
         paragraphs=args.paragraphs,
+        static_cache=args.static_cache,
     )
 
 

@@ -10,7 +10,9 @@
   batch x heads x tokens x tokens scores, probabilities and dropout mask in fp32 for backward: 3.6 GB for
   GPT-2 124M at 8 x 512 tokens. Here that attention is recomputed in backward instead (activation
   checkpointing of the attention alone, the dropout mask drawn again from the same saved random state), so
-  the result is bitwise the same. On a GPU the fused kernels take dropout and keep no scores: nothing to do.
+  the result is bitwise the same. Only from RECOMPUTE_FROM_TOKENS tokens on: the scores grow with the square
+  of the length, and at 100 tokens they are small while drawing the dropout masks again costs about 8% of a
+  step. On a GPU the fused kernels take dropout and keep no scores: nothing to do.
 
 docs/benchmarks.md has the side-by-side numbers. The config saved with the model is unchanged.
 """
@@ -26,6 +28,7 @@ from transformers.masking_utils import sdpa_mask
 
 SAME_AS_TANH_GELU = (NewGELUActivation, FastGELUActivation)
 RECOMPUTED_ATTENTION = "sdpa_recomputed_with_dropout"
+RECOMPUTE_FROM_TOKENS = 256
 
 
 def fuse_activations(model: torch.nn.Module) -> int:
@@ -47,8 +50,10 @@ def fused_activations(model: torch.nn.Module) -> int:
 
 
 def sdpa_recomputed_with_dropout(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention; in training with dropout, recomputed in backward rather than kept."""
-    if module.training and torch.is_grad_enabled() and kwargs.get("dropout", 0.0) > 0:
+    """transformers' SDPA attention; in training with dropout on long sequences, recomputed in backward rather
+    than kept. (Query: batch x heads x tokens x head size.)"""
+    long = query.shape[2] >= RECOMPUTE_FROM_TOKENS
+    if long and module.training and torch.is_grad_enabled() and kwargs.get("dropout", 0.0) > 0:
         inputs = (module, query, key, value, attention_mask)
         return checkpoint(sdpa_attention_forward, *inputs, use_reentrant=False, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -53,6 +53,7 @@ def command(source: Source, prompt: str, n: int, settings: SamplingSettings, see
         words += ["--max-new-tokens", str(settings.max_new_tokens)]
     else:
         words += ["--max-length", str(settings.max_length)]
+    words += ["--static-cache"] if settings.static_cache else []
     for flag, value in [
         ("--paragraphs", settings.paragraphs),
         ("--top-k", settings.top_k),

@@ -271,12 +271,13 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     import lean_layers
     from dataset import collate
 
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, attn_pdrop=0.1, n_positions=256)
-    batch = collate([list(range(1, 200)), list(range(50, 120))], pad_id=0)
+    settings = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300, attn_pdrop=0.1, n_positions=512)
+    settings.update(bos_token_id=0, eos_token_id=0)
+    batch = collate([list(range(1, 300)), list(range(50, 120))], pad_id=0)  # 299 tokens: long enough
 
-    def step(recompute: bool):
+    def step(recompute: bool, batch: dict = batch):
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(config).train()
+        model = GPT2LMHeadModel(GPT2Config(**settings)).train()
         assert lean_layers.recompute_attention(model, torch.device("cpu")) if recompute else True
         kept = []
         torch.manual_seed(1)
@@ -292,12 +293,15 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     model, recomputed_loss, recomputed_grads, recomputed_after, recomputed_kept = step(recompute=True)
     assert torch.equal(loss, recomputed_loss) and torch.equal(after, recomputed_after)
     assert all(torch.equal(grads[k], recomputed_grads[k]) for k in grads)
-    scores = 2 * 4 * 199 * 199 * 4  # one layer's attention probabilities alone, fp32
+    scores = 2 * 4 * 299 * 299 * 4  # one layer's attention probabilities alone, fp32
     assert recomputed_kept < kept - 2 * scores
+    short = collate([list(range(1, 100))], pad_id=0)  # short: the scores are small, kept as they are
+    assert step(recompute=False, batch=short)[-1] == step(recompute=True, batch=short)[-1]
     assert lean_layers.recomputes_attention(model)
     model.save_pretrained(tmp_path)
     assert "sdpa" not in (tmp_path / "config.json").read_text()  # saved models are as before
-    assert not lean_layers.recompute_attention(GPT2LMHeadModel(config), torch.device("meta"))  # CPU only
+    on_a_gpu = torch.device("meta")  # any device but the CPU
+    assert not lean_layers.recompute_attention(GPT2LMHeadModel(GPT2Config(**settings)), on_a_gpu)
 
 
 # ---- on CUDA (the GPU check, scripts/gpu_check.sh, runs these; skipped elsewhere) --------------------------
