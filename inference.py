@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import shlex
 import sys
 
 from cli import (
@@ -127,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model_path)
     source = sample_log.Source(args.model_path, args.base_model, args.load_in_4bit)
 
-    def keep(prompt: str, texts: list[str], settings, seed: int, again: str | None = None) -> None:
+    def keep(prompt: str, texts: list[str], settings, seed: int, prompts_file: str | None = None) -> None:
         if output:
-            sample_log.append(output, sample_log.records(source, prompt, texts, settings, seed, again))
+            sample_log.append(output, sample_log.records(source, prompt, texts, settings, seed, prompts_file))
 
     if args.interactive:
         if at_terminal:
@@ -144,14 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(f"{number}. {text}" for number, text in enumerate(texts, 1)) + "\n")
         keep(args.prompt, texts, settings, seed)
         return 0
-    again = shlex.join(["python", "inference.py", *(sys.argv[1:] if argv is None else argv), "--seed", str(seed)])
     print(f"{len(prompts)} prompts x {args.n_return_seqs} samples, up to {rows_per_call(model)} in one call")
     for number, (prompt, texts) in enumerate(
         zip(prompts, sample_prompts(model, tokenizer, prompts, args.n_return_seqs, settings, seed), strict=True), 1
     ):
         print(f"\n[{number}/{len(prompts)}] {prompt}\n")
         print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)))
-        keep(prompt, texts, settings, seed, again)
+        keep(prompt, texts, settings, seed, args.prompts_file)
     return 0
 
 

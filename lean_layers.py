@@ -64,10 +64,12 @@ AttentionMaskInterface.register(RECOMPUTED_ATTENTION, sdpa_mask)
 
 
 def recompute_attention(model: torch.nn.Module, device: torch.device) -> bool:
-    """On a CPU, have a model that uses SDPA attention recompute it in backward where it has dropout;
-    returns whether it does."""
+    """On a CPU, have a model whose SDPA attention has dropout recompute it in backward; returns whether it
+    does."""
     base = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-    if device.type != "cpu" or base.config._attn_implementation != "sdpa":
+    config = base.config
+    dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0
+    if device.type != "cpu" or config._attn_implementation != "sdpa" or not dropout > 0:
         return False
     base.set_attn_implementation(RECOMPUTED_ATTENTION)
     return True

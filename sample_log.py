@@ -43,12 +43,15 @@ class Source:
     load_in_4bit: bool = False
 
 
-def command(source: Source, prompt: str, n: int, settings: SamplingSettings, seed: int) -> str:
-    """The inference.py command that draws these samples again."""
+def command(
+    source: Source, prompt: str, n: int, settings: SamplingSettings, seed: int, prompts_file: str | None = None
+) -> str:
+    """The inference.py command that draws these samples again (with `prompts_file`: that file's samples)."""
     words = ["python", "inference.py", "--model-path", source.model]
     words += ["--base-model", source.base_model] if source.base_model else []
     words += ["--load-in-4bit"] if source.load_in_4bit else []
-    words += ["--prompt", prompt, "--n-return-seqs", str(n)]
+    words += ["--prompts-file", prompts_file] if prompts_file else ["--prompt", prompt]
+    words += ["--n-return-seqs", str(n)]
     if settings.max_new_tokens:
         words += ["--max-new-tokens", str(settings.max_new_tokens)]
     else:
@@ -67,11 +70,16 @@ def command(source: Source, prompt: str, n: int, settings: SamplingSettings, see
 
 
 def records(
-    source: Source, prompt: str, texts: list[str], settings: SamplingSettings, seed: int, again: str | None = None
+    source: Source,
+    prompt: str,
+    texts: list[str],
+    settings: SamplingSettings,
+    seed: int,
+    prompts_file: str | None = None,
 ) -> list[dict]:
-    """One record per sample. `again`: the command that draws them again, if not the one-prompt command."""
+    """One record per sample; `prompts_file`: the prompt came from this file, with the others in it."""
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    again = again or command(source, prompt, len(texts), settings, seed)
+    again = command(source, prompt, len(texts), settings, seed, prompts_file)
     return [
         {
             "date": date,

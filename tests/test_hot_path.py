@@ -302,6 +302,8 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     assert "sdpa" not in (tmp_path / "config.json").read_text()  # saved models are as before
     on_a_gpu = torch.device("meta")  # any device but the CPU
     assert not lean_layers.recompute_attention(GPT2LMHeadModel(GPT2Config(**settings)), on_a_gpu)
+    no_dropout = GPT2LMHeadModel(GPT2Config(**{**settings, "attn_pdrop": 0.0}))
+    assert not lean_layers.recompute_attention(no_dropout, torch.device("cpu"))
 
 
 # ---- on CUDA (the GPU check, scripts/gpu_check.sh, runs these; skipped elsewhere) --------------------------
