@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -211,7 +212,8 @@ def test_an_interactive_session_at_a_terminal_keeps_going_after_ctrl_c(tiny_mode
     argv = [sys.executable, str(REPO / "inference.py"), "--interactive", "--model-path", str(tiny_model_dir)]
     argv += ["--max-new-tokens", "1000000", "--paragraphs", "100000", "--n-return-seqs", "1"]
     pid, fd = pty.fork()
-    if pid == 0:  # the child: the terminal is its stdin and stdout
+    if pid == 0:  # the child: the terminal is its stdin and stdout; Ctrl-C as in a shell (an xdist worker ignores it)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, argv, script_env())
     seen = bytearray()
     try:
