@@ -79,7 +79,10 @@ def check_settings(settings, n: int, prefix: str = "--") -> None:
         [
             (n >= 1, f"{prefix}n-return-seqs must be at least 1"),
             (settings.max_length >= 1, f"{prefix}max-length must be at least 1"),
-            (settings.max_new_tokens is None or settings.max_new_tokens >= 1, f"{prefix}max-new-tokens must be 1+"),
+            (
+                settings.max_new_tokens is None or settings.max_new_tokens >= 1,
+                f"{prefix}max-new-tokens must be at least 1",
+            ),
             (settings.paragraphs is None or settings.paragraphs >= 1, f"{prefix}paragraphs must be at least 1"),
             (settings.top_k >= 0, f"{prefix}top-k must be 0 (off) or more"),
             (0 < settings.top_p <= 1, f"{prefix}top-p must be in (0, 1], e.g. 0.95"),

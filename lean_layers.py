@@ -66,7 +66,7 @@ AttentionMaskInterface.register(RECOMPUTED_ATTENTION, sdpa_mask)
 def recompute_attention(model: torch.nn.Module, device: torch.device) -> bool:
     """On a CPU, have a model whose SDPA attention has dropout recompute it in backward; returns whether it
     does."""
-    base = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    base = _transformers_model(model)
     config = base.config
     dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0
     if device.type != "cpu" or config._attn_implementation != "sdpa" or not dropout > 0:
@@ -76,5 +76,9 @@ def recompute_attention(model: torch.nn.Module, device: torch.device) -> bool:
 
 
 def recomputes_attention(model: torch.nn.Module) -> bool:
-    base = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-    return base.config._attn_implementation == RECOMPUTED_ATTENTION
+    return _transformers_model(model).config._attn_implementation == RECOMPUTED_ATTENTION
+
+
+def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside any wrapper (PEFT, DDP)."""
+    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))

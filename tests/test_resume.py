@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script, train_args
+from conftest import REPO, assert_user_error, run_script, script_env, train_args
 from safetensors.torch import load_file
 from test_cli import run_in_process
 
@@ -67,7 +67,7 @@ def arguments(tmp: Path, base: Path, data: Path, mode: str, *extra: str) -> list
 
 
 def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **extra}
+    return script_env(extra)
 
 
 def run_killer(tmp: Path, argv: list[str], **kill: str) -> subprocess.CompletedProcess:

@@ -250,6 +250,7 @@ def test_an_interactive_session_at_a_terminal_keeps_going_after_ctrl_c(tiny_mode
     "argv, message",
     [
         (["--paragraphs", "0"], "--paragraphs must be at least 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--prompts-file", "missing.txt"], "--prompts-file missing.txt: no such file"),
         (["--output", "samples.txt"], "give a .jsonl file (a record per sample) or a .md file"),
         (["--output", "no/such/folder/s.jsonl"], "the folder no/such/folder does not exist"),
