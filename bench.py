@@ -238,28 +238,29 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
-    def step(batch: dict) -> None:
+    def step(batch: dict, targets: int) -> None:
         if mode == "seed":
-            loss = model(**batch).loss
-        else:
-            loss_sum, n_targets = training.lm_loss_sum(model, batch)
-            loss = loss_sum / n_targets
-        accelerator.backward(loss)
+            accelerator.backward(model(**batch).loss)
+        else:  # train.py's step: the loss over the targets counted on the host beforehand
+            training.forward_backward(model, batch, accelerator, targets, sync=True)
         optimizer.step()
         optimizer.zero_grad()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def targets(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
     seconds = []
     for batch in batches[: len(batches) - profile]:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch, n = {k: v.to(accelerator.device) for k, v in batch.items()}, targets(batch)
         started = time.perf_counter()
-        step(batch)
+        step(batch, n)
         seconds.append(time.perf_counter() - started)
     if not profile:
         return seconds, None
     last = {k: v.to(accelerator.device) for k, v in batches[-1].items()}
-    return seconds, profile_step(lambda: step(last))
+    return seconds, profile_step(lambda: step(last, targets(batches[-1])))
 
 
 def train_with_trainer(model, batches: list[dict], workdir: Path, precision: str) -> list[float]:

@@ -42,7 +42,7 @@ FORMAT_VERSION = 2  # of trainer_state.json; checkpoints without one are version
 # Settings that decide the data split, the batches or the model: a resumed run must keep them.
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
-MUST_MATCH_ON_RESUME += ("targets_lora", "data_config", "data_split", "text_column")
+MUST_MATCH_ON_RESUME += ("targets_lora", "lora_dropout", "data_config", "data_split", "text_column")
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
 EXPORT_NOTE = "training_metrics.json"  # beside the final model: where it comes from, and its numbers
 DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again
@@ -321,10 +321,12 @@ def check_optimizer_state_fits(optimizer) -> None:
                     )
 
 
-def restore_states(states: dict[str, Any], accelerator, optimizer, scheduler) -> None:
+def restore_states(states: dict[str, Any], accelerator, optimizer) -> None:
+    """The optimizer's moments and step counts, the random states and the loss scale. Not the schedule: a
+    step's rate is a function of the step and the flags (training.linear_schedule), and the resumed run's
+    flags decide it; the saved schedule state only tells the resume line the rate it replaces."""
     optimizer.load_state_dict(states["optimizer"])
     check_optimizer_state_fits(optimizer)
-    scheduler.load_state_dict(states["scheduler"])
     rng = states["rng"]
     set_rng_state(rng[accelerator.process_index] if isinstance(rng, list) else rng)  # one per process
     if accelerator.scaler is not None:

@@ -313,8 +313,9 @@ def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack:
 
     pack=False: one `<start> paragraph <end>` per example (long ones cut in several), padded per batch.
     pack=True: `<start> p1 <end> <start> p2 <end> ...` in corpus order (one token between paragraphs where
-    start and end are the same, as in GPT-2), cut into full blocks, so no compute is spent on padding and
-    a paragraph is read after the one that precedes it in the novel.
+    start and end are the same, as in GPT-2), cut into full blocks, so no compute is spent on padding; a
+    paragraph is read after the one before it in `paragraphs` (not its neighbour in the novel across a
+    held-out paragraph or between novels).
     """
     start, end = paragraph_frame(tokenizer)
     encoded = encode_batch(tokenizer, paragraphs)
@@ -367,8 +368,12 @@ def tokenize_cached(tokenizer, paragraphs: list[str], block_size: int, pack: boo
     return blocks
 
 
-def collate(examples: list[list[int]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch; padding gets label -100 by the attention mask (pad may equal end-of-text)."""
+def collate(examples: list[list[int]], pad_id: int, unpredicted: int | None = None) -> dict[str, Any]:
+    """Right-pad a batch; padding gets label -100 by the attention mask (pad may equal end-of-text).
+
+    `unpredicted` (a begin-of-text token distinct from end-of-text, see paragraph_frame) gets -100 too: it
+    always follows end-of-text in packed blocks, so predicting it teaches nothing and would flatter the loss.
+    """
     import torch
 
     if not examples:  # a process's empty share of a last batch: one token, which has no target
@@ -380,7 +385,23 @@ def collate(examples: list[list[int]], pad_id: int) -> dict[str, Any]:
         input_ids[row, : len(example)] = torch.tensor(example)
         attention_mask[row, : len(example)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if unpredicted is not None:
+        labels = labels.masked_fill(input_ids == unpredicted, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def unpredicted_token(tokenizer) -> int | None:
+    """The framing token that is never a target: begin-of-text where it differs from end-of-text, else none
+    (GPT-2's one end-of-text token is both the end of a paragraph, a real target, and the next one's start)."""
+    start, end = paragraph_frame(tokenizer)
+    return start if start != end else None
+
+
+def example_targets(example: list[int], unpredicted: int | None = None) -> int:
+    """The prediction targets in one example, as collate labels them: every token after the first, but
+    `unpredicted` ones."""
+    targets = example[1:]
+    return len(targets) - (targets.count(unpredicted) if unpredicted is not None else 0)
 
 
 class EpochBatches:
@@ -402,7 +423,8 @@ class EpochBatches:
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def __iter__(self):
+    def global_batches(self) -> list[list[int]]:
+        """Every process's examples of each batch of the epoch, skipped ones included."""
         import torch
 
         if self.seed is None:
@@ -410,9 +432,11 @@ class EpochBatches:
         else:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         step = self.batch_size * self.processes
-        for start in range(self.skip * step, self.size, step):
-            chunk = order[start : start + step]
-            n = len(chunk)  # = step except in the last global batch
+        return [order[start : start + step] for start in range(0, self.size, step)]
+
+    def __iter__(self):
+        for chunk in self.global_batches()[self.skip :]:
+            n = len(chunk)  # = batch_size x processes except in the last global batch
             yield chunk[self.rank * n // self.processes : (self.rank + 1) * n // self.processes]
 
     def __len__(self) -> int:

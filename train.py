@@ -330,6 +330,7 @@ class Run:
     val_chars: int  # characters of the validation paragraphs, for bits per character
     sampling: Any  # generation.SamplingSettings of the periodic samples
     style_probe: Any  # style.StyleProbe with --eval-style, else None
+    unpredicted: int | None  # the framing token that is never a target (dataset.unpredicted_token)
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
     skips_on_device: bool  # a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)
 
@@ -367,21 +368,23 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     with RunLog(Path(args.check_dir) / "logs", state.global_step, accelerator, vars(args)) as log:
         for epoch in range(state.epoch, args.epochs):
             batches = training.epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
+            targets = training.window_targets(run.train_loader, accumulate, run.unpredicted)  # host integers
             bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
-            meter = training.StepMeter(accelerator.device)
+            meter = training.StepMeter(accelerator)
             for batch in bar:
                 state.batches_in_epoch += 1
-                window, step_now = training.accumulation_window(state.batches_in_epoch, n_batches, accumulate)
-                meter.add(training.forward_backward(model, batch, accelerator, window, sync=step_now), batch)
+                window_targets = targets[state.batches_in_epoch - 1]
+                step_now = training.ends_step(state.batches_in_epoch, n_batches, accumulate)
+                meter.add(training.forward_backward(model, batch, accelerator, window_targets, sync=step_now), batch)
                 if not step_now:
                     continue
-                skip = skip_flag(run, state, meter)
-                training.optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
+                skip = skip_flag(run, state, meter, window_targets)
+                lr = training.optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
                 state.global_step += 1
                 log_now, sample, evaluate, checkpoint = scheduled(args, state, n_batches)
                 if not log_now:
                     continue  # the device runs ahead: nothing was read from it
-                log_step(run, state, log, bar, meter)  # the log point
+                log_step(run, state, log, bar, meter, lr)  # the log point
                 if sample:
                     log_samples(run, state, log)
                 if evaluate:
@@ -424,8 +427,8 @@ def set_up(args: argparse.Namespace):
     import processes
     import training
     import utils
-    from dataset import load_paragraphs, split_paragraphs, text_chars
-    from generation import SamplingSettings
+    from dataset import load_paragraphs, split_paragraphs, text_chars, unpredicted_token
+    from generation import SamplingSettings, window_note
     from runlog import tracker_settings
 
     process_state = processes.start_processes()
@@ -438,6 +441,8 @@ def set_up(args: argparse.Namespace):
     # would copy the first process's, FSDP2 would keep each process's own shard of different ones.
     set_seed(args.seed)
     model = utils.load_trainable_model(args, resume.checkpoint, precision)
+    if args.dropout is not None and (note := utils.set_dropout(model, args.dropout)):
+        process_state.print(f"warning: {note}")
     if process_state.num_processes > 1:
         set_seed(args.seed + process_state.process_index)  # then each process its own dropout masks
     check_lengths(args, model, tokenizer)
@@ -449,6 +454,7 @@ def set_up(args: argparse.Namespace):
         train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
     total_steps = math.ceil(len(train_loader) / args.grad_accum_steps) * args.epochs
     checkpoints.refuse_overwrites(args, resume, total_steps)
+    record_trained_positions(model, train_loader.dataset, args.from_scratch, uses_adapters(args))
 
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs
     dynamo = TorchDynamoPlugin(backend="inductor" if args.compile else "no")
@@ -467,15 +473,15 @@ def set_up(args: argparse.Namespace):
         lean_layers.recompute_attention(model, accelerator.device)
     optimizer = training.make_optimizer(model, args.lr, args.eps, args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per
-    # process), so --warmup-steps counts optimizer steps on any number of devices.
-    scheduler = training.linear_schedule(optimizer, args.warmup_steps, total_steps)
+    if resume.checkpoint:  # the moments, steps and RNG; this run's flags then set eps, decay and the rate
+        checkpoints.restore_states(resume.tensors, accelerator, optimizer)
+        training.set_hyperparameters(optimizer, args.eps, args.weight_decay)
+    # The schedule these flags define, at the step to take next. Stepped by hand once per optimizer step, not
+    # prepare()d (Accelerate would step it once per process), so --warmup-steps counts optimizer steps.
+    step = resume.state.global_step
+    scheduler = training.linear_schedule(optimizer, args.lr, args.warmup_steps, total_steps, step)
     if resume.checkpoint:
-        checkpoints.restore_states(resume.tensors, accelerator, optimizer, scheduler)
-        accelerator.print(
-            f"resumed from {resume.checkpoint}: step {resume.state.global_step}, epoch {resume.state.epoch + 1} "
-            f"after {resume.state.batches_in_epoch} of its {len(train_loader)} batches"
-        )
+        accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
     run = Run(
         args=args,
         accelerator=accelerator,
@@ -488,10 +494,13 @@ def set_up(args: argparse.Namespace):
         val_chars=text_chars(val_paragraphs),
         sampling=SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p),
         style_probe=None,
+        unpredicted=unpredicted_token(tokenizer),
         sharded=sharded,
         skips_on_device=training.skips_on_device(optimizer) and not sharded,
     )
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
+    if note := window_note(accelerator.unwrap_model(model)):  # samples during training keep to the trained positions
+        accelerator.print(note)
     for warning in questionable_settings(args, len(train_loader), total_steps):
         accelerator.print(f"warning: {warning}")
     if args.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
@@ -507,6 +516,32 @@ def set_up(args: argparse.Namespace):
     return run, resume.state
 
 
+def record_trained_positions(model, examples: list[list[int]], from_scratch: bool, adapters: bool) -> None:
+    """Where the positions were not pretrained, write in the model's config how many this run trains, so that
+    every sampler keeps its window within them (generation.context_length), from checkpoints, best/ and
+    exports alike. A block of n tokens trains positions 0 to n-2: the last one has no target, and under causal
+    attention it reaches no other position, so its embedding row gets no gradient. A later run raises the
+    record only; adapters leave the positions as they were."""
+    recorded = getattr(model.config, "trained_positions", None)
+    if adapters or not (from_scratch or recorded):
+        return
+    longest = max(len(example) for example in examples) - 1
+    model.config.trained_positions = max(recorded or 0, longest)
+
+
+def describe_resume(resume, n_batches: int, lr: float) -> str:
+    """Where the run goes on from, and its learning rate there: the one its checkpoint's schedule gave and the
+    one this run's flags give (they differ where --lr, --epochs or --warmup-steps changed)."""
+    state, before = resume.state, resume.tensors["scheduler"]["_last_lr"][0]
+    rate = f"learning rate {lr:.4g}"
+    if before != lr:
+        rate = f"learning rate {before:.4g} -> {lr:.4g} (this run's schedule)"
+    return (
+        f"resumed from {resume.checkpoint}: step {state.global_step}, epoch {state.epoch + 1} after "
+        f"{state.batches_in_epoch} of its {n_batches} batches; {rate}"
+    )
+
+
 def data_path(args: argparse.Namespace) -> Path:
     """--data; the default, the bundled dataset, is found from any working directory."""
     if args.data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
@@ -516,9 +551,9 @@ def data_path(args: argparse.Namespace) -> Path:
 
 def check_lengths(args: argparse.Namespace, model, tokenizer) -> None:
     """Examples and sample prompts must fit the model's context (a prompt that does not would fail mid-run)."""
-    from generation import context_length
+    from generation import model_positions
 
-    positions = context_length(model)
+    positions = model_positions(model)
     if args.max_input_length > positions:
         raise UserError(f"--max-input-length {args.max_input_length} exceeds the model's {positions} positions")
     for prompt in args.sample_prompts:
@@ -529,11 +564,12 @@ def check_lengths(args: argparse.Namespace, model, tokenizer) -> None:
 def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
     """This process's training batches (packed or padded, reshuffled per epoch) and validation batches."""
     import training
-    from dataset import tokenize_cached
+    from dataset import tokenize_cached, unpredicted_token
 
     cache = Path(args.data_cache).expanduser() if args.data_cache else None
     examples = tokenize_cached(tokenizer, train_paragraphs, args.max_input_length, args.packing, cache)
-    train_loader = training.batch_loader(examples, args.batch_size, tokenizer.pad_token_id, args.seed)
+    unpredicted = unpredicted_token(tokenizer)
+    train_loader = training.batch_loader(examples, args.batch_size, tokenizer.pad_token_id, args.seed, unpredicted)
     val_loader = training.validation_loader(tokenizer, val_paragraphs, args.max_input_length, args.batch_size, cache)
     return train_loader, val_loader
 
@@ -632,21 +668,20 @@ def due(every: int, step: int) -> bool:
     return bool(every) and step % every == 0
 
 
-def log_step(run: Run, state, log, bar, meter) -> None:
+def log_step(run: Run, state, log, bar, meter, lr: float) -> None:
     """Read the steps since the last log point from the device; stop on a non-finite loss among them,
-    else update the bar and log their mean loss."""
+    else update the bar and log their loss per target and the learning rate of the last step."""
     loss, tokens_per_s, failed_step, failed_loss = meter.read()
     if failed_step:  # skipped on the device; the same numbers on every process, so all stop together
         raise CliError(non_finite_loss(run, state, failed_step, failed_loss))
-    lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(step=state.global_step, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
     log.metrics(state.global_step, state.current_epoch, train_loss=loss, train_lr=lr)
 
 
-def skip_flag(run: Run, state, meter):
+def skip_flag(run: Run, state, meter, targets: int):
     """The step's flag for the optimizer, on the device: 1.0 if its loss was not finite. An optimizer that
     cannot skip a step on the device gets none: the host reads the flag first (and waits for the device)."""
-    flag = meter.end_step(state.global_step + 1)
+    flag = meter.end_step(state.global_step + 1, targets)
     if run.skips_on_device:
         return flag
     failed_step, failed_loss = (number.item() for number in (meter.first_failed_step, meter.failed_loss))

@@ -1,8 +1,9 @@
 """What training, the style report and the benchmark share: device and precision, data loaders, the
 loss, one optimizer step, validation and samples during training.
 
-The loss is the mean next-token cross-entropy over real tokens only (padding never counts), summed
-over every process and divided once, so several processes train exactly like one with their global batch.
+The loss of an optimizer step is the next-token cross-entropy summed over every real target of its
+accumulation window (padding never counts), on every process, divided once by their total count: the same
+update as one batch holding them all, however they are split into micro-batches and processes.
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ def compute_dtype(mixed_precision: str) -> torch.dtype:
 # Data loaders
 
 
-def batch_loader(examples: list[list[int]], batch_size: int, pad_id: int, seed: int | None, state=None):
-    """This process's batches of `examples`: reshuffled per epoch from `seed` (None: in order, for validation).
+def batch_loader(
+    examples: list[list[int]], batch_size: int, pad_id: int, seed: int | None, unpredicted: int | None, state=None
+):
+    """This process's batches of `examples`: reshuffled per epoch from `seed` (None: in order, for validation);
+    `unpredicted`: a token that is never a target (dataset.unpredicted_token).
 
     Our own sharding (accelerate's pads the last batch with repeated examples). Its own generator:
     starting an epoch must not draw from the global RNG, or a run resumed mid-epoch (whose epoch
@@ -73,7 +77,7 @@ def batch_loader(examples: list[list[int]], batch_size: int, pad_id: int, seed: 
     return DataLoader(
         examples,
         batch_sampler=batches,
-        collate_fn=lambda chunk: collate(chunk, pad_id),
+        collate_fn=lambda chunk: collate(chunk, pad_id, unpredicted),
         generator=torch.Generator().manual_seed(seed or 0),
         pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU faster
     )
@@ -82,16 +86,31 @@ def batch_loader(examples: list[list[int]], batch_size: int, pad_id: int, seed: 
 def validation_loader(tokenizer, paragraphs: list[str], block_size: int, batch_size: int, cache: Path | None = None):
     """One paragraph per example, starting from end-of-text as generation does, so the validation loss
     means the same whether training packs or pads."""
-    from dataset import tokenize_cached
+    from dataset import tokenize_cached, unpredicted_token
 
     examples = tokenize_cached(tokenizer, paragraphs, block_size, False, cache)
-    return batch_loader(examples, batch_size, tokenizer.pad_token_id, seed=None)
+    return batch_loader(examples, batch_size, tokenizer.pad_token_id, None, unpredicted_token(tokenizer))
 
 
 def epoch_batches(loader, epoch: int, skip: int, device):
     """The epoch's batches in their (seed, epoch) order, minus the first `skip` (already trained on)."""
     loader.batch_sampler.set_epoch(epoch, skip)
     return (to_device(batch, device) for batch in loader)
+
+
+def window_targets(loader, accumulate: int, unpredicted: int | None) -> list[int]:
+    """For each batch of the loader's current epoch, the prediction targets of its whole accumulation window,
+    every process's examples counted.
+
+    Host integers, known before any forward: every process knows the whole epoch's order (EpochBatches), so
+    no process waits for a device or for another process to learn them.
+    """
+    from dataset import example_targets
+
+    examples, global_batches = loader.dataset, loader.batch_sampler.global_batches()
+    per_batch = [sum(example_targets(examples[i], unpredicted) for i in chunk) for chunk in global_batches]
+    windows = [max(1, sum(per_batch[i : i + accumulate])) for i in range(0, len(per_batch), accumulate)]
+    return [windows[i // accumulate] for i in range(len(per_batch))]
 
 
 def to_device(batch: dict, device) -> dict:
@@ -122,7 +141,8 @@ def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_optimizer(model, lr: float, eps: float = 1e-8, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (the 1-D tensors), as GPT-2 was trained."""
+    """AdamW in two groups: weight decay on the matrices, none on biases and LayerNorm weights (the 1-D
+    tensors), the usual exclusion (nanoGPT and transformers' Trainer make it too)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -134,11 +154,24 @@ def make_optimizer(model, lr: float, eps: float = 1e-8, weight_decay: float = 0.
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused or None)
 
 
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak learning rate, then linear decay to 0 at `total_steps`.
+def set_hyperparameters(optimizer, eps: float, weight_decay: float) -> None:
+    """The flags' epsilon and weight decay (groups as make_optimizer makes them): a restored optimizer state
+    brings back the values of the run that saved it. The learning rate is the schedule's."""
+    for group in optimizer.param_groups:
+        group["eps"] = eps
+    optimizer.param_groups[0]["weight_decay"] = weight_decay
 
-    The same factors as transformers' get_linear_schedule_with_warmup, written out because importing
-    that one pulls in peft and bitsandbytes: 3.5 s of every run's start on a CPU.
+
+def linear_schedule(
+    optimizer, lr: float, warmup_steps: int, total_steps: int, step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to `lr`, then linear decay to 0 at `total_steps`; the optimizer's rate set for step
+    `step` (0-based: the next step to take), so a resumed run follows the schedule its own flags define.
+
+    A step's rate is lr x factor(step), a function of the step alone, so a run resumed with the same flags
+    gets bitwise the rates of an uninterrupted one. The same factors as transformers'
+    get_linear_schedule_with_warmup, written out because importing that one pulls in peft and bitsandbytes:
+    3.5 s of every run's start on a CPU.
     """
 
     def factor(step: int) -> float:
@@ -146,33 +179,31 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
             return float(step) / float(max(1, warmup_steps))
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
-def accumulation_window(batches_done: int, batches_in_epoch: int, accumulate: int) -> tuple[int, bool]:
-    """(batches in the optimizer step that batch number `batches_done` (1-based) belongs to, is it the last).
-
-    One optimizer step per window of `accumulate` batches; an epoch's last window may be shorter.
-    """
-    start = (batches_done - 1) // accumulate * accumulate
-    window = min(accumulate, batches_in_epoch - start)
-    return window, batches_done == start + window
+def ends_step(batches_done: int, batches_in_epoch: int, accumulate: int) -> bool:
+    """Whether batch number `batches_done` (1-based) is the last of its optimizer step: one step per window
+    of `accumulate` batches; an epoch's last window may be shorter."""
+    return batches_done % accumulate == 0 or batches_done == batches_in_epoch
 
 
-def forward_backward(model, batch: dict, accelerator, window: int, sync: bool) -> torch.Tensor:
-    """Backpropagate one batch's share of the step's loss; returns that batch's mean loss (all processes),
-    on the device: nothing here makes the host wait for the device.
+def forward_backward(model, batch: dict, accelerator, window_targets: int, sync: bool) -> torch.Tensor:
+    """Backpropagate one batch's share of the step's loss; returns this batch's summed loss, on the device:
+    nothing here makes the host wait for the device, or for another process.
 
-    The loss is the mean over the real tokens of every process's batch, the same one process would
-    get from all of them; x processes, as DDP averages gradients. Gradients are synchronized across
+    The step's loss is the sum over every target of the accumulation window on every process, divided by
+    their count `window_targets` (see window_targets), so each token weighs the same whichever micro-batch
+    and process holds it; x processes, as DDP averages gradients. Gradients are synchronized across
     processes only on the last batch of a window (`sync`). A non-finite loss is backpropagated too: its
     step is then skipped (see StepMeter), and its gradients are discarded with the others.
     """
     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-        loss_sum, n_targets = lm_loss_sum(model, batch)
-        totals = accelerator.reduce(torch.stack([loss_sum.detach(), n_targets.float()]), "sum")
-        accelerator.backward(loss_sum * accelerator.num_processes / totals[1] / window)
-    return totals[0] / totals[1]
+        loss_sum, _ = lm_loss_sum(model, batch)
+        accelerator.backward(loss_sum * accelerator.num_processes / window_targets)
+    return loss_sum.detach()
 
 
 def skips_on_device(optimizer) -> bool:
@@ -184,10 +215,11 @@ def skips_on_device(optimizer) -> bool:
 
 def optimizer_step(
     model, optimizer, scheduler, accelerator, max_grad_norm: float, skip: torch.Tensor | None = None
-) -> None:
-    """Clip, step, zero the gradients, schedule. `skip` (1.0 on the device: the step's loss was not finite;
-    only for an optimizer that `skips_on_device`) makes it leave weights and moments as they are, without
-    the host reading the flag."""
+) -> float:
+    """Clip, step, zero the gradients, schedule; returns the learning rate of this step. `skip` (1.0 on the
+    device: the step's loss was not finite; only for an optimizer that `skips_on_device`) makes it leave
+    weights and moments as they are, without the host reading the flag."""
+    lr = optimizer.param_groups[0]["lr"]  # read before the schedule moves on to the next step's
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     if skip is not None:
@@ -195,47 +227,51 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
+    return lr
 
 
 class StepMeter:
-    """The training loss, token count and non-finite losses since the last log point, kept on the device.
+    """The training loss, targets, tokens and non-finite losses since the last log point, kept on the device.
 
     Reading a number from a GPU makes the host wait until the GPU has caught up, which leaves it idle
     while the host prepares the next step. So the loop reads these only at log points (`read`), a
     handful of times per --log-every steps, and never between them.
     """
 
-    def __init__(self, device: torch.device):
-        self.device, self.started, self.batches = device, time.perf_counter(), 0
-        zero = torch.zeros((), device=device)
+    def __init__(self, accelerator):
+        self.accelerator, self.started, self.targets = accelerator, time.perf_counter(), 0
+        zero = torch.zeros((), device=accelerator.device)
         self.loss_sum, self.tokens, self.step_loss = zero.clone(), zero.clone(), zero.clone()
-        self.first_failed_step, self.failed_loss = torch.zeros((), dtype=torch.int64, device=device), zero.clone()
+        self.first_failed_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        self.failed_loss = zero.clone()
 
-    def add(self, loss: torch.Tensor, batch: dict) -> None:
-        """One batch's mean loss, and its real (not padding) tokens."""
-        self.loss_sum += loss.detach()
-        self.step_loss += loss.detach()
+    def add(self, loss_sum: torch.Tensor, batch: dict) -> None:
+        """One batch's summed loss (this process's), and its real (not padding) tokens."""
+        self.step_loss += loss_sum
         self.tokens += batch["attention_mask"].sum()
-        self.batches += 1
 
-    def end_step(self, step: int) -> torch.Tensor:
-        """Close optimizer step `step`; returns its skip flag (1.0 if its loss was not finite). The first
-        such step and its loss are remembered for `read`."""
-        failed = ~torch.isfinite(self.step_loss)
+    def end_step(self, step: int, targets: int) -> torch.Tensor:
+        """Close optimizer step `step`, whose window held `targets` targets on all processes; returns its skip
+        flag (1.0 if its loss was not finite), the same on every process. The first such step and its loss
+        are remembered for `read`."""
+        step_loss = self.accelerator.reduce(self.step_loss, "sum")  # one small all-reduce per step, if several
+        failed = ~torch.isfinite(step_loss)
         first = failed & (self.first_failed_step == 0)
         self.first_failed_step = torch.where(first, step, self.first_failed_step)
-        self.failed_loss = torch.where(first, self.step_loss, self.failed_loss)
+        self.failed_loss = torch.where(first, step_loss / targets, self.failed_loss)
+        self.loss_sum += step_loss
+        self.targets += targets
         self.step_loss = torch.zeros_like(self.step_loss)
         return failed.float()
 
     def read(self) -> tuple[float, float, int, float]:
-        """(mean loss per batch, tokens per second, first failed step or 0, its loss), read from the device
-        at once, then restarted for the next interval."""
+        """(loss per target since the last read, this process's tokens per second, first failed step or 0,
+        its loss), read from the device at once, then restarted for the next interval."""
         numbers = [self.loss_sum, self.tokens, self.first_failed_step, self.failed_loss]
         numbers = torch.stack([number.double() for number in numbers])
         loss_sum, tokens, failed_step, failed_loss = numbers.cpu().tolist()
-        mean, per_second = loss_sum / max(1, self.batches), tokens / (time.perf_counter() - self.started)
-        self.started, self.batches = time.perf_counter(), 0
+        mean, per_second = loss_sum / max(1, self.targets), tokens / (time.perf_counter() - self.started)
+        self.started, self.targets = time.perf_counter(), 0
         self.loss_sum, self.tokens = torch.zeros_like(self.loss_sum), torch.zeros_like(self.tokens)
         return mean, per_second, int(failed_step), failed_loss
 

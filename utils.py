@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,8 @@ def uses_adapters(args: argparse.Namespace) -> bool:
 
 
 def load_trainable_model(args: argparse.Namespace, checkpoint: Path | None, mixed_precision: str):
-    """All weights, or LoRA adapters on a frozen (optionally 4/8-bit) base; with --dropout and
-    activation checkpointing as asked.
+    """All weights, or LoRA adapters on a frozen (optionally 4/8-bit) base; with activation checkpointing
+    as asked.
 
     A full fine-tune resumes from the checkpoint's weights; a LoRA run reloads --model and then the
     checkpoint's adapters.
@@ -147,8 +148,6 @@ def load_trainable_model(args: argparse.Namespace, checkpoint: Path | None, mixe
         model = load_adapter_model(args, checkpoint, mixed_precision)
     else:
         model = load_model(str(checkpoint or args.model), from_scratch=args.from_scratch and not checkpoint)
-    if args.dropout is not None:
-        set_dropout(model, args.dropout)
     if args.gradient_checkpointing:
         # Recompute each block's activations in the backward pass: far less memory, ~1/3 more compute.
         # The non-reentrant kind replays the same dropout masks, so the result does not change.
@@ -186,16 +185,39 @@ def load_adapter_model(args: argparse.Namespace, checkpoint: Path | None, mixed_
     )
 
 
-def set_dropout(model, p: float) -> None:
-    """Every dropout of the model (GPT-2: embeddings, attention, residual) but the adapters', and its config."""
+DROPOUT_CONFIG_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout")
+
+
+def set_dropout(model, p: float) -> str | None:
+    """Every dropout of the model but the adapters', and its config (so the saved config says what was
+    trained); returns a line naming what the architecture lacks, where it has less dropout than GPT-2.
+
+    Dropout comes two ways: nn.Dropout layers (GPT-2: embeddings, attention, residual stream; GPT-NeoX:
+    embeddings, residual stream) and a rate that attention layers keep as a plain number and pass to the
+    attention kernel (Llama, Qwen2, Mistral, GPT-NeoX: `attention_dropout`), which no nn.Dropout shows.
+    """
     import torch
 
+    layers = rates = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
-            module.p = p
-    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):  # so the saved config says what was trained
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            module.p, layers = p, layers + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, int | float) and not isinstance(rate, bool):
+            module.attention_dropout, rates = p, rates + 1
+    for key in DROPOUT_CONFIG_KEYS:
         if hasattr(model.config, key):
             setattr(model.config, key, p)
+    kind = model.config.model_type
+    if not (layers or rates):
+        return f"--dropout {p:g} does nothing: {kind} models have no dropout anywhere"
+    if not layers:
+        return (
+            f"--dropout {p:g} applies to attention only: {kind} models have no dropout on embeddings or residual stream"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +228,7 @@ def load_for_sampling(path: str, base_model: str | None = None, load_in_4bit: bo
     """A full model (folder or Hub id), or an adapter folder on its base model, on the default device in
     eval mode; `load_in_4bit` quantizes the (base) model to 4-bit NF4."""
     import lora
+    from generation import window_note
     from training import compute_dtype, default_device, resolve_precision
 
     device = default_device()
@@ -223,4 +246,6 @@ def load_for_sampling(path: str, base_model: str | None = None, load_in_4bit: bo
         model = lora.load_lora(model, path, quantized=load_in_4bit, trainable=False)
     else:
         model = load_model(path, **kwargs)
+    if note := window_note(model):
+        print(note, file=sys.stderr)
     return (model if load_in_4bit else model.to(device)).eval()

@@ -139,6 +139,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_two_processes_with_accumulation_equal_one_process_with_it(tmp_path, tiny_model_dir, small_data, one_process):
+    """Padded batches (--packing False) of different target counts: each token weighs the same whichever
+    process and micro-batch holds it, as in one process holding twice the examples."""
+    settings = [*COMMON, *EXACT, "--packing", "False", "--grad-accum-steps", "2"]
+    one, two = one_process(*settings), tmp_path / "two"
+    double = torchrun(*train_args(two, tiny_model_dir, small_data, *settings, "--batch-size", "4"), cwd=tmp_path)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "16 examples per optimizer step (4 x 2 accumulated x 2 processes, DDP)" in double.stdout
+    assert max_difference(weights(one / "out"), weights(two / "out")) < 1e-4
+    assert val_losses(one) == pytest.approx(val_losses(two), rel=1e-5)
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path, gpt2_tiny_model_dir, small_data):
     """Dropout on: each process draws its own masks, and its random state is in the checkpoint. GPT-2's
     50,257-token output layer makes each step slow enough for the signal to land mid-run."""
