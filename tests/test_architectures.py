@@ -168,3 +168,23 @@ def test_lora_picks_the_attention_layers_merges_exactly_and_qlora_trains(name, f
     quantized = load_for_sampling(str(tmp_path / "qlora/out"), load_in_4bit=True)  # as inference.py does
     four_bit = [layer for layer, module in quantized.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
     assert all(any(layer.endswith(f"{t}.base_layer") for layer in four_bit) for t in FAMILIES[name].lora_targets)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt_neox"])
+def test_dropout_reaches_attention_where_the_architecture_keeps_it_as_a_number(name, family_dirs):
+    """Llama, Qwen2 and Mistral have no nn.Dropout at all: their attention reads a rate from the config."""
+    from transformers import AutoModelForCausalLM
+
+    from utils import set_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[name]).train()
+    ids = torch.tensor([[1, 5, 9, 200, 300, 17]])
+    assert torch.equal(model(ids).logits, model(ids).logits)  # as built: no dropout anywhere
+    note = set_dropout(model, 0.5)
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # now there is
+    assert model.config.attention_dropout == 0.5  # and the saved config says so
+    if name == "gpt_neox":
+        assert note is None and model.config.hidden_dropout == 0.5  # embeddings and residuals: nn.Dropout layers
+    else:
+        lacks = f"{name} models have no dropout on embeddings or residual stream"
+        assert note == f"--dropout 0.5 applies to attention only: {lacks}"
