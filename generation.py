@@ -5,17 +5,32 @@ Long texts slide a window: the model writes until its context is full, then the 
 context is encoded again as the new start and the writing goes on. The new tokens are only ever appended,
 so nothing is repeated or lost at a seam; what changes is how far back the model sees: all of the text
 until it fills the context, then at least the newest 3/4 of a context (768 tokens for GPT-2, 192 for the
-quickstart's 256) and at most a whole one.
+quickstart's 256) and at most a whole one. Each row keeps its own window, so a row of a batch sees what it
+would see alone.
+
+Every row (sample) draws its tokens with its own random generator, seeded from (seed, prompt, sample
+number) by `row_seed`, so a sample does not depend on which rows share its calls, how many there are, or
+their order: the number of rows per call may follow free GPU memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, TextStreamer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from cli import UserError
 from dataset import paragraph_frame
@@ -42,9 +57,28 @@ class SamplingSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def context_length(model) -> int:
+def model_positions(model) -> int:
+    """The positions the architecture has (GPT-2's n_positions, others' max_position_embeddings)."""
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+
+
+def context_length(model) -> int:
+    """The tokens a sample sees at most: the model's positions, or fewer where a run from random weights
+    recorded the positions it trained (`trained_positions` in its config): past them the weights are noise."""
+    trained = getattr(model.config, "trained_positions", None)
+    return min(model_positions(model), trained or model_positions(model))
+
+
+def window_note(model) -> str | None:
+    """The line that says why samples see fewer tokens than the model's positions, where they do."""
+    context, positions = context_length(model), model_positions(model)
+    if context == positions:
+        return None
+    return (
+        f"sampling window: {context} of the model's {positions} positions (trained from random weights on "
+        f"examples of up to {context + 1} tokens, it never learned the positions past {context})"
+    )
 
 
 def window_tokens(context: int) -> int:
@@ -68,62 +102,187 @@ class Stop(StoppingCriteria):
         return done
 
 
+def row_seed(seed: int, prompt: Sequence[int], sample: int) -> int:
+    """The seed of one sample's own random generator: the first 8 bytes (little-endian) of the SHA-256 of
+    "seed/sample/prompt token ids", e.g. "7/0/0,464,318" for sample 0 of tokens [0, 464, 318] with seed 7.
+
+    A hash rather than seed + offsets, so that no two samples share a stream (seed 1's sample 0 is not
+    seed 0's sample 1), and the prompt's tokens rather than its place in a file, so that a sample depends
+    on its own prompt only: the same prompt, sample number and seed give the same stream in any batch.
+    """
+    text = f"{seed}/{sample}/{','.join(map(str, prompt))}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def sample_numbers(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Each row's sample number: how many earlier rows hold the same prompt (0, 1, ... for n copies of one)."""
+    seen: dict[tuple[int, ...], int] = {}
+    numbers = []
+    for prompt in prompts:
+        numbers.append(seen.get(tuple(prompt), 0))
+        seen[tuple(prompt)] = numbers[-1] + 1
+    return numbers
+
+
+class RowStreams:
+    """Every row's own uniform numbers in [0, 1) (float64), from a CPU torch.Generator seeded with its
+    row_seed: the same numbers on any machine, whatever rows share its calls. A row's t-th new token is drawn
+    with its t-th number, across all the windows of a long text."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def next(self, rows: list[int], count: int, device: torch.device) -> torch.Tensor:
+        """The next `count` numbers of each of `rows`, a row of the result each; drawn on the CPU a window at a
+        time (one small copy per call, not one per token)."""
+        drawn = [torch.rand(count, generator=self.generators[i], dtype=torch.float64) for i in rows]
+        return torch.stack(drawn).to(device)
+
+
+def sampling_warpers(settings: SamplingSettings) -> list[LogitsProcessor]:
+    """transformers' own temperature, top-k and top-p warpers, in the order its sampling applies them."""
+    warpers: list[LogitsProcessor] = []
+    if settings.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(settings.temperature)))
+    if settings.top_k:
+        warpers.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(settings.top_p)))
+    return warpers
+
+
+def draw_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row (a column of token ids), the first token whose cumulative probability exceeds u * the total,
+    u the row's number in `uniforms` (shape rows x 1): a token drawn by its probability, never one of
+    probability 0. The cumulative sum is in float64, so that no token's share is lost to rounding."""
+    cumulative = scores.double().softmax(dim=-1).cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    tokens = torch.searchsorted(cumulative, uniforms * total, right=True)
+    # u * total can round up to the total: then the last token of positive probability (the first to reach it)
+    return torch.minimum(tokens, (cumulative < total).sum(dim=-1, keepdim=True))
+
+
+class RowSampler(LogitsProcessor):
+    """The last logits processor: temperature, top-k and top-p as transformers' sampling applies them, then
+    each row's token drawn with the row's own next number (draw_tokens), returned as scores of 0 for that
+    token and -inf for every other, so that generate's greedy pick (do_sample=False) takes it.
+
+    `uniforms` holds this call's numbers, a row each, one per new token; `width` is the call's input width,
+    so the number of a step is its column.
+    """
+
+    def __init__(self, settings: SamplingSettings, uniforms: torch.Tensor, width: int):
+        self.warpers, self.uniforms, self.width = sampling_warpers(settings), uniforms, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        step = input_ids.shape[1] - self.width
+        tokens = draw_tokens(scores, self.uniforms[:, step : step + 1])
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """CTRL's repetition penalty as transformers applies it (a seen token's score divided by `penalty` where
+    positive, multiplied where negative), counting only the tokens `counted` keeps: not the special ones.
+
+    transformers' RepetitionPenaltyLogitsProcessor counts every id in input_ids, and every prompt starts with
+    the paragraph frame's end-of-text (GPT-2) or begin-of-text token: the penalty then made a paragraph's end
+    less likely from the first token on, and paragraphs ran long.
+    """
+
+    def __init__(self, penalty: float, skipped_ids: Iterable[int]):
+        self.penalty = penalty
+        self.skipped = torch.tensor(sorted(set(skipped_ids)), dtype=torch.long)
+
+    def counted(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Which positions of input_ids count as seen (a bool per position). A rule by position, such as
+        leaving out the prompt's own tokens, narrows this mask; __call__ counts a token seen at any counted
+        position, so such a rule needs no other change."""
+        self.skipped = self.skipped.to(input_ids.device)
+        return ~torch.isin(input_ids, self.skipped)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, self.counted(input_ids).to(scores.dtype))
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(counts > 0, penalised, scores)
+
+
 @torch.no_grad()
 def sample_ids(
-    model, prompts: list[list[int]], settings: SamplingSettings, seed: int, eot: int, streamer=None
+    model,
+    prompts: list[list[int]],
+    settings: SamplingSettings,
+    seed: int,
+    eot: int,
+    streamer=None,
+    *,
+    samples: list[int] | None = None,
+    special_ids: Iterable[int] = (),
 ) -> list[list[int]]:
     """The new tokens after each prompt (token ids), all rows in one `generate` call per window.
 
     Each row stops after `settings.paragraphs` end-of-text tokens (the last one kept) or its
     `settings.new_tokens`, which may be more than the context holds (the window slides, see the module's
-    doc). Rows of different lengths are padded on the left. The torch RNG is forked and seeded with `seed`,
-    so sampling neither depends on nor disturbs any other random stream. `streamer` (one row only) is
-    given every new token as it is drawn.
+    doc). Rows of different lengths are padded on the left.
+
+    A row's tokens are a function of its prompt, its sample number, `seed` and `settings` only (and of the
+    model's numbers for its window): it draws with its own generator, seeded with row_seed(seed, prompt,
+    sample number), and slides its window when its own window is full. `samples` gives the rows' sample
+    numbers, by default sample_numbers(prompts) (0, 1, ... for n copies of one prompt). No other random
+    stream is used or disturbed. The repetition penalty leaves out end-of-text and `special_ids`.
+    `streamer` (one row only) is given every new token as it is drawn.
     """
     context = context_length(model)
     keep = window_tokens(context)
     device = next(model.parameters()).device
     texts = [list(p) for p in prompts]
+    samples = sample_numbers(prompts) if samples is None else samples
+    streams = RowStreams([row_seed(seed, p, k) for p, k in zip(prompts, samples, strict=True)])
+    starts = [max(0, len(t) - keep) for t in texts]  # each row's window, as it would be alone
+    penalty = [RepetitionPenalty(settings.repetition_penalty, {eot, *special_ids})]
+    penalty = penalty if settings.repetition_penalty != 1.0 else []
     new: list[list[int]] = [[] for _ in prompts]
     limits = [settings.new_tokens(len(p) - 1) for p in prompts]  # the start token is not the user's
     needed = [settings.paragraphs] * len(prompts) if settings.paragraphs else None
     active = list(range(len(prompts)))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        while active:
-            windows = [texts[i][-keep:] for i in active]
-            width = max(len(w) for w in windows)
-            input_ids = torch.tensor([[eot] * (width - len(w)) + w for w in windows], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows], device=device)
-            left = [limits[i] - len(new[i]) for i in active]
-            stop = Stop(width, eot, None if needed is None else [needed[i] for i in active], left, device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                max_new_tokens=min(context - width, max(left)),
-                top_k=settings.top_k,
-                top_p=settings.top_p,
-                temperature=settings.temperature,
-                repetition_penalty=settings.repetition_penalty,
-                eos_token_id=None,  # Stop ends rows, after `paragraphs` of them
-                pad_token_id=eot,
-                stopping_criteria=[stop],
-                streamer=streamer,
-                cache_implementation="static" if settings.static_cache else None,
-            )
-            still = []
-            for i, row in zip(active, out[:, width:].tolist(), strict=True):
-                row = row[: limits[i] - len(new[i])]
-                if needed is not None:
-                    ends = [k for k, token in enumerate(row) if token == eot]
-                    row = row[: ends[needed[i] - 1] + 1] if len(ends) >= needed[i] else row
-                    needed[i] -= min(len(ends), needed[i])
-                new[i] += row
-                texts[i] += row
-                if len(new[i]) < limits[i] and (needed is None or needed[i] > 0):
-                    still.append(i)
-            active = still
+    while active:
+        windows = [texts[i][starts[i] :] for i in active]
+        width = max(len(w) for w in windows)
+        input_ids = torch.tensor([[eot] * (width - len(w)) + w for w in windows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows], device=device)
+        left = [limits[i] - len(new[i]) for i in active]
+        steps = min(context - width, max(left))  # the call ends when the fullest window fills
+        stop = Stop(width, eot, None if needed is None else [needed[i] for i in active], left, device)
+        draw = RowSampler(settings, streams.next(active, steps, device), width)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,  # RowSampler has drawn the token: the greedy pick takes it
+            logits_processor=LogitsProcessorList([*penalty, draw]),
+            repetition_penalty=1.0,  # RepetitionPenalty instead, or none (not a model's generation_config's)
+            max_new_tokens=steps,
+            eos_token_id=None,  # Stop ends rows, after `paragraphs` of them
+            pad_token_id=eot,
+            stopping_criteria=[stop],
+            streamer=streamer,
+            cache_implementation="static" if settings.static_cache else None,
+        )
+        still = []
+        for i, row in zip(active, out[:, width:].tolist(), strict=True):
+            row = row[: limits[i] - len(new[i])]
+            if needed is not None:
+                ends = [k for k, token in enumerate(row) if token == eot]
+                row = row[: ends[needed[i] - 1] + 1] if len(ends) >= needed[i] else row
+                needed[i] -= min(len(ends), needed[i])
+            new[i] += row
+            texts[i] += row
+            if len(new[i]) < limits[i] and (needed is None or needed[i] > 0):
+                # It goes on, having kept every token of the call: its numbers stay in step with its tokens.
+                still.append(i)
+                if len(texts[i]) - starts[i] >= context:  # its own window is full: slide it
+                    starts[i] = len(texts[i]) - keep
+        active = still
     return new
 
 
@@ -138,6 +297,11 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return [paragraph_frame(tokenizer)[0], *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
+def special_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's special tokens and the paragraph frame's: the repetition penalty leaves them alone."""
+    return sorted({*tokenizer.all_special_ids, *paragraph_frame(tokenizer)})
+
+
 def as_text(tokenizer, ids: list[int]) -> str:
     """Tokens as text, each end-of-text a paragraph break."""
     text = tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.eos_token, "\n\n")
@@ -149,11 +313,12 @@ def as_text(tokenizer, ids: list[int]) -> str:
 def generate_paragraphs(
     model, tokenizer, prompt: str, n: int, settings: SamplingSettings, seed: int | None, streamer=None
 ) -> list[str]:
-    """`n` continuations of `prompt` as text, the prompt included, from one batched call per window; with
-    `seed=None` they differ on every call."""
+    """`n` continuations of `prompt` as text, the prompt included, from one batched call per window (sample k
+    is the prompt's sample k wherever it is drawn, see sample_ids); with `seed=None` they differ on every call."""
     ids = prompt_ids(tokenizer, prompt)
     seed = fresh_seed() if seed is None else seed
-    rows = sample_ids(model, [ids] * n, settings, seed, paragraph_frame(tokenizer)[1], streamer)
+    eot, special = paragraph_frame(tokenizer)[1], special_token_ids(tokenizer)
+    rows = sample_ids(model, [ids] * n, settings, seed, eot, streamer, special_ids=special)
     return [as_text(tokenizer, ids[1:] + row) for row in rows]
 
 
@@ -173,16 +338,24 @@ def rows_per_call(model) -> int:
 def sample_prompts(
     model, tokenizer, prompts: list[str], n: int, settings: SamplingSettings, seed: int
 ) -> list[list[str]]:
-    """`n` continuations (the prompt included) of every prompt, in calls of up to rows_per_call samples;
-    call k seeds with seed + k, so the same prompts, settings and seed give the same samples."""
-    rows = [(p, prompt_ids(tokenizer, p)) for p in prompts for _ in range(n)]
-    size, eot = rows_per_call(model), paragraph_frame(tokenizer)[1]
-    texts = []
-    for call, first in enumerate(range(0, len(rows), size)):
+    """`n` continuations (the prompt included) of every prompt, in calls of up to rows_per_call samples.
+
+    Sample k of a prompt is drawn with row_seed(seed, its tokens, k) whatever shares its call (sample_ids),
+    so the same prompts, settings and seed give the same samples whatever a card's free memory (bit for bit
+    where the model computes in fp32; docs/inference.md says why bf16 can differ); the same prompt twice gives
+    the same samples twice. The rows are grouped by prompt length, so that rows
+    whose windows fill together share calls (less padding, and fewer calls past the context).
+    """
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    rows = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda row: len(encoded[row[0]]))
+    size, eot, special = rows_per_call(model), paragraph_frame(tokenizer)[1], special_token_ids(tokenizer)
+    texts: dict[tuple[int, int], str] = {}
+    for first in range(0, len(rows), size):
         batch = rows[first : first + size]
-        new = sample_ids(model, [ids for _, ids in batch], settings, seed + call, eot)
-        texts += [as_text(tokenizer, ids[1:] + row) for (_, ids), row in zip(batch, new, strict=True)]
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+        ids = [encoded[i] for i, _ in batch]
+        new = sample_ids(model, ids, settings, seed, eot, samples=[k for _, k in batch], special_ids=special)
+        texts.update({row: as_text(tokenizer, p[1:] + t) for row, p, t in zip(batch, ids, new, strict=True)})
+    return [[texts[i, k] for k in range(n)] for i in range(len(prompts))]
 
 
 def read_prompts(path: str | Path, flag: str = "--prompts") -> list[str]:
@@ -208,14 +381,14 @@ def generate_samples(
 ) -> list[dict[str, str]]:
     """`n` samples {prompt, text}, sample i continuing prompt i % len(prompts); one batched call per prompt.
 
-    The text is the continuation only, paragraph breaks (end-of-text) written as blank lines. Prompt i
-    samples with seed + i, so the same seed gives the same samples.
+    The text is the continuation only, paragraph breaks (end-of-text) written as blank lines. Sample i is
+    its prompt's sample i // len(prompts), drawn as sample_ids says, so the same seed gives the same samples.
     """
-    eot = paragraph_frame(tokenizer)[1]
+    eot, special = paragraph_frame(tokenizer)[1], special_token_ids(tokenizer)
     samples = []
     for i, prompt in enumerate(prompts[:n]):
         ids = prompt_ids(tokenizer, prompt)
-        for row in sample_ids(model, [ids] * len(range(i, n, len(prompts))), settings, seed + i, eot):
+        for row in sample_ids(model, [ids] * len(range(i, n, len(prompts))), settings, seed, eot, special_ids=special):
             samples.append({"prompt": prompt, "text": as_text(tokenizer, row)})
     return samples
 

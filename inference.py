@@ -10,7 +10,8 @@
 A folder of LoRA/QLoRA adapters (adapter_config.json) is recognised and loaded on its base model.
 Samples come from batched `generate` calls with the KV cache, using the tokenizer saved with the model;
 each starts as a new paragraph and stops after --paragraphs end-of-text tokens or its length. A length
-beyond the model's context slides the window (generation.py says how far back the model sees).
+beyond the model's context slides the window (generation.py says how far back the model sees). Each sample
+has its own random numbers, from --seed, its prompt and its number: it is the same in any batch.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
     add_flag(p, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
     add_flag(p, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative")
-    add_flag(p, "--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens; 1.0 is none")
+    add_flag(
+        p,
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="penalty on repeated tokens (not special ones); 1.0 is none",
+    )
     add_bool_flag(
         p,
         "--static-cache",

@@ -20,7 +20,7 @@ from test_cli import run_in_process
 import generation
 import inference
 import sample_log
-from generation import SamplingSettings, sample_ids, window_tokens
+from generation import RepetitionPenalty, SamplingSettings, sample_ids, window_tokens
 
 CONTEXT = 32
 EOT = 0  # the tiny tokenizer's end-of-text
@@ -86,6 +86,78 @@ def test_prompts_of_different_lengths_batch_as_they_sample_alone():
     assert together == [sample_ids(model, [p], settings, seed=0, eot=EOT)[0] for p in prompts]
 
 
+# ---- each sample its own random stream; the repetition penalty -----------------------------------------
+
+A, B, C = [EOT, 5, 6], [EOT, 11, 12, 13, 14, 15, 16, 17], [EOT, 20, 21, 22, 23]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(max_new_tokens=50, paragraphs=None),  # past the context: each row's windows slide
+        SamplingSettings(max_new_tokens=70, paragraphs=3, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3),
+    ],
+    ids=["long", "paragraphs"],
+)
+def test_a_sample_is_the_same_whatever_shares_its_call(settings):
+    """A sample is a function of (prompt, sample number, seed, settings): drawn alone, with other prompts of
+    other lengths (left padding, windows that fill at other moments, rows that stop earlier), or in another
+    order, its tokens are the same. Another sample number or another seed gives another sample."""
+    model = short_context_model(eot_bias=1.0)
+    alone = {
+        (tuple(p), k): sample_ids(model, [p], settings, seed=3, eot=EOT, samples=[k])[0]
+        for p in (A, B, C)
+        for k in (0, 1)
+    }
+    rows = [A, B, C, A, B, C]  # sample numbers by default: 0, 0, 0, 1, 1, 1
+    assert sample_ids(model, rows, settings, seed=3, eot=EOT) == [alone[tuple(p), j // 3] for j, p in enumerate(rows)]
+    mixed = sample_ids(model, [C, A, B], settings, seed=3, eot=EOT, samples=[1, 0, 1])
+    assert mixed == [alone[tuple(C), 1], alone[tuple(A), 0], alone[tuple(B), 1]]
+    assert sample_ids(model, [A], settings, seed=3, eot=EOT)[0] == alone[tuple(A), 0]  # the same seed
+    assert alone[tuple(A), 0] != alone[tuple(A), 1]
+    assert sample_ids(model, [A], settings, seed=4, eot=EOT)[0] != alone[tuple(A), 0]
+
+
+def test_a_prompts_file_draws_the_same_samples_in_any_batching(tiny_model_dir, tokenizer, monkeypatch):
+    """--prompts-file's rows per call follow free GPU memory: one row a call or all in one, the prompts in
+    another order, the samples stay; a prompt's samples equal those of --prompt with the same seed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts, settings = ["Emma was", "Mr Knightley", "It was a truth"], SamplingSettings(max_new_tokens=12)
+
+    def drawn(rows_per_call: int, order: list[str]) -> dict[str, list[str]]:
+        monkeypatch.setattr(generation, "rows_per_call", lambda model: rows_per_call)
+        return dict(zip(order, generation.sample_prompts(model, tokenizer, order, 3, settings, 5), strict=True))
+
+    together = drawn(64, prompts)
+    assert drawn(1, prompts[::-1]) == together == drawn(2, prompts[1:] + prompts[:1])
+    assert generation.generate_paragraphs(model, tokenizer, "Mr Knightley", 3, settings, 5) == together["Mr Knightley"]
+    assert len({text for texts in together.values() for text in texts}) == 9
+
+
+def test_the_repetition_penalty_leaves_the_special_tokens_alone():
+    """End-of-text (every prompt's first token, and the padding) and the other special tokens keep their
+    scores; a seen ordinary token is penalised from either sign; an unseen one is not."""
+    input_ids = torch.tensor([[EOT, EOT, 5, 6, 5, 1]])
+    scores = torch.tensor([[3.0, 3.0, 0.5, 1.0, 4.0, 2.0, -2.0, 1.5]])
+    assert RepetitionPenalty(2.0, [EOT, 1])(input_ids, scores).tolist() == [[3.0, 3.0, 0.5, 1.0, 4.0, 1.0, -4.0, 1.5]]
+
+
+def test_a_repetition_penalty_does_not_lengthen_paragraphs():
+    """With end-of-text penalised (transformers' processor counts every token), a paragraph's end is less
+    likely from the first step: on this model, where paragraphs end after about 5 tokens, a penalty of 2 made
+    them over 3 times as long. Left alone, end-of-text only gains on the penalised tokens (about 1.0 times)."""
+    model = short_context_model(eot_bias=3.0)
+
+    def mean_length(penalty: float) -> float:
+        settings = SamplingSettings(max_new_tokens=60, paragraphs=1, repetition_penalty=penalty)
+        rows = sample_ids(model, [[EOT, 5, 6]] * 48, settings, seed=0, eot=EOT)
+        return sum(map(len, rows)) / len(rows)
+
+    assert mean_length(2.0) < 1.5 * mean_length(1.0)
+
+
 # ---- inference.py: files worth keeping, many prompts -------------------------------------------------
 
 
@@ -131,7 +203,7 @@ def test_a_prompts_file_samples_in_batched_calls(tiny_model_dir, tmp_path, capsy
     real = generation.sample_ids
     monkeypatch.setattr(generation, "rows_per_call", lambda model: 4)
     monkeypatch.setattr(
-        generation, "sample_ids", lambda model, rows, *a: calls.append(len(rows)) or real(model, rows, *a)
+        generation, "sample_ids", lambda model, rows, *a, **k: calls.append(len(rows)) or real(model, rows, *a, **k)
     )
     out = tmp_path / "samples.jsonl"
     argv = ["--prompts-file", str(prompts), "--n-return-seqs", "2", "--seed", "9", "--output", str(out)]
