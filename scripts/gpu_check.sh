@@ -2,6 +2,7 @@
 # The GPU measurements of docs/benchmarks.md, in one command (about 5 minutes on an H100 or H200):
 #
 #   bash scripts/gpu_check.sh [RESULTS_FOLDER]        # default: gpu_results/
+#   STEPS=10 WARMUP=3 bash scripts/gpu_check.sh       # shorter, for a lease of a few minutes
 #
 # 1. the CUDA tests: the chunked loss (our chunks, and Cut Cross-Entropy's kernel if installed) against the
 #    model's own output layer and loss, in bf16 on the GPU;
@@ -16,6 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu_results}
 peak=${CARD_PEAK_TFLOPS:-989}
+steps=${STEPS:-20}
+warmup=${WARMUP:-5}
+medium_steps=$((steps * 5 / 2))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -31,9 +35,9 @@ transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate
 python -m pytest -q -p no:cacheprovider tests/test_hot_path.py -k cuda -rs 2>&1 | tee "$out/cuda_tests.txt"
 
 python bench.py --modes ours ours-unfused ours-compile trainer-amp --batch-size 16 --block-size 1024 \
-  --steps 20 --warmup 5 --gen-samples 0 --card-peak-tflops "$peak" --markdown "$out/gpt2_16x1024.md"
+  --steps "$steps" --warmup "$warmup" --gen-samples 0 --card-peak-tflops "$peak" --markdown "$out/gpt2_16x1024.md"
 python bench.py --modes ours ours-unfused ours-fp32 seed trainer-ours trainer-amp \
-  --steps 20 --warmup 5 --card-peak-tflops "$peak" --markdown "$out/gpt2_8x100.md"
+  --steps "$steps" --warmup "$warmup" --card-peak-tflops "$peak" --markdown "$out/gpt2_8x100.md"
 python bench.py --config gpt2-medium --modes ours lora qlora --batch-size 8 --block-size 512 \
-  --steps 50 --warmup 5 --gen-samples 0 --markdown "$out/gpt2-medium_8x512.md"
+  --steps "$medium_steps" --warmup "$warmup" --gen-samples 0 --markdown "$out/gpt2-medium_8x512.md"
 echo "results in $out/"
