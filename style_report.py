@@ -11,7 +11,7 @@ for text written anywhere else. Reported per row:
   1. distinguishability: the cross-validated ROC AUC of a classifier telling the texts from real held-out
      author passages of the same lengths, over --draws fresh draws (0.5: passes for the author, 1.0:
      always told apart), with its spread;
-  2. P(author) from a classifier of the author's novels against contrast novels ("closer to the author
+  2. P(author) from a classifier of held-out author text against contrast novels ("closer to the author
      than to the contrast authors"), with its accuracy on whole held-out novels;
   3. Burrows' Delta (cosine) from the texts to the author and to each contrast novel;
   4. copying: share of word 8-grams found verbatim in the training paragraphs, the longest verbatim
@@ -20,6 +20,7 @@ for text written anywhere else. Reported per row:
   6. for models only, held-out perplexity and bits per character on the validation paragraphs of --data.
 Reference rows are measured the same way: real held-out author passages (the floor of distinguishability,
 the ceiling of P(author)), held-out contrast passages, and the author's passages with their words shuffled.
+The held-out author text is dealt three ways, disjoint: the classifier's, the two-sample test's, the author row's.
 Output: <out>/report.md (table and verdict first, then samples), report.json and style.png.
 """
 
@@ -45,7 +46,11 @@ REPO = Path(__file__).resolve().parent
 CONTRAST_HELD_OUT = 0.1  # the last tenth of each contrast novel is kept away from the classifier and Delta
 N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
 AUTHOR_ROW = "author, held out"
-RESERVED_FOR_REFERENCES = 1 / 3  # of the held-out author paragraphs: the floor's passages, never drawn to compare
+# The held-out author text, dealt three ways by words: the P(author) classifier's fitting text (the most: with
+# half, its accuracy on novels it never saw was 91%, with 60% 93%), the two-sample test's pool (48 samples of 200
+# tokens take about half of a quarter) and the author row's passages (48 of 130 words take about half of the
+# rest). Disjoint, and none of them the training text.
+HELD_OUT_SHARES = {"classifier": 0.6, "two-sample pool": 0.25, "author row": 0.15}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,16 +168,42 @@ class References:
     val_paragraphs: list[str]
     contrast_held_out: dict[str, list[str]]
     contrast_train: dict[str, list[str]]
+    held_out: dict[str, list[str]]  # the validation paragraphs, less any the training text holds, dealt three ways
+    classifier_novels: dict[str, list[str]]  # what the P(author) classifier was fit on, of the author
     classifier: object  # style.AuthorClassifier
     delta: object  # style.Delta
     copying: object  # style.Copying
     two_sample: TwoSampleTest
 
 
+def classifier_text(
+    novels: dict[str, list[str]], train: list[str], held_out: dict[str, list[str]], passage_words: int
+) -> dict[str, list[str]]:
+    """The author's novels less the training text and the held-out parts the classifier must not see.
+
+    What is left is the classifier's share of the held-out paragraphs, and any of the novels' text that --data
+    does not hold; never text a model trained on, the two-sample test draws from, or the author row reads.
+    """
+    kept_from_it = [p for part, ps in held_out.items() if part != "classifier" for p in ps]
+    fitting = style.without(novels, train + kept_from_it)
+    fitted = {title: ps for title, ps in fitting.items() if style.passages(ps, passage_words)}
+    if len(fitted) < 2:
+        words = sum(len(p.split()) for ps in fitting.values() for p in ps)
+        raise UserError(
+            f"the style classifier's share of the held-out author text ({words:,} words) covers {len(fitted)} of "
+            f"the novels in --author-novels with a {passage_words}-word passage, and it needs two or more; hold "
+            "out more text (a lower --train-size) or check that --author-novels holds the novels of --data"
+        )
+    return fitting
+
+
 def build_references(args: argparse.Namespace, train: list[str], val: list[str], passage_words: int) -> References:
     """The classifiers, Delta, copying and the two-sample test, from the split of --data and the novels."""
-    held_out = set(val)
-    author = {t: [p for p in ps if p not in held_out] for t, ps in style.load_novels(args.author_novels).items()}
+    # a held-out paragraph whose words are also a training paragraph's ("Yes, sir.") is text the models trained on
+    unseen = style.without({"held out": val}, train).get("held out", [])
+    held_out = dict(zip(HELD_OUT_SHARES, style.deal(unseen, list(HELD_OUT_SHARES.values()), args.seed), strict=True))
+    novels = style.load_novels(args.author_novels)
+    author = classifier_text(novels, train, held_out, passage_words)
     contrast = style.load_novels(args.contrast_novels)
     cut = {title: round(len(ps) * (1 - CONTRAST_HELD_OUT)) for title, ps in contrast.items()}
     contrast_train = {title: ps[: cut[title]] for title, ps in contrast.items()}
@@ -185,20 +216,36 @@ def build_references(args: argparse.Namespace, train: list[str], val: list[str],
         val_paragraphs=val,
         contrast_held_out=contrast_held_out,
         contrast_train=contrast_train,
+        held_out=held_out,
+        classifier_novels=author,
         classifier=classifier,
-        delta=style.Delta(author | contrast_train, all_names, n_words=args.mfw),
+        # Delta's word frequencies are z-scored against the author's text less all of the held-out text
+        delta=style.Delta(style.without(novels, val) | contrast_train, all_names, n_words=args.mfw),
         copying=style.Copying(train, author_names, n=args.ngram),
-        two_sample=TwoSampleTest(val, prose, all_names, args.draws, args.seed, RESERVED_FOR_REFERENCES),
+        two_sample=TwoSampleTest(held_out["two-sample pool"], prose, all_names, args.draws, args.seed),
     )
+
+
+def author_passages(refs: References, n: int, n_words: int) -> list[str]:
+    """`n` passages of `n_words` words from the author row's share of the held-out text, evenly spread."""
+    found = style.passages(refs.held_out["author row"], n_words, at_most=n)
+    if len(found) < n:
+        words = sum(len(p.split()) for p in refs.held_out["author row"])
+        raise UserError(
+            f"the author row's share of the held-out author text ({words:,} words) is too short for {n} passages of "
+            f"{n_words} words; lower --n-samples or --max-new-tokens, or hold out more text (a lower --train-size)"
+        )
+    return found
 
 
 def reference_texts(refs: References, n: int, n_words: int, seed: int) -> dict[str, list[str]]:
     """The reference rows' texts: `n` passages of `n_words` words each.
 
-    Real held-out author passages (from the paragraphs the two-sample test never draws from), the same
-    passages with their words shuffled (her vocabulary without her sentences), and held-out contrast passages.
+    Real held-out author passages (from the author row's share, which neither the classifier nor the two-sample
+    test sees), the same passages with their words shuffled (her vocabulary without her sentences), and held-out
+    contrast passages.
     """
-    author = refs.two_sample.reference_passages(n, n_words)
+    author = author_passages(refs, n, n_words)
     rng = random.Random(seed)
     contrast = [p for ps in refs.contrast_held_out.values() for p in ps]
     return {
@@ -208,12 +255,15 @@ def reference_texts(refs: References, n: int, n_words: int, seed: int) -> dict[s
     }
 
 
-def style_metrics(texts: list[str], refs: References) -> dict:
-    """Every text-only measure of one set of texts (samples, or real paragraphs cut to sample length)."""
+def style_metrics(texts: list[str], refs: References, prompts: list[str] | None = None) -> dict:
+    """Every text-only measure of one set of texts (samples, or real paragraphs cut to sample length).
+
+    `prompts`, the prompt each sample continues, folds the two-sample test by prompt.
+    """
     longest, passage = refs.copying.longest_run(texts)
     p_author = refs.classifier.p_author(texts)
     return {
-        **refs.two_sample(texts).as_dict(),
+        **refs.two_sample(texts, prompts).as_dict(),
         "p_author": statistics.mean(p_author),
         "p_author_standard_error": statistics.stdev(p_author) / len(p_author) ** 0.5,
         "delta_to_author": refs.delta.distance(texts, refs.train_paragraphs),
@@ -316,12 +366,19 @@ def verdict(row: dict, author: dict) -> str:
     return sentence
 
 
+def held_out_words(refs: References) -> dict[str, int]:
+    """Words in each part of the held-out author text; the classifier's counts what it was fit on."""
+    counts = {part: sum(len(p.split()) for p in ps) for part, ps in refs.held_out.items()}
+    return counts | {"classifier": sum(len(p.split()) for ps in refs.classifier_novels.values() for p in ps)}
+
+
 def markdown_report(args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples) -> str:
     classifier = refs.classifier
     accuracy = ", ".join(f"{title} {acc:.0%}" for title, acc in classifier.heldout_by_novel.items())
     reliability = "reliable" if classifier.reliable else "UNRELIABLE (below 90%): read P(author) with care"
     author = next(r for r in references if r["name"] == AUTHOR_ROW)
     pool = len(refs.two_sample.pool)
+    held_out = ", ".join(f"{part} {words:,}" for part, words in held_out_words(refs).items())
     parts = [
         "# Style report",
         "",
@@ -334,12 +391,14 @@ def markdown_report(args: argparse.Namespace, rows: list[dict], references: list
         f"Samples: {args.n_samples} per model, {args.max_new_tokens} new tokens each, top-k {args.top_k}, "
         f"top-p {args.top_p}, temperature {args.temperature}, seed {args.seed}, prompts from {Path(args.prompts).name} "
         f"in order. Held-out text: the validation paragraphs of {Path(args.data).name} (train-size {args.train_size}, "
-        f"seed {args.split_seed}). Reference rows: {args.n_samples} passages of {classifier.passage_words} words "
-        f"(the samples' mean length); the contrast row's come from the last {CONTRAST_HELD_OUT:.0%} of each novel.",
+        f"seed {args.split_seed}), dealt three ways, disjoint and none of it trained on (words: {held_out}). "
+        f"Reference rows: {args.n_samples} passages of {classifier.passage_words} words (the samples' mean length); "
+        f"the contrast row's come from the last {CONTRAST_HELD_OUT:.0%} of each novel.",
         "",
         f"- **Distinguishability**: can a classifier tell the row's texts from real author passages of the same "
-        f"lengths? ROC AUC under {FOLDS}-fold cross-validation, the mean over {args.draws} fresh draws of the "
-        f"author's passages (from {pool:,} words of held-out text), ± the standard deviation across draws. 0.5: "
+        f"lengths? ROC AUC under {FOLDS}-fold cross-validation (a model's samples folded by prompt: each prompt's "
+        f"continuations in one fold), the mean over {args.draws} fresh draws of the "
+        f"author's passages (from the {pool:,}-word two-sample pool), ± the standard deviation across draws. 0.5: "
         f"indistinguishable; 1.0: always told apart. The `{AUTHOR_ROW}` row is the floor: real author text against "
         "real author text. Features: word 1-2-grams and character 1-4-grams (TF-IDF), sentence and word lengths, "
         "punctuation per word, the share of word pairs and triples found in the contrast novels, and P(author).",
@@ -347,7 +406,8 @@ def markdown_report(args: argparse.Namespace, rows: list[dict], references: list
         "character names derived from the training text. Copied text is indistinguishable too, so read the two "
         "together.",
         f"- **P(author)**: closer to the author than to the contrast authors? TF-IDF word 1-2-grams and character "
-        f"2-4-grams + logistic regression, author novels vs contrast novels, names masked. Accuracy on whole "
+        f"2-4-grams + logistic regression, the classifier's share of the held-out author text vs contrast novels, "
+        f"names masked; it never saw the training text, so reciting that text earns nothing. Accuracy on whole "
         f"held-out novels: **{classifier.heldout_accuracy:.1%}** ({accuracy}): {reliability}. The `{AUTHOR_ROW}` "
         "row is its ceiling; a row above it uses the author's favourite words more than she does.",
         f"- **Delta**: Burrows' Delta, cosine variant, over the {args.mfw} most frequent words (names excluded); "
@@ -402,6 +462,7 @@ def write_report(out: Path, args: argparse.Namespace, rows: list[dict], referenc
     classifier = refs.classifier
     classifier_summary = {
         "passage_words": classifier.passage_words,
+        "held_out_words": held_out_words(refs),
         "heldout_novel_accuracy": classifier.heldout_accuracy,
         "heldout_accuracy_by_novel": classifier.heldout_by_novel,
         "reliable": classifier.reliable,
@@ -456,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for row, samples in sampled:
         print(f"{row['name']}: measuring ...", flush=True)
-        rows.append({**row, **style_metrics([s["text"] for s in samples], refs)})
+        rows.append({**row, **style_metrics([s["text"] for s in samples], refs, [s["prompt"] for s in samples])})
     for spec, (name, row_texts) in zip(args.texts, texts.items(), strict=True):
         print(f"{name}: measuring ...", flush=True)
         rows.append({"name": name, "texts": spec.partition("=")[2], **style_metrics(row_texts, refs)})

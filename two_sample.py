@@ -9,7 +9,9 @@ at once, because word order, sentence shape and punctuation betray it.
 
 The test is repeated over fresh draws of the author's passages and fresh fold splits; the mean is the
 distinguishability, the standard deviation across draws its spread. The same test with real author
-passages in place of the texts gives the floor (about 0.5).
+passages in place of the texts gives the floor (about 0.5). Samples that continue prompts are folded by
+prompt: a prompt's continuations are all in one fold, so what they share is never learned from their
+own fold-mates.
 """
 
 from __future__ import annotations
@@ -87,15 +89,43 @@ def make_classifier(prose_features: ProseFeatures):
     return make_pipeline(features, LogisticRegression(C=1.0, max_iter=2000))
 
 
-def cross_validated_auc(texts: list[str], real: list[str], prose_features: ProseFeatures, seed: int) -> float:
-    """ROC AUC of out-of-fold scores: texts (label 1) against real author passages (label 0)."""
+def by_prompt(prompts: list[str] | None) -> bool:
+    """Whether the folds can keep each prompt's texts together: two prompts or more are needed."""
+    return prompts is not None and len(set(prompts)) >= 2
+
+
+def fold_split(n_texts: int, n_real: int, prompts: list[str] | None, seed: int) -> tuple[object, list[int] | None]:
+    """The folds and each text's group (None when the folds are not grouped).
+
+    Continuations of one prompt share what the prompt sets going (a morning, a letter, a speech), and the
+    real passages share nothing of the kind. With one prompt's texts on both sides of a split, the classifier
+    learns the prompt's traces from the training fold and finds them in the test fold: texts as good as the
+    author's would still be told apart. So each prompt's texts stay in one fold, and each real passage, drawn
+    at its own random place, is a group of its own.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if not by_prompt(prompts):
+        return StratifiedKFold(min(FOLDS, n_texts, n_real), shuffle=True, random_state=seed), None
+    index = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+    groups = [index[p] for p in prompts] + [len(index) + i for i in range(n_real)]
+    return StratifiedGroupKFold(min(FOLDS, len(index), n_real), shuffle=True, random_state=seed), groups
+
+
+def cross_validated_auc(
+    texts: list[str], real: list[str], prose_features: ProseFeatures, seed: int, prompts: list[str] | None = None
+) -> float:
+    """ROC AUC of out-of-fold scores: texts (label 1) against real author passages (label 0).
+
+    With `prompts` (the prompt each text continues), the folds keep each prompt's texts together.
+    """
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import cross_val_predict
 
     labels = [1] * len(texts) + [0] * len(real)
-    folds = StratifiedKFold(min(FOLDS, len(texts), len(real)), shuffle=True, random_state=seed)
+    folds, groups = fold_split(len(texts), len(real), prompts, seed)
     scores = cross_val_predict(
-        make_classifier(prose_features), texts + real, labels, cv=folds, method="decision_function"
+        make_classifier(prose_features), texts + real, labels, groups=groups, cv=folds, method="decision_function"
     )
     return float(roc_auc_score(labels, scores))
 
@@ -105,6 +135,7 @@ class Distinguishability:
     """ROC AUC of telling the texts from the author, per draw; 0.5: indistinguishable, 1.0: always told apart."""
 
     draws: list[float]
+    folds_by_prompt: bool = False
 
     @property
     def mean(self) -> float:
@@ -116,44 +147,28 @@ class Distinguishability:
         return statistics.pstdev(self.draws)
 
     def as_dict(self) -> dict:
-        return {"distinguishability": self.mean, "distinguishability_spread": self.spread, "auc_by_draw": self.draws}
+        return {
+            "distinguishability": self.mean,
+            "distinguishability_spread": self.spread,
+            "auc_by_draw": self.draws,
+            "folds_by_prompt": self.folds_by_prompt,
+        }
 
 
 class TwoSampleTest:
-    """The author's held-out paragraphs as a pool of real passages, and the test of any texts against them.
+    """A pool of the author's held-out paragraphs, and the test of any texts against passages drawn from it.
 
-    A seeded share of the paragraphs (`reserve`) is set aside for reference texts (`reference_passages`,
-    e.g. the floor's real passages), so the passages a text is compared with never overlap them.
+    The pool must be text that nothing else measured with saw: not the training text, not the author
+    classifier's (whose P(author) is one of the features), not the reference rows'.
     """
 
     MIN_TEXTS = 10  # two per class in each of five folds
 
     def __init__(
-        self,
-        held_out_paragraphs: list[str],
-        prose_features: ProseFeatures,
-        names: set[str],
-        draws: int,
-        seed: int,
-        reserve: float = 0.0,
+        self, pool_paragraphs: list[str], prose_features: ProseFeatures, names: set[str], draws: int, seed: int
     ):
-        reserved = np.random.default_rng(seed).random(len(held_out_paragraphs)) < reserve
-        self.reserved = [p for p, r in zip(held_out_paragraphs, reserved, strict=True) if r]
-        kept = [p for p, r in zip(held_out_paragraphs, reserved, strict=True) if not r]
-        self.pool = normalize(" ".join(kept), names).split()
+        self.pool = normalize(" ".join(pool_paragraphs), names).split()
         self.prose_features, self.names, self.draws, self.seed = prose_features, names, draws, seed
-
-    def reference_passages(self, n: int, n_words: int) -> list[str]:
-        """`n` real passages of `n_words` words from the reserved paragraphs, evenly spread over them."""
-        from style import passages
-
-        found = passages(self.reserved, n_words, at_most=n)
-        if len(found) < n:
-            raise UserError(
-                f"the held-out author text is too short for {n} reference passages of {n_words} words; "
-                "lower --n-samples or --max-new-tokens, or give more of the author's text"
-            )
-        return found
 
     def draw_real(self, lengths: list[int], rng: np.random.Generator) -> list[str]:
         """Real passages with exactly these word counts, at random places in the pool, never overlapping."""
@@ -162,20 +177,26 @@ class TwoSampleTest:
         if slots < len(lengths):
             raise UserError(
                 f"{len(lengths)} texts of up to {slot} words need {len(lengths) * slot:,} words of held-out author "
-                f"text and there are {len(self.pool):,}; give fewer or shorter texts"
+                f"text in the two-sample test's pool and there are {len(self.pool):,}; give fewer or shorter texts, "
+                "or hold out more of the author's text (a lower --train-size)"
             )
         offset = int(rng.integers(0, len(self.pool) - slots * slot + 1))
         starts = [offset + s * slot for s in rng.choice(slots, size=len(lengths), replace=False)]
         return [" ".join(self.pool[start : start + n]) for start, n in zip(starts, lengths, strict=True)]
 
-    def __call__(self, texts: list[str]) -> Distinguishability:
-        """Distinguishability of `texts` from the author: one cross-validated AUC per fresh draw of real passages."""
+    def __call__(self, texts: list[str], prompts: list[str] | None = None) -> Distinguishability:
+        """Distinguishability of `texts` from the author: one cross-validated AUC per fresh draw of real passages.
+
+        `prompts`, the prompt each text continues, keeps each prompt's texts in one fold (two prompts or more).
+        """
         if len(texts) < self.MIN_TEXTS:
             raise UserError(f"the two-sample test needs at least {self.MIN_TEXTS} texts, got {len(texts)}")
+        if prompts is not None and len(prompts) != len(texts):
+            raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
         texts = [normalize(t, self.names) for t in texts]
         lengths = [max(len(t.split()), 1) for t in texts]
         aucs = []
         for draw in range(self.draws):
             real = self.draw_real(lengths, np.random.default_rng([self.seed, draw]))
-            aucs.append(cross_validated_auc(texts, real, self.prose_features, seed=self.seed + draw))
-        return Distinguishability(aucs)
+            aucs.append(cross_validated_auc(texts, real, self.prose_features, self.seed + draw, prompts))
+        return Distinguishability(aucs, by_prompt(prompts))

@@ -29,9 +29,11 @@ def refs():
 
 
 def held_out(refs) -> tuple[list[str], list[str]]:
-    """Passages of held-out Austen (validation paragraphs) and of held-out contrast (novel endings)."""
+    """Passages of held-out Austen that the classifier never saw (the author row's and the two-sample pool's
+    shares of the validation paragraphs) and of held-out contrast (novel endings)."""
     contrast = [p for ps in refs.contrast_held_out.values() for p in ps]
-    return style.passages(refs.val_paragraphs, PASSAGE_WORDS), style.passages(contrast, PASSAGE_WORDS)
+    austen = refs.held_out["author row"] + refs.held_out["two-sample pool"]
+    return style.passages(austen, PASSAGE_WORDS), style.passages(contrast, PASSAGE_WORDS)
 
 
 def test_the_classifier_recognizes_austen_in_novels_it_never_saw(refs):
@@ -41,9 +43,12 @@ def test_the_classifier_recognizes_austen_in_novels_it_never_saw(refs):
 
 
 def test_held_out_austen_scores_high_and_held_out_contrast_low(refs):
+    """Thresholds 0.65 and 0.35 (0.8 and 0.2 while the classifier was fit on the 640,000 words of the training
+    text): fit on its 46,000-word share of the held-out text, it is as accurate on novels it never saw (93%)
+    but less sure of each passage (0.74 and 0.26 on 2026-12-04)."""
     austen, contrast = held_out(refs)
-    assert sum(refs.classifier.p_author(austen)) / len(austen) > 0.8
-    assert sum(refs.classifier.p_author(contrast)) / len(contrast) < 0.2
+    assert sum(refs.classifier.p_author(austen)) / len(austen) > 0.65
+    assert sum(refs.classifier.p_author(contrast)) / len(contrast) < 0.35
 
 
 def test_delta_puts_held_out_austen_closer_to_austen_than_the_contrast_novels(refs):
@@ -93,11 +98,11 @@ def two_sample_test(refs):
     from two_sample import TwoSampleTest
 
     prose = refs.two_sample.prose_features
-    return TwoSampleTest(refs.val_paragraphs, prose, refs.classifier.names, draws=3, seed=0, reserve=1 / 3)
+    return TwoSampleTest(refs.held_out["two-sample pool"], prose, refs.classifier.names, draws=3, seed=0)
 
 
 def test_the_two_sample_test_passes_real_austen_and_tells_contrast_and_shuffled_words_apart(refs, two_sample_test):
-    austen = two_sample_test.reference_passages(24, PASSAGE_WORDS)  # never among the passages drawn to compare
+    austen = style_report.author_passages(refs, 24, PASSAGE_WORDS)  # never among the passages drawn to compare
     shuffled = [" ".join(random.Random(i).sample(p.split(), len(p.split()))) for i, p in enumerate(austen)]
     contrast = style.passages([p for ps in refs.contrast_held_out.values() for p in ps], PASSAGE_WORDS, at_most=24)
     floor = two_sample_test(austen)
@@ -105,22 +110,185 @@ def test_the_two_sample_test_passes_real_austen_and_tells_contrast_and_shuffled_
     assert two_sample_test(contrast).mean >= 0.9
     told_apart = two_sample_test(shuffled)
     assert told_apart.mean >= 0.9 and told_apart.spread <= 0.05, told_apart.draws
-    # the same bag of words fools the author classifier: shuffled Austen still reads as Austen to it
-    assert sum(refs.classifier.p_author(shuffled)) / len(shuffled) > 0.7
+    # the same bag of words fools the author classifier: shuffled Austen reads as Austen to it, nearly as much as
+    # Austen herself (0.70 and 0.73 on 2026-12-04; the bound was 0.7 while the classifier fit 640,000 words)
+    p_shuffled, p_austen = (sum(refs.classifier.p_author(t)) / len(t) for t in (shuffled, austen))
+    assert p_shuffled > 0.6 and p_shuffled > p_austen - 0.1, (p_shuffled, p_austen)
 
 
 def test_the_two_sample_test_is_reproducible_and_refuses_what_it_cannot_test(refs, two_sample_test):
     from two_sample import TwoSampleTest
 
     texts = style.passages(refs.train_paragraphs[:400], 60, at_most=12)
-    again = TwoSampleTest(refs.val_paragraphs, two_sample_test.prose_features, two_sample_test.names, 3, 0, 1 / 3)
+    pool = refs.held_out["two-sample pool"]
+    again = TwoSampleTest(pool, two_sample_test.prose_features, two_sample_test.names, 3, 0)
     assert two_sample_test(texts).draws == again(texts).draws  # the same seed, the same numbers
-    reseeded = TwoSampleTest(refs.val_paragraphs, two_sample_test.prose_features, two_sample_test.names, 3, 1)
+    reseeded = TwoSampleTest(pool, two_sample_test.prose_features, two_sample_test.names, 3, 1)
     assert reseeded(texts).draws != again(texts).draws  # fresh draws of the author's passages
     with pytest.raises(UserError, match="at least 10 texts"):
         two_sample_test(texts[:9])
     with pytest.raises(UserError, match="give fewer or shorter texts"):
         two_sample_test(texts[:10] + [" ".join(["word"] * 20_000)])
+
+
+def keys(paragraphs) -> set[str]:
+    return {style.paragraph_key(p) for p in paragraphs}
+
+
+def test_the_held_out_text_is_dealt_three_ways_none_of_it_trained_on(refs):
+    """The classifier's fitting text, the two-sample pool and the author row: disjoint, and none of them training
+    text, so a model that recites its training text gains nothing on any measure fit or drawn from them."""
+    parts = refs.held_out
+    trained = keys(refs.train_paragraphs)
+    unseen = [p for p in refs.val_paragraphs if style.paragraph_key(p) not in trained]
+    assert len(refs.val_paragraphs) - len(unseen) == 5  # "Yes, sir.", "* * * * *": also training paragraphs
+    assert sorted(p for ps in parts.values() for p in ps) == sorted(unseen)  # the rest, each once
+    fitted = [p for ps in refs.classifier_novels.values() for p in ps]
+    texts = {"training": keys(refs.train_paragraphs), "fitted": keys(fitted)}
+    texts |= {part: keys(ps) for part, ps in parts.items() if part != "classifier"}
+    for a, b in [(a, b) for a in texts for b in texts if a < b]:
+        assert not texts[a] & texts[b], (a, b, sorted(texts[a] & texts[b])[:3])
+    assert texts["fitted"] == keys(parts["classifier"])  # the novels hold --data: nothing else is left to fit on
+    words = {part: sum(len(p.split()) for p in ps) for part, ps in parts.items()}
+    total = sum(words.values())
+    for part, share in style_report.HELD_OUT_SHARES.items():  # dealt by words
+        assert abs(words[part] / total - share) < 0.01, words
+
+
+def test_training_text_scores_no_higher_p_author_than_the_author_row(refs):
+    """A model that recites its training text scores P(author) like real held-out text, not above it: the
+    classifier never saw that text. It does score its own fitting text higher, which is why that text must be
+    held out."""
+    import statistics
+
+    def row(texts: list[str]) -> dict:
+        p = refs.classifier.p_author(texts)
+        return {"p_author": statistics.mean(p), "p_author_standard_error": statistics.stdev(p) / len(p) ** 0.5}
+
+    author = row(style_report.author_passages(refs, 80, PASSAGE_WORDS))
+    recited = row(style.passages(refs.train_paragraphs, PASSAGE_WORDS, at_most=80))
+    fitted = row(style.passages([p for ps in refs.classifier_novels.values() for p in ps], PASSAGE_WORDS, at_most=80))
+    assert not style_report.above_ceiling(recited, author), (recited, author)
+    assert fitted["p_author"] > recited["p_author"], (fitted, recited)
+
+
+def raw_openings(source: Path, folder: Path, n_paragraphs: int) -> None:
+    """Each novel's first chapter heading and `n_paragraphs` paragraphs after it, as the edition writes them
+    (italics marks, line breaks), into `folder` as .txt files."""
+    import re
+
+    from dataset import read_text
+
+    folder.mkdir()
+    for path in sorted(source.glob("*.txt")):
+        blocks = re.split(r"\n[ \t]*\n", read_text(path))
+        start = next(i for i, b in enumerate(blocks) if re.fullmatch(r"chapter\s+[ivxlc\d]+\.?", b.strip(), re.I))
+        (folder / path.name).write_text("\n\n".join(blocks[start : start + 1 + n_paragraphs]) + "\n")
+
+
+def test_the_classifier_fits_no_held_out_paragraph_of_a_folder_of_novels(tmp_path, monkeypatch):
+    """--data as a folder of .txt novels keeps the italics marks that the novels' reader drops. However it is
+    spelt, no training paragraph and no held-out paragraph of the two-sample pool or the author row reaches the
+    classifier's fitting text, and every paragraph of the classifier's own share does."""
+    from dataset import load_paragraphs, split_paragraphs
+
+    raw_openings(style_report.REPO / "data/austen", tmp_path / "novels", 150)
+    raw_openings(style_report.REPO / "data/contrast", tmp_path / "contrast", 150)
+    args = ["--models", "unused", "--data", str(tmp_path / "novels"), "--author-novels", str(tmp_path / "novels")]
+    args = style_report.parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
+    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+    assert sum("_" in p for p in val) >= 20  # held-out paragraphs with italics marks, as the folder spells them
+    fitted, fit = [], style.AuthorClassifier.fit
+    monkeypatch.setattr(style.AuthorClassifier, "fit", lambda author, *a, **k: fitted.append(author) or fit(author, *a))
+    refs = style_report.build_references(args, train, val, 40)
+
+    def as_the_novels_spell_it(paragraphs: list[str]) -> set[str]:
+        return {" ".join(p.replace("_", "").split()) for p in paragraphs}
+
+    fitting = as_the_novels_spell_it([p for ps in fitted[0].values() for p in ps])
+    novels = as_the_novels_spell_it([p for ps in style.load_novels(tmp_path / "novels").values() for p in ps])
+    share = refs.held_out["classifier"]
+    others = as_the_novels_spell_it(train + refs.held_out["two-sample pool"] + refs.held_out["author row"])
+    assert not fitting & others, sorted(fitting & others)[:3]
+    assert fitting == as_the_novels_spell_it(share) & novels and sum("_" in p for p in share) >= 5
+
+
+def test_the_two_sample_folds_keep_each_prompts_continuations_together():
+    """Continuations of a prompt share what it sets going: with them on both sides of a split the classifier
+    learns it and tells them from the author however well they are written. Here each prompt's texts share a
+    word that no other text has: folded by prompt, they pass; folded at random, they are told apart."""
+    import numpy as np
+
+    from two_sample import cross_validated_auc, fold_split
+
+    prompts = [f"prompt {i % 12}" for i in range(48)]
+    folds, groups = fold_split(48, 48, prompts, seed=0)
+    labels = [1] * 48 + [0] * 48
+    for train, test in folds.split(np.zeros(96), labels, groups):
+        assert {prompts[i] for i in train if i < 48}.isdisjoint({prompts[i] for i in test if i < 48})
+        assert {labels[i] for i in test} == {0, 1}
+    assert fold_split(48, 48, ["one prompt"] * 48, seed=0)[1] is None  # nothing to group by: random folds
+
+    # made-up words, 6 of each 40 a text's prompt's own (each once, so no text repeats a word more than real ones)
+    rng = random.Random(0)
+    made_up = sorted({"".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=6)) for _ in range(400)})
+    rng.shuffle(made_up)
+    vocabulary, traits = made_up[:300], made_up[300:372]
+    real = [" ".join(rng.choices(vocabulary, k=40)) for _ in range(48)]
+    texts = [
+        " ".join(rng.sample(rng.choices(vocabulary, k=34) + traits[i % 12 * 6 : i % 12 * 6 + 6], 40)) for i in range(48)
+    ]
+    no_prose = lambda texts: np.zeros((len(texts), 1))  # noqa: E731 (the n-grams alone)
+    assert cross_validated_auc(texts, real, no_prose, seed=0, prompts=prompts) <= 0.6
+    assert cross_validated_auc(texts, real, no_prose, seed=0) >= 0.8
+
+
+def continuations(paragraphs: list[str], prompts: list[str], n_words: int, at_most: int, seen: set[str]):
+    """Austen's own continuations of the prompts, `at_most` a prompt, and the prompt of each: the `n_words` words
+    that follow the prompt's words where a paragraph or a sentence of hers opens with them, read on across
+    paragraphs as a sample runs on; never from a paragraph in `seen` (keys)."""
+    import re
+
+    words, owner = [], []  # every word of the text, and the paragraph it is in
+    for i, paragraph in enumerate(paragraphs):
+        words += paragraph.split()
+        owner += [i] * (len(words) - len(owner))
+    opens = [j for j in range(1, len(words)) if owner[j] != owner[j - 1] or re.search(r"[.!?][\"']?$", words[j - 1])]
+    texts, of = [], []
+    for prompt in prompts:
+        opening, found = prompt.split(), []
+        for j in opens:
+            span = range(j + len(opening), j + len(opening) + n_words)
+            if len(found) == at_most or words[j : j + len(opening)] != opening or span[-1] >= len(words):
+                continue
+            if not {style.paragraph_key(paragraphs[i]) for i in set(owner[j : span[-1] + 1])} & seen:
+                found.append(" ".join(words[k] for k in span))
+        texts, of = texts + found, of + [prompt] * len(found)
+    return texts, of
+
+
+@pytest.mark.slow
+def test_folds_by_prompt_keep_the_floor_and_pass_austens_own_continuations(refs, two_sample_test, austen_paragraphs):
+    """Folded by prompt, the real-vs-real floor stays where it was, and Austen's own continuations of the prompts
+    (what follows a paragraph or sentence of hers that opens with a prompt's words, as a model's 4 samples a
+    prompt; none from the classifier's text or the pool) score within the floor's spread: within two standard
+    deviations of its draws (on 2026-12-04: floor 0.49 ± 0.07, the floor folded as if prompted 0.48, Austen's
+    continuations 0.45)."""
+    from generation import read_prompts
+    from two_sample import TwoSampleTest
+
+    test = TwoSampleTest(two_sample_test.pool, two_sample_test.prose_features, two_sample_test.names, 5, 0)
+    seen = keys(refs.held_out["two-sample pool"]) | keys(p for ps in refs.classifier_novels.values() for p in ps)
+    prompts = read_prompts(style_report.REPO / "data/eval_prompts.txt")
+    texts, prompts = continuations(austen_paragraphs, prompts, 100, 4, seen)
+    assert len(texts) >= 30 and len(set(prompts)) >= 8, prompts
+    real = style.passages(refs.held_out["author row"], 100, at_most=len(texts))
+    floor = test(real)
+    assert not floor.folds_by_prompt and len(real) == len(texts)
+    as_if_prompted = test(real, prompts)  # the same real passages, folded as the continuations are
+    assert as_if_prompted.folds_by_prompt and abs(as_if_prompted.mean - floor.mean) <= 2 * floor.spread
+    continued = test(texts, prompts)
+    assert abs(continued.mean - floor.mean) <= 2 * floor.spread, (continued.draws, floor.draws)
 
 
 def test_fluency_measures():
@@ -169,14 +337,20 @@ def test_eval_style_measures_distinguishability_from_the_held_out_paragraphs(ref
 
     probe = style.StyleProbe(refs.train_paragraphs, refs.val_paragraphs, 10, 50, 0.95, style_report.REPO)
     assert probe.two_sample is not None and probe.two_sample.draws == 3
+    # the classifier is fit on held-out text, and the two-sample test draws from the other held-out half
+    fitting, pool = probe.held_out["classifier"], probe.held_out["two-sample pool"]
+    assert sorted(fitting + pool) == sorted(refs.val_paragraphs) and not set(fitting) & set(pool)
+    fitting_words, pool_words = (sum(len(p.split()) for p in ps) for ps in (fitting, pool))
+    assert abs(fitting_words / (fitting_words + pool_words) - 0.5) < 0.01
+    assert len(probe.two_sample.pool) >= 1.5 * 10 * probe.TOKENS  # what train.py's warning promises, and margin
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), utils.load_tokenizer(str(tiny_model_dir))
     measures = probe(model, tokenizer, seed=0)
     assert measures["style_distinguishability"] >= 0.9 and model.training, measures
     assert probe(model, tokenizer, seed=0) == measures  # seeded: a resumed run measures the same
-    assert (
-        style.StyleProbe(refs.train_paragraphs, refs.val_paragraphs[:20], 10, 50, 0.95, style_report.REPO).two_sample
-        is None
-    )
+    # too little held-out text for the test (train.py warns): the classifier gets all of it
+    short = style.StyleProbe(refs.train_paragraphs, refs.val_paragraphs[:20], 10, 50, 0.95, style_report.REPO)
+    assert short.two_sample is None and short.held_out["classifier"] == refs.val_paragraphs[:20]
+    assert 0 <= short(model, tokenizer, seed=0)["style_p_author"] <= 1
 
 
 @pytest.fixture(scope="module")
