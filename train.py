@@ -168,9 +168,9 @@ def add_sampling_flags(group) -> None:
         group,
         "--eval-style",
         help="at each validation, sample continuations of data/eval_prompts.txt and log how much they read like the "
-        "training text (a classifier against data/contrast novels), how well a classifier tells them from "
-        "held-out text (distinguishability), the share of copied word 8-grams and character names per 1,000 "
-        "words (style_report.py gives the full report)",
+        "author (a classifier fitted on half of the held-out text against data/contrast novels), how well a "
+        "classifier tells them from the other half (distinguishability), the share of copied word 8-grams and "
+        "character names per 1,000 words (style_report.py gives the full report)",
     )
     add_flag(
         group,
@@ -733,7 +733,7 @@ def describe_validation(state, metrics: dict[str, float], verdict: str, max_copi
     if "style_p_author" in metrics:
         told_apart = metrics.get("style_distinguishability")
         lines.append(
-            f"{where} style: P(reads like the training text) {metrics['style_p_author']:.2f}, "
+            f"{where} style: P(author) {metrics['style_p_author']:.2f}, "
             + ("" if told_apart is None else f"distinguishability from held-out text {told_apart:.2f}, ")
             + f"copied 8-grams {metrics['style_copied_8grams']:.1%}, "
             f"{metrics['style_names_per_1000_words']:.1f} character names per 1,000 words"

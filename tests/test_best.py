@@ -75,7 +75,7 @@ def test_the_copying_guard_keeps_a_copying_model_from_being_the_best(tmp_path, t
         assert 0 <= record["style_p_author"] <= 1 and 0 <= record["style_copied_8grams"] <= 1
         assert record["style_names_per_1000_words"] >= 0
     assert {r["epoch"] for r in validations(tmp_path)} == {1, 2} and len(validations(tmp_path)) == 6
-    assert "step 15 (epoch 1) style: P(reads like the training text)" in result.stdout
+    assert "step 15 (epoch 1) style: P(author)" in result.stdout
     assert "warning: --eval-style logs no distinguishability: it needs --eval-style-samples 10" in result.stdout
     copying = [r["step"] for r in validations(tmp_path) if r["style_copied_8grams"] > 0.05]
     assert copying, [r["style_copied_8grams"] for r in validations(tmp_path)]  # it does copy
