@@ -329,7 +329,7 @@ def restore_states(states: dict[str, Any], accelerator, optimizer) -> None:
     check_optimizer_state_fits(optimizer)
     rng = states["rng"]
     set_rng_state(rng[accelerator.process_index] if isinstance(rng, list) else rng)  # one per process
-    if accelerator.scaler is not None:
+    if accelerator.scaler is not None and "scaler" in states:  # fp16 now, fp16 then: else a fresh loss scale
         accelerator.scaler.load_state_dict(states["scaler"])
 
 

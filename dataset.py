@@ -413,11 +413,20 @@ class EpochBatches:
     is read exactly once per epoch, whatever the number of processes, and every process runs the
     same number of steps (a process whose share is empty gets an empty batch: see collate). Resuming
     at epoch N replays epoch N's order exactly; `skip` leaves out the batches already trained on.
+    `targets`: each example's prediction targets (example_targets), for window_targets.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int | None, rank: int = 0, processes: int = 1):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int | None,
+        rank: int = 0,
+        processes: int = 1,
+        targets: list[int] | None = None,
+    ):
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.processes = rank, processes
+        self.rank, self.processes, self.targets = rank, processes, targets
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -433,6 +442,17 @@ class EpochBatches:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         step = self.batch_size * self.processes
         return [order[start : start + step] for start in range(0, self.size, step)]
+
+    def window_targets(self, accumulate: int) -> list[int]:
+        """For each batch of the epoch, the prediction targets of its whole accumulation window of `accumulate`
+        batches, every process's examples counted.
+
+        Host integers, known before any forward: every process knows the whole epoch's order, so none waits
+        for a device, or for another process, to learn them.
+        """
+        per_batch = [sum(self.targets[i] for i in chunk) for chunk in self.global_batches()]
+        windows = [max(1, sum(per_batch[i : i + accumulate])) for i in range(0, len(per_batch), accumulate)]
+        return [windows[i // accumulate] for i in range(len(per_batch))]
 
     def __iter__(self):
         for chunk in self.global_batches()[self.skip :]:

@@ -77,7 +77,7 @@ def window_note(model) -> str | None:
         return None
     return (
         f"sampling window: {context} of the model's {positions} positions (trained from random weights on "
-        f"examples of up to {context + 1} tokens, it never learned the positions past {context})"
+        f"examples of up to {context + 1} tokens, it never learned the positions from {context} on)"
     )
 
 
@@ -341,10 +341,10 @@ def sample_prompts(
     """`n` continuations (the prompt included) of every prompt, in calls of up to rows_per_call samples.
 
     Sample k of a prompt is drawn with row_seed(seed, its tokens, k) whatever shares its call (sample_ids),
-    so the same prompts, settings and seed give the same samples whatever a card's free memory (bit for bit
-    where the model computes in fp32; docs/inference.md says why bf16 can differ); the same prompt twice gives
-    the same samples twice. The rows are grouped by prompt length, so that rows
-    whose windows fill together share calls (less padding, and fewer calls past the context).
+    so the same prompts, settings and seed give the same samples whatever a card's free memory (where the
+    model computes in fp32, up to rounding-level near-ties; docs/inference.md says why bf16 can differ); the
+    same prompt twice gives the same samples twice. The rows are grouped by prompt length, so that rows whose
+    windows fill together share calls (less padding, and fewer calls past the context).
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     rows = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda row: len(encoded[row[0]]))

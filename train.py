@@ -330,7 +330,6 @@ class Run:
     val_chars: int  # characters of the validation paragraphs, for bits per character
     sampling: Any  # generation.SamplingSettings of the periodic samples
     style_probe: Any  # style.StyleProbe with --eval-style, else None
-    unpredicted: int | None  # the framing token that is never a target (dataset.unpredicted_token)
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
     skips_on_device: bool  # a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)
 
@@ -368,17 +367,18 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     with RunLog(Path(args.check_dir) / "logs", state.global_step, accelerator, vars(args)) as log:
         for epoch in range(state.epoch, args.epochs):
             batches = training.epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
-            targets = training.window_targets(run.train_loader, accumulate, run.unpredicted)  # host integers
+            targets = run.train_loader.batch_sampler.window_targets(accumulate)  # host integers, for each batch
             bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
             meter = training.StepMeter(accelerator)
             for batch in bar:
                 state.batches_in_epoch += 1
-                window_targets = targets[state.batches_in_epoch - 1]
+                targets_in_window = targets[state.batches_in_epoch - 1]
                 step_now = training.ends_step(state.batches_in_epoch, n_batches, accumulate)
-                meter.add(training.forward_backward(model, batch, accelerator, window_targets, sync=step_now), batch)
+                loss_sum = training.forward_backward(model, batch, accelerator, targets_in_window, sync=step_now)
+                meter.add(loss_sum, batch)
                 if not step_now:
                     continue
-                skip = skip_flag(run, state, meter, window_targets)
+                skip = skip_flag(run, state, meter, targets_in_window)
                 lr = training.optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
                 state.global_step += 1
                 log_now, sample, evaluate, checkpoint = scheduled(args, state, n_batches)
@@ -427,7 +427,7 @@ def set_up(args: argparse.Namespace):
     import processes
     import training
     import utils
-    from dataset import load_paragraphs, split_paragraphs, text_chars, unpredicted_token
+    from dataset import load_paragraphs, split_paragraphs, text_chars
     from generation import SamplingSettings, window_note
     from runlog import tracker_settings
 
@@ -494,7 +494,6 @@ def set_up(args: argparse.Namespace):
         val_chars=text_chars(val_paragraphs),
         sampling=SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p),
         style_probe=None,
-        unpredicted=unpredicted_token(tokenizer),
         sharded=sharded,
         skips_on_device=training.skips_on_device(optimizer) and not sharded,
     )
@@ -507,6 +506,11 @@ def set_up(args: argparse.Namespace):
         from style import StyleProbe
 
         probe = StyleProbe(train_paragraphs, val_paragraphs, args.eval_style_samples, args.top_k, args.top_p, REPO)
+        if probe.classifier is None:
+            accelerator.print(
+                "warning: --eval-style logs no P(author): its classifier needs a passage (about 75 words) or more "
+                "of validation text"
+            )
         if probe.two_sample is None:
             accelerator.print(
                 "warning: --eval-style logs no distinguishability: it needs --eval-style-samples 10 or more and "

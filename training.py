@@ -70,10 +70,11 @@ def batch_loader(
     from accelerate import PartialState
     from torch.utils.data import DataLoader
 
-    from dataset import EpochBatches, collate
+    from dataset import EpochBatches, collate, example_targets
 
     state = state or PartialState()
-    batches = EpochBatches(len(examples), batch_size, seed, state.process_index, state.num_processes)
+    targets = [example_targets(example, unpredicted) for example in examples]  # as collate labels them
+    batches = EpochBatches(len(examples), batch_size, seed, state.process_index, state.num_processes, targets)
     return DataLoader(
         examples,
         batch_sampler=batches,
@@ -96,21 +97,6 @@ def epoch_batches(loader, epoch: int, skip: int, device):
     """The epoch's batches in their (seed, epoch) order, minus the first `skip` (already trained on)."""
     loader.batch_sampler.set_epoch(epoch, skip)
     return (to_device(batch, device) for batch in loader)
-
-
-def window_targets(loader, accumulate: int, unpredicted: int | None) -> list[int]:
-    """For each batch of the loader's current epoch, the prediction targets of its whole accumulation window,
-    every process's examples counted.
-
-    Host integers, known before any forward: every process knows the whole epoch's order (EpochBatches), so
-    no process waits for a device or for another process to learn them.
-    """
-    from dataset import example_targets
-
-    examples, global_batches = loader.dataset, loader.batch_sampler.global_batches()
-    per_batch = [sum(example_targets(examples[i], unpredicted) for i in chunk) for chunk in global_batches]
-    windows = [max(1, sum(per_batch[i : i + accumulate])) for i in range(0, len(per_batch), accumulate)]
-    return [windows[i // accumulate] for i in range(len(per_batch))]
 
 
 def to_device(batch: dict, device) -> dict:
@@ -190,19 +176,19 @@ def ends_step(batches_done: int, batches_in_epoch: int, accumulate: int) -> bool
     return batches_done % accumulate == 0 or batches_done == batches_in_epoch
 
 
-def forward_backward(model, batch: dict, accelerator, window_targets: int, sync: bool) -> torch.Tensor:
+def forward_backward(model, batch: dict, accelerator, targets_in_window: int, sync: bool) -> torch.Tensor:
     """Backpropagate one batch's share of the step's loss; returns this batch's summed loss, on the device:
     nothing here makes the host wait for the device, or for another process.
 
     The step's loss is the sum over every target of the accumulation window on every process, divided by
-    their count `window_targets` (see window_targets), so each token weighs the same whichever micro-batch
+    their count `targets_in_window` (EpochBatches.window_targets), so each token weighs the same whichever micro-batch
     and process holds it; x processes, as DDP averages gradients. Gradients are synchronized across
     processes only on the last batch of a window (`sync`). A non-finite loss is backpropagated too: its
     step is then skipped (see StepMeter), and its gradients are discarded with the others.
     """
     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
         loss_sum, _ = lm_loss_sum(model, batch)
-        accelerator.backward(loss_sum * accelerator.num_processes / window_targets)
+        accelerator.backward(loss_sum * accelerator.num_processes / targets_in_window)
     return loss_sum.detach()
 
 

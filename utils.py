@@ -185,7 +185,8 @@ def load_adapter_model(args: argparse.Namespace, checkpoint: Path | None, mixed_
     )
 
 
-DROPOUT_CONFIG_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout")
+DROPOUT_CONFIG_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout", "dropout")
+DROPOUT_RATES = ("attention_dropout", "dropout", "activation_dropout")  # rates that layers keep as plain numbers
 
 
 def set_dropout(model, p: float) -> str | None:
@@ -193,31 +194,32 @@ def set_dropout(model, p: float) -> str | None:
     trained); returns a line naming what the architecture lacks, where it has less dropout than GPT-2.
 
     Dropout comes two ways: nn.Dropout layers (GPT-2: embeddings, attention, residual stream; GPT-NeoX:
-    embeddings, residual stream) and a rate that attention layers keep as a plain number and pass to the
-    attention kernel (Llama, Qwen2, Mistral, GPT-NeoX: `attention_dropout`), which no nn.Dropout shows.
+    embeddings, residual stream) and rates that layers keep as plain numbers and pass to a functional
+    dropout or the attention kernel (Llama, Qwen2, Mistral, GPT-NeoX: `attention_dropout`; OPT: `dropout`
+    and `activation_dropout` too), which no nn.Dropout shows.
     """
     import torch
 
-    layers = rates = 0
+    layers, rates = 0, set()
     for name, module in model.named_modules():
         if "lora_dropout" in name:
             continue
         if isinstance(module, torch.nn.Dropout):
             module.p, layers = p, layers + 1
-        rate = getattr(module, "attention_dropout", None)
-        if isinstance(rate, int | float) and not isinstance(rate, bool):
-            module.attention_dropout, rates = p, rates + 1
+        for attribute in DROPOUT_RATES:
+            rate = getattr(module, attribute, None)
+            if isinstance(rate, int | float) and not isinstance(rate, bool):
+                setattr(module, attribute, p)
+                rates.add(attribute)
     for key in DROPOUT_CONFIG_KEYS:
         if hasattr(model.config, key):
             setattr(model.config, key, p)
     kind = model.config.model_type
-    if not (layers or rates):
-        return f"--dropout {p:g} does nothing: {kind} models have no dropout anywhere"
-    if not layers:
-        return (
-            f"--dropout {p:g} applies to attention only: {kind} models have no dropout on embeddings or residual stream"
-        )
-    return None
+    if p == 0 or layers or rates - {"attention_dropout"}:
+        return None
+    if not rates:
+        return f"--dropout {p:g} does nothing: {kind} models have no dropout this project can set"
+    return f"--dropout {p:g} applies to attention only: {kind} models have no dropout on embeddings or residual stream"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -188,3 +188,17 @@ def test_dropout_reaches_attention_where_the_architecture_keeps_it_as_a_number(n
     else:
         lacks = f"{name} models have no dropout on embeddings or residual stream"
         assert note == f"--dropout 0.5 applies to attention only: {lacks}"
+
+
+def test_dropout_reaches_opts_plain_number_rates():
+    """OPT keeps all its dropout as numbers named dropout, attention_dropout and activation_dropout."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from utils import set_dropout
+
+    shape = dict(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32)
+    model = AutoModelForCausalLM.from_config(OPTConfig(**shape, dropout=0.0, attention_dropout=0.0)).train()
+    ids = torch.tensor([[2, 5, 9, 20, 30]])
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert set_dropout(model, 0.5) is None  # residual and attention dropout: nothing to warn about
+    assert not torch.equal(model(ids).logits, model(ids).logits) and model.config.dropout == 0.5

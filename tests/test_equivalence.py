@@ -65,11 +65,10 @@ def test_accumulated_micro_batches_equal_one_batch_holding_them_all(packing, tmp
 
 def test_the_window_weighs_micro_batches_by_their_targets():
     """The scale each micro-batch's summed loss gets: 1 / (targets in the whole window), whatever its own."""
-    loader = training.batch_loader([[1] * 5, [1] * 60, [1] * 3, [1] * 9, [1] * 2], 2, 0, None, None)
-    loader.batch_sampler.set_epoch(0)
+    sampler = training.batch_loader([[1] * 5, [1] * 60, [1] * 3, [1] * 9, [1] * 2], 2, 0, None, None).batch_sampler
     # batches: (4 + 59), (2 + 8), (1); windows of 2 batches: 73, 73, then the short last window: 1
-    assert training.window_targets(loader, 2, None) == [73, 73, 1]
-    assert training.window_targets(loader, 1, None) == [63, 10, 1]
+    assert sampler.window_targets(2) == [73, 73, 1]
+    assert sampler.window_targets(1) == [63, 10, 1]
 
 
 def test_a_begin_of_text_token_of_its_own_is_never_a_target():
