@@ -213,6 +213,23 @@ def test_the_classifier_fits_no_held_out_paragraph_of_a_folder_of_novels(tmp_pat
     assert fitting == as_the_novels_spell_it(share) & novels and sum("_" in p for p in share) >= 5
 
 
+def test_data_cut_into_other_paragraphs_than_the_novels_is_refused(tmp_path):
+    """Paragraphs are matched whole: --data whose paragraphs join two of the novels' would match none of them
+    and leave its training text in the classifier's; that is refused, not measured."""
+    from dataset import load_paragraphs, split_paragraphs
+
+    raw_openings(style_report.REPO / "data/austen", tmp_path / "novels", 150)
+    raw_openings(style_report.REPO / "data/contrast", tmp_path / "contrast", 150)
+    novels = [p for ps in style.load_novels(tmp_path / "novels").values() for p in ps]
+    joined = [f"{a} {b}" for a, b in zip(novels[::2], novels[1::2], strict=False)]
+    (tmp_path / "joined.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in joined))
+    args = ["--models", "unused", "--data", str(tmp_path / "joined.jsonl"), "--author-novels", str(tmp_path / "novels")]
+    args = style_report.parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
+    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+    with pytest.raises(UserError, match="hold the text of --data cut into other paragraphs"):
+        style_report.build_references(args, train, val, 40)
+
+
 def test_the_two_sample_folds_keep_each_prompts_continuations_together():
     """Continuations of a prompt share what it sets going: with them on both sides of a split the classifier
     learns it and tells them from the author however well they are written. Here each prompt's texts share a
