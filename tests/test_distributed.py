@@ -99,7 +99,8 @@ def val_losses(run: Path) -> list[float]:
 # --sample-every: samples are drawn on every process, printed by one. Padded batches (--packing False) hold
 # different numbers of targets, and accumulation spreads a step over micro-batches: each token must still
 # weigh the same whichever process and micro-batch holds it.
-SAME_AS_ONE_PROCESS = [*COMMON, *EXACT, "--sample-every", "10", "--packing", "False", "--grad-accum-steps", "2"]
+SAME_AS_ONE_PROCESS = [*COMMON, *EXACT, "--sample-every", "10"]
+ACCUMULATED = [*SAME_AS_ONE_PROCESS, "--packing", "False", "--grad-accum-steps", "2"]
 LORA = ["--rank-lora", "4", "--lora-dropout", "0", *COMMON, *EXACT]
 
 
@@ -123,8 +124,8 @@ def one_process(tmp_path_factory, tiny_model_dir, small_data):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data, one_process):
-    one, two = one_process(*SAME_AS_ONE_PROCESS), tmp_path / "two"
-    args = train_args(two, tiny_model_dir, small_data, *SAME_AS_ONE_PROCESS, "--batch-size", "4")
+    one, two = one_process(*ACCUMULATED), tmp_path / "two"
+    args = train_args(two, tiny_model_dir, small_data, *ACCUMULATED, "--batch-size", "4")
     double = torchrun(*args, cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "16 examples per optimizer step (4 x 2 accumulated x 2 processes, DDP)" in double.stdout
