@@ -45,9 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
+from austen_gpt.cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
+from austen_gpt.flags import REPO
 
-REPO = Path(__file__).resolve().parent
 PRESETS = {  # GPT-2 sizes by name, so no Hub access is needed; anything else is a config folder
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
@@ -119,7 +119,7 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    import lora
+    from austen_gpt.models import lora
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.config))
@@ -131,7 +131,7 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
         )
     lora.require_bitsandbytes(device, "qlora")
     model.save_pretrained(workdir)
-    from training import compute_dtype
+    from austen_gpt.models.device import compute_dtype
 
     model = AutoModelForCausalLM.from_pretrained(
         workdir, quantization_config=lora.quantization_config(4, compute_dtype(precision)), device_map={"": device}
@@ -143,7 +143,8 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
 def prepare_examples(mode: str, tokenizer, block: int) -> tuple[list, float, float | None]:
     """(examples, cold seconds, cached seconds) for the whole corpus, from reading austen_dataset.pkl to token
     blocks, each contender its own way; ours again from the cache its cold run filled (others have none)."""
-    from dataset import load_paragraphs, tokenize_cached
+    from austen_gpt.data.paragraphs import load_paragraphs
+    from austen_gpt.data.tokens import tokenize_cached
 
     started = time.perf_counter()
     paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
@@ -177,7 +178,7 @@ def batches_for(mode: str, examples: list, n: int, args: argparse.Namespace, tok
     import torch
     from transformers import DataCollatorForLanguageModeling
 
-    from dataset import collate
+    from austen_gpt.data.batches import collate
 
     chunks = [examples[i * args.batch_size : (i + 1) * args.batch_size] for i in range(n)]
     if mode == "seed":
@@ -223,9 +224,8 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     from accelerate import Accelerator
     from accelerate.utils import TorchDynamoPlugin
 
-    import chunked_loss
-    import lean_layers
-    import training
+    from austen_gpt.models import chunked_loss, lean_layers
+    from austen_gpt.training.step import forward_backward, make_optimizer
 
     dynamo = TorchDynamoPlugin(backend="inductor" if mode == "ours-compile" else "no")
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
@@ -234,7 +234,7 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
         lean_layers.recompute_attention(model, accelerator.device)
         if mode != "ours-unchunked":
             chunked_loss.install(model)
-    optimizer = training.make_optimizer(model, lr=1e-4)
+    optimizer = make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -242,7 +242,7 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
         if mode == "seed":
             accelerator.backward(model(**batch).loss)
         else:  # train.py's step: the loss over the targets counted on the host beforehand
-            training.forward_backward(model, batch, accelerator, targets, sync=True)
+            forward_backward(model, batch, accelerator, targets, sync=True)
         optimizer.step()
         optimizer.zero_grad()
         if torch.cuda.is_available():
@@ -315,7 +315,7 @@ def matmul_peak(precision: str, device) -> float:
     """FLOP/s of the best of several large square matmuls at `precision`, on this device, now."""
     import torch
 
-    from training import compute_dtype
+    from austen_gpt.models.device import compute_dtype
 
     dtype = compute_dtype(precision)
     n = 4096 if torch.cuda.is_available() else 2048
@@ -335,9 +335,9 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     import torch
     from accelerate import PartialState
 
-    from lora import parameter_counts
-    from training import resolve_precision
-    from utils import load_tokenizer
+    from austen_gpt.models.device import resolve_precision
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.models.lora import parameter_counts
 
     own_precision = resolve_precision(args.precision) if mode in MIXED_PRECISION else "no"
     device = PartialState().device
@@ -394,9 +394,9 @@ def measure_generation(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from generation import SamplingSettings, context_length, prompt_ids, sample_ids
-    from training import default_device
-    from utils import load_tokenizer
+    from austen_gpt.models.device import default_device
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.sampling.generation import SamplingSettings, context_length, prompt_ids, sample_ids
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.config)).to(default_device()).eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
+from austen_gpt.cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {out} already exists; pass --overwrite or choose another folder")
     quiet_libraries()
 
-    import lora
-    from checkpoints import save_model_folder
-    from utils import load_model, load_tokenizer
+    from austen_gpt.models import lora
+    from austen_gpt.models.loading import load_model, load_tokenizer
+    from austen_gpt.models.saving import save_model_folder
 
     if not lora.is_adapter_folder(args.adapter):
         raise UserError(f"{args.adapter} is not an adapter folder (no {lora.ADAPTER_CONFIG}); pass a LoRA run's output")

@@ -20,7 +20,7 @@ import argparse
 import functools
 import sys
 
-from cli import (
+from austen_gpt.cli import (
     ArgumentParser,
     add_bool_flag,
     add_flag,
@@ -100,7 +100,7 @@ def check_settings(settings, n: int, prefix: str = "--") -> None:
 
 
 def sampling_settings(args: argparse.Namespace):
-    from generation import SamplingSettings
+    from austen_gpt.sampling.generation import SamplingSettings
 
     return SamplingSettings(
         max_length=args.max_length,
@@ -120,25 +120,31 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(settings, args.n_return_seqs)
     require([(not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one")])
 
-    import sample_log
-    import session
-    from generation import fresh_seed, generate_paragraphs, read_prompts, rows_per_call, sample_prompts
+    from austen_gpt.sampling import records, session
+    from austen_gpt.sampling.generation import (
+        fresh_seed,
+        generate_paragraphs,
+        read_prompts,
+        rows_per_call,
+        sample_prompts,
+    )
 
     # Every check on the user's input before the model loads (which takes long, and may download).
-    output = sample_log.check_output(args.output) if args.output else None
+    output = records.check_output(args.output) if args.output else None
     prompts = read_prompts(args.prompts_file, "--prompts-file") if args.prompts_file else [args.prompt]
     at_terminal = session.check_stdin(sys.stdin) if args.interactive else False
     quiet_libraries()
 
-    from utils import load_for_sampling, load_tokenizer
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.sampling.loading import load_for_sampling
 
     model = load_for_sampling(args.model_path, args.base_model, args.load_in_4bit)
     tokenizer = load_tokenizer(args.model_path)
-    source = sample_log.Source(args.model_path, args.base_model, args.load_in_4bit)
+    source = records.Source(args.model_path, args.base_model, args.load_in_4bit)
 
     def keep(prompt: str, texts: list[str], settings, seed: int, prompts_file: str | None = None) -> None:
         if output:
-            sample_log.append(output, sample_log.records(source, prompt, texts, settings, seed, prompts_file))
+            records.append(output, records.records(source, prompt, texts, settings, seed, prompts_file))
 
     if args.interactive:
         if at_terminal:

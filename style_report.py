@@ -27,30 +27,14 @@ Output: <out>/report.md (table and verdict first, then samples), report.json and
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
-import style
-from cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
-from dataset import load_paragraphs, split_paragraphs, text_chars
-from sources import add_source_flags
-from two_sample import FOLDS, ProseFeatures, TwoSampleTest
+from austen_gpt.cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
+from austen_gpt.flags import REPO, add_source_flags
+from austen_gpt.style.two_sample import TwoSampleTest
 
 MIN_TEXTS = TwoSampleTest.MIN_TEXTS
-PASSES = 0.6  # distinguishability at or below this passes for the author (the floor is about 0.5)
-
-REPO = Path(__file__).resolve().parent
-CONTRAST_HELD_OUT = 0.1  # the last tenth of each contrast novel is kept away from the classifier and Delta
 N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
-AUTHOR_ROW = "author, held out"
-# The held-out author text, dealt three ways by words: the P(author) classifier's fitting text (the most: with
-# half, its accuracy on novels it never saw was 91%, with 60% 93%), the two-sample test's pool (48 samples of 200
-# tokens take about half of a quarter) and the author row's passages (48 of 130 words take about half of the
-# rest). Disjoint, and none of them the training text.
-HELD_OUT_SHARES = {"classifier": 0.6, "two-sample pool": 0.25, "author row": 0.15}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,13 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(data, "--split-seed", type=int, default=42, help="train.py's --seed of the fine-tuned model")
     add_flag(data, "--max-input-length", type=int, default=100, help="tokens per validation example, as trained")
     add_flag(data, "--batch-size", type=int, default=16, help="validation batch size")
-    style = p.add_argument_group("style references")
-    add_flag(style, "--author-novels", default=str(REPO / "data/austen"), help="folder of the author's novels (.txt)")
-    add_flag(style, "--contrast-novels", default=str(REPO / "data/contrast"), help="folder of other authors' novels")
-    add_flag(style, "--ngram", type=int, default=8, help="word n-gram length of the copying measure")
-    add_flag(style, "--mfw", type=int, default=150, help="most frequent words in Burrows' Delta")
+    text = p.add_argument_group("style references")
+    add_flag(text, "--author-novels", default=str(REPO / "data/austen"), help="folder of the author's novels (.txt)")
+    add_flag(text, "--contrast-novels", default=str(REPO / "data/contrast"), help="folder of other authors' novels")
+    add_flag(text, "--ngram", type=int, default=8, help="word n-gram length of the copying measure")
+    add_flag(text, "--mfw", type=int, default=150, help="most frequent words in Burrows' Delta")
     add_flag(
-        style,
+        text,
         "--draws",
         type=int,
         default=5,
@@ -138,384 +122,25 @@ def check_args(args: argparse.Namespace) -> list[str]:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {out} already holds a report; choose another folder or pass --overwrite")
-    from generation import read_prompts
+    from austen_gpt.sampling.generation import read_prompts
 
     return read_prompts(args.prompts)
-
-
-def read_texts(specs: list[str]) -> dict[str, list[str]]:
-    """NAME -> texts of each --texts NAME=FILE: .jsonl records' 'text' fields, or a .txt's blank-line blocks."""
-    texts = {}
-    for spec in specs:
-        name, _, file = spec.partition("=")
-        try:
-            texts[name] = load_paragraphs(file)
-        except UserError as error:
-            raise UserError(f"--texts {spec}: {error}") from None
-        if len(texts[name]) < MIN_TEXTS:
-            raise UserError(
-                f"--texts {spec}: {len(texts[name])} texts; the two-sample test needs {MIN_TEXTS} or more "
-                "(separate the samples of a .txt by blank lines)"
-            )
-    return texts
-
-
-MAX_SHARED_WITH_UNSEEN = 0.05  # of the classifier's word 8-grams, found in the training text or the held-out parts
-
-
-@dataclass
-class References:
-    """Everything the models are measured against, built once."""
-
-    train_paragraphs: list[str]
-    val_paragraphs: list[str]
-    contrast_held_out: dict[str, list[str]]
-    contrast_train: dict[str, list[str]]
-    held_out: dict[str, list[str]]  # the validation paragraphs, less any the training text holds, dealt three ways
-    classifier_novels: dict[str, list[str]]  # what the P(author) classifier was fit on, of the author
-    classifier: object  # style.AuthorClassifier
-    delta: object  # style.Delta
-    copying: object  # style.Copying
-    two_sample: TwoSampleTest
-
-
-def classifier_text(
-    novels: dict[str, list[str]], train: list[str], held_out: dict[str, list[str]], passage_words: int
-) -> dict[str, list[str]]:
-    """The author's novels less the training text and the held-out parts the classifier must not see.
-
-    What is left is the classifier's share of the held-out paragraphs, and any of the novels' text that --data
-    does not hold; never text a model trained on, the two-sample test draws from, or the author row reads.
-    """
-    kept_from_it = [p for part, ps in held_out.items() if part != "classifier" for p in ps]
-    fitting = style.without(novels, train + kept_from_it)
-    # Paragraphs are matched whole: where --data cuts the novels into other paragraphs, nothing matches and the
-    # training text would stay in the classifier's. Its word 8-grams tell: ~0.2% shared as cut alike, ~93% not.
-    shared = style.Copying(train + kept_from_it, set()).ngram_rate([p for ps in fitting.values() for p in ps])
-    if shared > MAX_SHARED_WITH_UNSEEN:
-        raise UserError(
-            f"the novels in --author-novels hold the text of --data cut into other paragraphs ({shared:.0%} of the "
-            "classifier's word 8-grams are in text it must not see); give --author-novels the novels that --data "
-            "was built from with dataset.py build, or novels that --data does not hold"
-        )
-    fitted = {title: ps for title, ps in fitting.items() if style.passages(ps, passage_words)}
-    if len(fitted) < 2:
-        words = sum(len(p.split()) for ps in fitting.values() for p in ps)
-        raise UserError(
-            f"the style classifier's share of the held-out author text ({words:,} words) covers {len(fitted)} of "
-            f"the novels in --author-novels with a {passage_words}-word passage, and it needs two or more; hold "
-            "out more text (a lower --train-size) or check that --author-novels holds the novels of --data"
-        )
-    return fitting
-
-
-def build_references(args: argparse.Namespace, train: list[str], val: list[str], passage_words: int) -> References:
-    """The classifiers, Delta, copying and the two-sample test, from the split of --data and the novels."""
-    # a held-out paragraph whose words are also a training paragraph's ("Yes, sir.") is text the models trained on
-    unseen = style.without({"held out": val}, train).get("held out", [])
-    held_out = dict(zip(HELD_OUT_SHARES, style.deal(unseen, list(HELD_OUT_SHARES.values()), args.seed), strict=True))
-    novels = style.load_novels(args.author_novels)
-    author = classifier_text(novels, train, held_out, passage_words)
-    contrast = style.load_novels(args.contrast_novels)
-    cut = {title: round(len(ps) * (1 - CONTRAST_HELD_OUT)) for title, ps in contrast.items()}
-    contrast_train = {title: ps[: cut[title]] for title, ps in contrast.items()}
-    contrast_held_out = {title: ps[cut[title] :] for title, ps in contrast.items()}
-    author_names, all_names = style.names_to_mask(train, contrast)
-    classifier = style.AuthorClassifier.fit(author, contrast_train, passage_words, all_names)
-    prose = ProseFeatures([p for ps in contrast_train.values() for p in ps], classifier, all_names)
-    return References(
-        train_paragraphs=train,
-        val_paragraphs=val,
-        contrast_held_out=contrast_held_out,
-        contrast_train=contrast_train,
-        held_out=held_out,
-        classifier_novels=author,
-        classifier=classifier,
-        # Delta's word frequencies are z-scored against the author's text less all of the held-out text
-        delta=style.Delta(style.without(novels, val) | contrast_train, all_names, n_words=args.mfw),
-        copying=style.Copying(train, author_names, n=args.ngram),
-        two_sample=TwoSampleTest(held_out["two-sample pool"], prose, all_names, args.draws, args.seed),
-    )
-
-
-def author_passages(refs: References, n: int, n_words: int) -> list[str]:
-    """`n` passages of `n_words` words from the author row's share of the held-out text, evenly spread."""
-    found = style.passages(refs.held_out["author row"], n_words, at_most=n)
-    if len(found) < n:
-        words = sum(len(p.split()) for p in refs.held_out["author row"])
-        raise UserError(
-            f"the author row's share of the held-out author text ({words:,} words) is too short for {n} passages of "
-            f"{n_words} words; lower --n-samples or --max-new-tokens, or hold out more text (a lower --train-size)"
-        )
-    return found
-
-
-def reference_texts(refs: References, n: int, n_words: int, seed: int) -> dict[str, list[str]]:
-    """The reference rows' texts: `n` passages of `n_words` words each.
-
-    Real held-out author passages (from the author row's share, which neither the classifier nor the two-sample
-    test sees), the same passages with their words shuffled (her vocabulary without her sentences), and held-out
-    contrast passages.
-    """
-    author = author_passages(refs, n, n_words)
-    rng = random.Random(seed)
-    contrast = [p for ps in refs.contrast_held_out.values() for p in ps]
-    return {
-        AUTHOR_ROW: author,
-        "author, words shuffled": [" ".join(rng.sample(p.split(), len(p.split()))) for p in author],
-        "contrast, held out": style.passages(contrast, n_words, at_most=n),
-    }
-
-
-def style_metrics(texts: list[str], refs: References, prompts: list[str] | None = None) -> dict:
-    """Every text-only measure of one set of texts (samples, or real paragraphs cut to sample length).
-
-    `prompts`, the prompt each sample continues, folds the two-sample test by prompt.
-    """
-    longest, passage = refs.copying.longest_run(texts)
-    p_author = refs.classifier.p_author(texts)
-    return {
-        **refs.two_sample(texts, prompts).as_dict(),
-        "p_author": statistics.mean(p_author),
-        "p_author_standard_error": statistics.stdev(p_author) / len(p_author) ** 0.5,
-        "delta_to_author": refs.delta.distance(texts, refs.train_paragraphs),
-        "delta_to_contrast": {t: refs.delta.distance(texts, ps) for t, ps in refs.contrast_train.items()},
-        "copied_ngram_share": refs.copying.ngram_rate(texts),
-        "longest_copied_run": longest,
-        "longest_copied_passage": passage,
-        "names_per_1000_words": refs.copying.names_per_1000_words(texts),
-        "distinct_1": style.distinct_n(texts, 1),
-        "distinct_2": style.distinct_n(texts, 2),
-        "repetition_rate": style.repetition_rate(texts),
-        "words": sum(len(style.words(t)) for t in texts),
-    }
-
-
-def load_model(path: str, args: argparse.Namespace):
-    """A model to evaluate and its tokenizer; with --from-scratch, a weightless config folder gets fresh weights."""
-    from accelerate.utils import set_seed
-
-    import lora
-    import utils
-    from training import default_device
-
-    weightless = Path(path).is_dir() and not utils.has_weights(Path(path)) and not lora.is_adapter_folder(path)
-    if args.from_scratch and weightless:
-        set_seed(args.split_seed)  # as train.py does before drawing the weights
-        model = utils.load_model(path, from_scratch=True).to(default_device()).eval()
-    else:
-        model = utils.load_for_sampling(path)
-    return model, utils.load_tokenizer(path)
-
-
-def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], args: argparse.Namespace) -> dict:
-    """train.py's validation: one paragraph per example, loss per real token, bits per character."""
-    from accelerate import Accelerator
-
-    from training import resolve_precision, validate, validation_loader
-
-    # The precision train.py's --precision auto validates in (bf16 autocast where native), so the numbers match.
-    accelerator = Accelerator(mixed_precision=resolve_precision("auto"))
-    loader = validation_loader(tokenizer, val_paragraphs, args.max_input_length, args.batch_size)
-    with accelerator.autocast():
-        return validate(model, loader, accelerator, text_chars(val_paragraphs))
-
-
-COLUMNS = [  # (key, heading, format)
-    ("distinguishability", "distinguishability (AUC)", "{:.2f}"),
-    ("distinguishability_spread", "spread", "±{:.2f}"),
-    ("copied_ngram_share", "copied word n-grams", "{:.2%}"),
-    ("p_author", "P(author)", "{:.2f}"),
-    ("val_perplexity", "held-out perplexity", "{:,.1f}"),
-    ("val_bits_per_char", "bits/char", "{:.3f}"),
-    ("delta_to_author", "Delta to author", "{:.3f}"),
-    ("delta_to_nearest_contrast", "Delta to nearest contrast", "{:.3f}"),
-    ("longest_copied_run", "longest copied run (words)", "{}"),
-    ("names_per_1000_words", "names per 1,000 words", "{:.1f}"),
-    ("distinct_1", "distinct-1", "{:.3f}"),
-    ("distinct_2", "distinct-2", "{:.3f}"),
-    ("repetition_rate", "repetition", "{:.1%}"),
-]
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| | " + " | ".join(heading for _, heading, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for row in rows:
-        row = {**row, "delta_to_nearest_contrast": min(row["delta_to_contrast"].values())}
-        cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def above_ceiling(row: dict, author: dict) -> bool:
-    """P(author) higher than real held-out author text, by more than twice the two means' standard error."""
-    error = (row["p_author_standard_error"] ** 2 + author["p_author_standard_error"] ** 2) ** 0.5
-    return row["p_author"] - author["p_author"] > 2 * error
-
-
-def verdict(row: dict, author: dict) -> str:
-    """One sentence reading distinguishability, copying and P(author) together."""
-    auc, copied = row["distinguishability"], row["copied_ngram_share"]
-    if auc <= PASSES:
-        told = f"passes for the author (distinguishability {auc:.2f}, the floor is {author['distinguishability']:.2f})"
-    elif auc <= 0.8:
-        told = f"is often told apart from the author (distinguishability {auc:.2f})"
-    else:
-        told = f"is told apart from the author almost every time (distinguishability {auc:.2f})"
-    # Copying makes text indistinguishable too: more than twice the author's own rate (and over 1%) is copying.
-    copies = copied > max(2 * author["copied_ngram_share"], 0.01)
-    if copies:
-        copying = f"but {copied:.1%} of its word 8-grams are copied from the training text: that is memory, not style"
-    else:
-        copying = f"and copies {copied:.2%} of its word 8-grams (the author's own held-out text: "
-        copying += f"{author['copied_ngram_share']:.2%})"
-    sentence = f"**{row['name']}** {told}, {copying}."
-    if above_ceiling(row, author):
-        sentence += (
-            f" Its P(author) {row['p_author']:.2f} is above the real author's {author['p_author']:.2f}: "
-            "exaggerated vocabulary, not better style."
-        )
-    return sentence
-
-
-def held_out_words(refs: References) -> dict[str, int]:
-    """Words in each part of the held-out author text; the classifier's counts what it was fit on."""
-    counts = {part: sum(len(p.split()) for p in ps) for part, ps in refs.held_out.items()}
-    return counts | {"classifier": sum(len(p.split()) for ps in refs.classifier_novels.values() for p in ps)}
-
-
-def markdown_report(args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples) -> str:
-    classifier = refs.classifier
-    accuracy = ", ".join(f"{title} {acc:.0%}" for title, acc in classifier.heldout_by_novel.items())
-    reliability = "reliable" if classifier.reliable else "UNRELIABLE (below 90%): read P(author) with care"
-    author = next(r for r in references if r["name"] == AUTHOR_ROW)
-    pool = len(refs.two_sample.pool)
-    held_out = ", ".join(f"{part} {words:,}" for part, words in held_out_words(refs).items())
-    parts = [
-        "# Style report",
-        "",
-        table(rows + references),
-        "",
-        "## Verdict",
-        "",
-        *(f"- {verdict(row, author)}" for row in rows + references if row is not author),
-        "",
-        f"Samples: {args.n_samples} per model, {args.max_new_tokens} new tokens each, top-k {args.top_k}, "
-        f"top-p {args.top_p}, temperature {args.temperature}, seed {args.seed}, prompts from {Path(args.prompts).name} "
-        f"in order. Held-out text: the validation paragraphs of {Path(args.data).name} (train-size {args.train_size}, "
-        f"seed {args.split_seed}), dealt three ways, disjoint and none of it trained on (words: {held_out}). "
-        f"Reference rows: {args.n_samples} passages of {classifier.passage_words} words (the samples' mean length); "
-        f"the contrast row's come from the last {CONTRAST_HELD_OUT:.0%} of each novel.",
-        "",
-        f"- **Distinguishability**: can a classifier tell the row's texts from real author passages of the same "
-        f"lengths? ROC AUC under {FOLDS}-fold cross-validation (a model's samples folded by prompt: each prompt's "
-        f"continuations in one fold), the mean over {args.draws} fresh draws of the "
-        f"author's passages (from the {pool:,}-word two-sample pool), ± the standard deviation across draws. 0.5: "
-        f"indistinguishable; 1.0: always told apart. The `{AUTHOR_ROW}` row is the floor: real author text against "
-        "real author text. Features: word 1-2-grams and character 1-4-grams (TF-IDF), sentence and word lengths, "
-        "punctuation per word, the share of word pairs and triples found in the contrast novels, and P(author).",
-        f"- **Copying**: word {args.ngram}-grams of the texts found verbatim in the training paragraphs; names are "
-        "character names derived from the training text. Copied text is indistinguishable too, so read the two "
-        "together.",
-        f"- **P(author)**: closer to the author than to the contrast authors? TF-IDF word 1-2-grams and character "
-        f"2-4-grams + logistic regression, the classifier's share of the held-out author text vs contrast novels, "
-        f"names masked; it never saw the training text, so reciting that text earns nothing. Accuracy on whole "
-        f"held-out novels: **{classifier.heldout_accuracy:.1%}** ({accuracy}): {reliability}. The `{AUTHOR_ROW}` "
-        "row is its ceiling; a row above it uses the author's favourite words more than she does.",
-        f"- **Delta**: Burrows' Delta, cosine variant, over the {args.mfw} most frequent words (names excluded); "
-        "0 is the same profile, about 1 unrelated; lower to the author than to the contrast novels reads as her.",
-        "- **Fluency**, per sample then averaged: distinct-n = distinct word n-grams over all n-grams; repetition = "
-        "share of a sample's word 4-grams that already occurred in it.",
-        "",
-        "![style](style.png)",
-        "",
-        "## Longest copied passages",
-        "",
-    ]
-    parts += [f'- {row["name"]}: {row["longest_copied_run"]} words: "{row["longest_copied_passage"]}"' for row in rows]
-    for name, model_samples in samples.items():
-        parts += ["", f"## Samples: {name}", ""]
-        for sample in model_samples[: args.show_samples]:
-            parts += [f"**{sample['prompt']}** {sample['text']}", "", "---", ""]
-    return "\n".join(parts).rstrip("-\n ") + "\n"
-
-
-def plot(path: Path, rows: list[dict]) -> None:
-    """One bar chart per measure, one bar per row: models blue, other texts green, references grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("distinguishability", "distinguishability (AUC): 0.5 passes, 1.0 told apart", 1),
-        ("copied_ngram_share", "copied word n-grams (%)", 100),
-        ("p_author", "P(author): closer to the author than the contrast", 1),
-        ("delta_to_author", "Delta to the author: lower is closer", 1),
-        ("names_per_1000_words", "character names per 1,000 words", 1),
-    ]
-    author = next(row for row in rows if row["name"] == AUTHOR_ROW)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8))
-    colors = ["tab:blue" if "model" in r else "tab:green" if "texts" in r else "tab:gray" for r in rows]
-    for ax, (key, title, scale) in zip(axes, panels, strict=True):
-        errors = [row.get(f"{key}_spread", 0) * scale for row in rows]
-        ax.bar(range(len(rows)), [row[key] * scale for row in rows], yerr=errors, color=colors, capsize=3)
-        ax.axhline(author[key] * scale, color="black", linestyle=":", linewidth=1)  # the real author's level
-        ax.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same seed, same bytes
-    plt.close(fig)
-
-
-def write_report(out: Path, args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples):
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key != "overwrite"}
-    classifier = refs.classifier
-    classifier_summary = {
-        "passage_words": classifier.passage_words,
-        "held_out_words": held_out_words(refs),
-        "heldout_novel_accuracy": classifier.heldout_accuracy,
-        "heldout_accuracy_by_novel": classifier.heldout_by_novel,
-        "reliable": classifier.reliable,
-    }
-    report = {
-        "settings": settings,
-        "classifier": classifier_summary,
-        "models": rows,
-        "references": references,
-        "samples": samples,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(args, rows, references, refs, samples))
-    plot(out / "style.png", rows + references)
-
-
-def sample_models(args: argparse.Namespace, prompts: list[str], val_paragraphs: list[str]) -> list[tuple[dict, list]]:
-    """(row with the held-out perplexity, samples) for every --models entry, one model in memory at a time."""
-    from generation import SamplingSettings, generate_samples
-
-    settings = SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        paragraphs=None,  # every sample as long as every other, for every model
-    )
-    sampled = []
-    for name, path in zip(args.names or args.models, args.models, strict=True):
-        print(f"{name}: sampling {args.n_samples} x {args.max_new_tokens} tokens ...", flush=True)
-        model, tokenizer = load_model(path, args)
-        samples = generate_samples(model, tokenizer, prompts, args.n_samples, settings, args.seed)
-        row = {"name": name, "model": path, **held_out_perplexity(model, tokenizer, val_paragraphs, args)}
-        sampled.append((row, samples))
-        del model
-    return sampled
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts = check_args(args)
+    # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
+    from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
+    from austen_gpt.style.report import (
+        build_references,
+        read_texts,
+        reference_texts,
+        sample_models,
+        style_metrics,
+        write_report,
+    )
+
     texts = read_texts(args.texts)
     quiet_libraries()
     paragraphs = load_paragraphs(args.data, args.text_column, args.data_config, args.data_split)

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 import export
 import inference
 import train
-from bpe import train_bpe
-from dataset import collate, paragraph_frame, tokenize_paragraphs
+from austen_gpt.data.batches import collate
+from austen_gpt.data.bpe import train_bpe
+from austen_gpt.data.tokens import paragraph_frame, tokenize_paragraphs
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def metrics(tmp: Path) -> list[dict]:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_paragraphs_are_framed_by_the_tokenizers_own_special_tokens(name, family_dirs, austen_paragraphs):
-    from utils import load_tokenizer
+    from austen_gpt.models.loading import load_tokenizer
 
     family, tokenizer = FAMILIES[name], load_tokenizer(str(family_dirs[name]))
     start, end = paragraph_frame(tokenizer)
@@ -148,7 +149,7 @@ def test_lora_picks_the_attention_layers_merges_exactly_and_qlora_trains(name, f
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from utils import load_for_sampling
+    from austen_gpt.sampling.loading import load_for_sampling
 
     train_run(tmp_path / "lora", family_dirs[name], small_data, "--lora", "--rank-lora", "4", "--epochs", "1")
     adapter = tmp_path / "lora/out"
@@ -175,7 +176,7 @@ def test_dropout_reaches_attention_where_the_architecture_keeps_it_as_a_number(n
     """Llama, Qwen2 and Mistral have no nn.Dropout at all: their attention reads a rate from the config."""
     from transformers import AutoModelForCausalLM
 
-    from utils import set_dropout
+    from austen_gpt.models.loading import set_dropout
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs[name]).train()
     ids = torch.tensor([[1, 5, 9, 200, 300, 17]])
@@ -194,7 +195,7 @@ def test_dropout_reaches_opts_plain_number_rates():
     """OPT keeps all its dropout as numbers named dropout, attention_dropout and activation_dropout."""
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from utils import set_dropout
+    from austen_gpt.models.loading import set_dropout
 
     shape = dict(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32)
     model = AutoModelForCausalLM.from_config(OPTConfig(**shape, dropout=0.0, attention_dropout=0.0)).train()

@@ -8,10 +8,10 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import run_script, train_args
-from test_cli import run_in_process
+from conftest import run_in_process, run_script, train_args
 
-import train
+from austen_gpt.training.loop import questionable_settings
+from train import main
 
 # A tiny model overfits 16 paragraphs within a few epochs at this learning rate: validation loss falls, then rises.
 OVERFIT = (
@@ -117,7 +117,7 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name))
-    message = run_in_process(train.main, ["--report-to", "wandb"], capsys)
+    message = run_in_process(main, ["--report-to", "wandb"], capsys)
     assert "--report-to wandb needs the wandb package: pip install wandb" in message
 
 
@@ -133,14 +133,14 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch, capsys, tmp_path):
 )
 def test_bad_validation_flags(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert message in run_in_process(train.main, argv, capsys)
+    assert message in run_in_process(main, argv, capsys)
 
 
 def test_settings_that_cannot_do_what_they_say_are_named():
     def warnings(**changes) -> list[str]:
         flags = {"warmup_steps": 10, "lr": 1e-3, "eval_steps": 0, "early_stopping_patience": 0}
         args = Namespace(**{**flags, "grad_accum_steps": 1, "epochs": 2, **changes})
-        return train.questionable_settings(args, batches_per_epoch=20, total_steps=40)
+        return questionable_settings(args, batches_per_epoch=20, total_steps=40)
 
     assert warnings() == []
     (warmup,) = warnings(warmup_steps=100)

@@ -7,28 +7,17 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_user_error, run_script
+from conftest import REPO, assert_user_error, run_in_process, run_script
 
 import inference
-import train
-from cli import run_cli
-
-
-def run_in_process(main, argv, capsys) -> str:
-    """Run a script's main as the CLI does; return its single stderr line after asserting exit code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
+from austen_gpt.training.flags import parse_args
+from train import main
 
 # ---- flags --------------------------------------------------------------------------------------------
 
 
 def test_seed_defaults_are_kept():
-    args = train.parse_args([])
+    args = parse_args([])
     assert (args.data, args.batch_size, args.max_input_length, args.train_size, args.max_output_length) == (
         "austen_dataset.pkl",
         8,
@@ -69,15 +58,15 @@ def test_seed_defaults_are_kept():
     ],
 )
 def test_boolean_flags_accept_both_spellings(argv, expected):
-    assert train.parse_args(argv).qlora is expected
+    assert parse_args(argv).qlora is expected
 
 
 def test_the_original_projects_spellings_still_work():
     argv = ["--rank_lora", "8", "--max_input_length=32", "--check_dir", "C", "--load_checkpoint", "True"]
-    args = train.parse_args([*argv, "--restore_file", "Epoch_1"])
+    args = parse_args([*argv, "--restore_file", "Epoch_1"])
     assert (args.rank_lora, args.max_input_length, args.check_dir, args.resume_from) == (8, 32, "C", "Epoch_1")
     assert not hasattr(args, "restore_file") and not hasattr(args, "load_checkpoint")  # one name inside: resume_from
-    assert train.parse_args(["--resume-from", "Step_3"]).resume_from == "Step_3"
+    assert parse_args(["--resume-from", "Step_3"]).resume_from == "Step_3"
     args = inference.parse_args(["--top_k", "5", "--top_p", "0.5", "--max-new-tokens", "9", "--n_return_seqs", "2"])
     assert (args.top_k, args.top_p, args.max_new_tokens, args.n_return_seqs) == (5, 0.5, 9, 2)
     args = inference.parse_args(["--model_path", "adapters", "--qlora", "True", "--base_model", "gpt2-medium"])
@@ -86,7 +75,7 @@ def test_the_original_projects_spellings_still_work():
 
 
 def test_bad_boolean_is_a_one_line_error(capsys):
-    assert "expected True or False, got 'maybe'" in run_in_process(train.main, ["--qlora", "maybe"], capsys)
+    assert "expected True or False, got 'maybe'" in run_in_process(main, ["--qlora", "maybe"], capsys)
 
 
 def test_help_does_not_import_torch():
@@ -119,30 +108,28 @@ def test_help_does_not_import_torch():
 )
 def test_bad_flags(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert message in run_in_process(train.main, argv, capsys)
+    assert message in run_in_process(main, argv, capsys)
 
 
 def test_bad_data_through_train(tmp_path, capsys, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
     assert "broken.jsonl line 2 is not valid JSON" in run_in_process(
-        train.main, ["--data", "broken.jsonl", "--model", str(tiny_model_dir)], capsys
+        main, ["--data", "broken.jsonl", "--model", str(tiny_model_dir)], capsys
     )
-    assert "does not exist" in run_in_process(
-        train.main, ["--data", "nope.pkl", "--model", str(tiny_model_dir)], capsys
-    )
+    assert "does not exist" in run_in_process(main, ["--data", "nope.pkl", "--model", str(tiny_model_dir)], capsys)
     (tmp_path / "rows.jsonl").write_text('{"body": "fine"}\n')
     assert "record 1 has no 'title' string field; its fields are body" in run_in_process(
-        train.main, ["--data", "rows.jsonl", "--text-column", "title", "--model", str(tiny_model_dir)], capsys
+        main, ["--data", "rows.jsonl", "--text-column", "title", "--model", str(tiny_model_dir)], capsys
     )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     assert "'nobody/no-such-novels' is neither a local path nor a dataset in the Hugging Face cache" in run_in_process(
-        train.main, ["--data", "nobody/no-such-novels", "--data-config", "en", "--model", str(tiny_model_dir)], capsys
+        main, ["--data", "nobody/no-such-novels", "--data-config", "en", "--model", str(tiny_model_dir)], capsys
     )
     (tmp_path / "three.txt").write_text("a\n\nb\n\nc\n")
     assert "split empty" in run_in_process(
-        train.main, ["--data", "three.txt", "--train-size", "0.9", "--model", str(tiny_model_dir)], capsys
+        main, ["--data", "three.txt", "--train-size", "0.9", "--model", str(tiny_model_dir)], capsys
     )
 
 
@@ -158,12 +145,12 @@ def test_sample_prompt_longer_than_the_samples(tmp_path, capsys, tiny_model_dir,
         "--max-output-length",
         "3",
     ]
-    assert "leaves no room within --max-output-length" in run_in_process(train.main, argv, capsys)
+    assert "leaves no room within --max-output-length" in run_in_process(main, argv, capsys)
 
 
 def test_refused_pickle_through_the_real_cli(tmp_path):
     marker = tmp_path / "pwned"
-    from test_dataset import Payload
+    from conftest import Payload
 
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps([Payload(str(marker))]))
     result = run_script("train.py", "--data", "evil.pkl", cwd=tmp_path)
@@ -174,16 +161,16 @@ def test_refused_pickle_through_the_real_cli(tmp_path):
 def test_missing_or_incomplete_restore_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     resume = ["--restore-file", "Epoch_3", "--load-checkpoint", "True"]
-    assert "checkpoint Epoch_3 not found in Checkpoints" in run_in_process(train.main, resume, capsys)
+    assert "checkpoint Epoch_3 not found in Checkpoints" in run_in_process(main, resume, capsys)
     (tmp_path / "Checkpoints/Epoch_3").mkdir(parents=True)
     (tmp_path / "Checkpoints/Epoch_3/config.json").write_text("{}")
-    assert "Epoch_3 is not a complete checkpoint" in run_in_process(train.main, resume, capsys)
+    assert "Epoch_3 is not a complete checkpoint" in run_in_process(main, resume, capsys)
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model.bin").write_text("precious")
-    assert "--output-dir model.bin is a file" in run_in_process(train.main, ["--output-dir", "model.bin"], capsys)
+    assert "--output-dir model.bin is a file" in run_in_process(main, ["--output-dir", "model.bin"], capsys)
     assert (tmp_path / "model.bin").read_text() == "precious"
 
 
@@ -191,14 +178,14 @@ def test_existing_outputs_are_never_overwritten(tmp_path, capsys, monkeypatch, t
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out/model.safetensors").write_text("an earlier model")
-    assert "already holds files" in run_in_process(train.main, ["--output-dir", "out"], capsys)
+    assert "already holds files" in run_in_process(main, ["--output-dir", "out"], capsys)
     (tmp_path / "Checkpoints/Epoch_1").mkdir(parents=True)
     (tmp_path / "Checkpoints/Epoch_1/model.safetensors").write_text("an earlier checkpoint")
     (tmp_path / "Checkpoints/Epoch_1/training_state.pt").write_text("")
     (tmp_path / "Checkpoints/Epoch_1/trainer_state.json").write_text('{"global_step": 10, "epoch": 1}')
     argv = ["--model", str(tiny_model_dir), "--data", str(small_data), "--output-dir", "new"]
     assert "Checkpoints holds checkpoints (Epoch_1) from another run; continue with --resume" in run_in_process(
-        train.main, argv, capsys
+        main, argv, capsys
     )
     assert (tmp_path / "out/model.safetensors").read_text() == "an earlier model"
     assert (tmp_path / "Checkpoints/Epoch_1/model.safetensors").read_text() == "an earlier checkpoint"
@@ -206,13 +193,13 @@ def test_existing_outputs_are_never_overwritten(tmp_path, capsys, monkeypatch, t
 
 def test_folder_without_weights_needs_from_scratch(tmp_path, capsys, tiny_config_dir, small_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    message = run_in_process(train.main, ["--model", str(tiny_config_dir), "--data", str(small_data)], capsys)
+    message = run_in_process(main, ["--model", str(tiny_config_dir), "--data", str(small_data)], capsys)
     assert "has a config but no weights; add --from-scratch" in message
 
 
 def test_unreachable_hub_model(tmp_path, capsys, small_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    message = run_in_process(train.main, ["--model", "no-such-org/no-such-model", "--data", str(small_data)], capsys)
+    message = run_in_process(main, ["--model", "no-such-org/no-such-model", "--data", str(small_data)], capsys)
     assert (
         "nor in the Hugging Face cache, and the Hub is unreachable" in message
         and "--model configs/austen-tiny --from-scratch" in message

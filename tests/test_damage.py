@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import run_in_process, train_args
 from safetensors.torch import load_file
-from test_cli import run_in_process
 
-import checkpoints
 import export
 import inference
-import integrity
 import style_report
 import train
-from checkpoints import TRAINER_STATE, TRAINING_STATE
-from cli import run_cli
-from integrity import MANIFEST_KEY, safetensors_problem
+from austen_gpt.cli import run_cli
+from austen_gpt.models import integrity, saving
+from austen_gpt.models.integrity import MANIFEST_KEY, safetensors_problem
+from austen_gpt.models.saving import _fsync_tree, folder_bytes
+from austen_gpt.training import checkpoints
+from austen_gpt.training.checkpoints import TRAINER_STATE, TRAINING_STATE, save_checkpoint
 
 
 def cut_in_half(path: Path) -> None:
@@ -141,9 +141,8 @@ def test_a_save_checksums_its_weights_and_state_as_it_writes_them(tmp_path, tiny
     """Only the small files other code writes (config, tokenizer) are read back to checksum them."""
     from transformers import AutoModelForCausalLM
 
-    from checkpoints import save_checkpoint
-    from lora import add_lora
-    from utils import load_tokenizer
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.models.lora import add_lora
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     if adapters:
@@ -208,7 +207,7 @@ def test_keep_last_keeps_the_last_good_checkpoint_when_the_new_one_fails_its_che
 def no_space_at(tmp_name: str):
     """An fsync that fails as on a full disk (where delayed allocation reports it) for the folder `tmp_name`,
     after a partial file was written there."""
-    fsync_tree = checkpoints._fsync_tree
+    fsync_tree = _fsync_tree
 
     def full_disk(folder: Path) -> None:
         if folder.name == tmp_name:
@@ -223,7 +222,7 @@ def test_a_full_disk_during_a_checkpoint_save_stops_and_the_run_resumes_exactly(
     runs, tmp_path, capsys, tiny_model_dir, small_data, monkeypatch
 ):
     argv = train_args(tmp_path, tiny_model_dir, small_data, *RUNS_SETTINGS)
-    monkeypatch.setattr(checkpoints, "_fsync_tree", no_space_at("Epoch_2.tmp"))
+    monkeypatch.setattr(saving, "_fsync_tree", no_space_at("Epoch_2.tmp"))
     message = training_stops(argv, capsys)
     assert (
         f"the disk is full: saving {tmp_path / 'Checkpoints/Epoch_2'} needs " in message and "is free there" in message
@@ -243,7 +242,7 @@ def test_a_full_disk_during_the_final_export_keeps_the_old_model_and_resume_writ
     shutil.copytree(runs / "lora/out", output)  # a model from before, which --overwrite-output-dir replaces
     before = {p.name: p.read_bytes() for p in output.iterdir()}
     argv = train_args(tmp_path, tiny_model_dir, small_data, *RUNS_SETTINGS, "--overwrite-output-dir")
-    monkeypatch.setattr(checkpoints, "_fsync_tree", no_space_at("out.tmp"))
+    monkeypatch.setattr(saving, "_fsync_tree", no_space_at("out.tmp"))
     message = training_stops(argv, capsys)
     assert f"the disk is full: saving {output} needs " in message and "is free there" in message
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before and not (tmp_path / "out.tmp").exists()
@@ -289,9 +288,9 @@ def test_a_real_full_disk_at_a_checkpoint_and_at_the_export_loses_nothing(
     runs, tmp_path, capsys, tiny_model_dir, small_data, small_disk
 ):
     """On real small filesystems, where each library fails its own way (torch.save, safetensors, plain writes)."""
-    checkpoint, model = (checkpoints.folder_bytes(runs / "full" / p) for p in ("Checkpoints/Epoch_1", "out"))
+    checkpoint, model = (folder_bytes(runs / "full" / p) for p in ("Checkpoints/Epoch_1", "out"))
     check_dir = small_disk("checkpoints", checkpoint * 3 // 2)  # room for Epoch_1 and the logs, not Epoch_2
-    output_disk = small_disk("output", checkpoints.folder_bytes(runs / "lora/out") + model // 2)
+    output_disk = small_disk("output", folder_bytes(runs / "lora/out") + model // 2)
     output = output_disk / "model"
     shutil.copytree(runs / "lora/out", output)  # the model from before, to be replaced
     before = {p.name: p.read_bytes() for p in output.iterdir()}

@@ -6,31 +6,26 @@ import copy
 import csv
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, Payload
 
-import dataset
-from cli import UserError
-from dataset import (
-    chunk_with_overlap,
-    collate,
-    encode_batch,
-    load_paragraphs,
-    split_paragraphs,
-    tokenize_paragraphs,
-)
+from austen_gpt.cli import UserError
+from austen_gpt.data import tokens
+from austen_gpt.data.batches import EpochBatches, collate
+from austen_gpt.data.paragraphs import load_paragraphs, novel_paragraphs, split_paragraphs
+from austen_gpt.data.tokens import cache_key, chunk_with_overlap, encode_batch, tokenize_cached, tokenize_paragraphs
+from dataset import main
 
 # ---- the bundled dataset -----------------------------------------------------------------------------
 
 
 def test_build_is_byte_identical_to_the_committed_pickle(tmp_path):
     first, second = tmp_path / "a.pkl", tmp_path / "b.pkl"
-    dataset.main(["build", "--src", str(REPO / "data/austen"), "--out", str(first)])
-    dataset.main(["build", "--src", str(REPO / "data/austen"), "--out", str(second)])
+    main(["build", "--src", str(REPO / "data/austen"), "--out", str(first)])
+    main(["build", "--src", str(REPO / "data/austen"), "--out", str(second)])
     assert first.read_bytes() == second.read_bytes() == (REPO / "austen_dataset.pkl").read_bytes()
 
 
@@ -65,7 +60,7 @@ def test_novel_cleaning_rules():
         "TITLE\n\nBy Someone\n\nCHAPTER I\n\nFirst _para_\nline two.\n\n[An editor's note.]\n\n"
         "Chapter 2\n\nSecond.\n\nTHE END\n\nAfterword."
     )
-    assert dataset.novel_paragraphs(text) == ["First para line two.", "Second."]
+    assert novel_paragraphs(text) == ["First para line two.", "Second."]
 
 
 # ---- every input format ---------------------------------------------------------------------------
@@ -151,7 +146,7 @@ def test_tokenizer_command_reads_any_source_with_its_flags(tmp_path):
     """The data flags reach load_paragraphs: a saved DatasetDict's split and text column."""
     saved = write_columnar_formats(tmp_path)["saved_dict"]
     argv = ["tokenizer", "--data", str(saved), "--data-split", "train", "--text-column", "body"]
-    assert dataset.main([*argv, "--train-size", "0.5", "--vocab-size", "300", "--out", str(tmp_path / "bpe")]) == 0
+    assert main([*argv, "--train-size", "0.5", "--vocab-size", "300", "--out", str(tmp_path / "bpe")]) == 0
     assert json.loads((tmp_path / "bpe/config.json").read_text())["vocab_size"] <= 300
 
 
@@ -197,16 +192,6 @@ def test_an_uncached_hub_dataset_offline_is_one_line_naming_the_fix(monkeypatch,
     message = str(error.value)
     assert "nobody/no-such-novels" in message and "\n" not in message
     assert "hf download --repo-type dataset nobody/no-such-novels" in message and "save_to_disk" in message
-
-
-class Payload:
-    """Unpickling this would create a file: proof that code ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_pickle_payload_is_refused_and_never_runs(tmp_path):
@@ -345,7 +330,7 @@ def test_padding_is_masked_and_the_closing_end_of_text_is_a_target(tokenizer):
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
-    batches = dataset.EpochBatches(100, 8, seed=3)
+    batches = EpochBatches(100, 8, seed=3)
     batches.set_epoch(1)
     first = [i for batch in batches for i in batch]
     batches.set_epoch(0)
@@ -358,8 +343,8 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 
 @pytest.mark.parametrize("processes", [1, 2, 3])
 def test_processes_share_every_epoch_exactly_once_in_the_same_number_of_steps(processes):
-    shares = [dataset.EpochBatches(101, 8, seed=3, rank=r, processes=processes) for r in range(processes)]
-    single = dataset.EpochBatches(101, 8 * processes, seed=3)
+    shares = [EpochBatches(101, 8, seed=3, rank=r, processes=processes) for r in range(processes)]
+    single = EpochBatches(101, 8 * processes, seed=3)
     for share in (*shares, single):
         share.set_epoch(2)
     per_process = [list(share) for share in shares]
@@ -381,48 +366,46 @@ def test_an_empty_share_collates_to_a_batch_without_targets():
 
 def test_cache_returns_exactly_what_tokenizing_gives(tokenizer, austen_paragraphs, tmp_path, monkeypatch):
     sample = austen_paragraphs[:300]
-    fresh = dataset.tokenize_paragraphs(tokenizer, sample, 64, pack=True)
-    assert dataset.tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # miss: builds and stores
+    fresh = tokenize_paragraphs(tokenizer, sample, 64, pack=True)
+    assert tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # miss: builds and stores
     assert len(list(tmp_path.glob("blocks-*.pt"))) == 1 and not list(tmp_path.glob("*.tmp*"))
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a cache hit must not tokenize")
 
-    monkeypatch.setattr(dataset, "tokenize_paragraphs", no_tokenizing)
-    assert dataset.tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # hit
+    monkeypatch.setattr(tokens, "tokenize_paragraphs", no_tokenizing)
+    assert tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # hit
 
 
 def test_cache_key_covers_text_tokenizer_and_settings(tokenizer, austen_paragraphs):
     import copy
 
     sample = austen_paragraphs[:50]
-    key = dataset.cache_key(tokenizer, sample, 64, True)
-    assert key == dataset.cache_key(tokenizer, list(sample), 64, True)
+    key = cache_key(tokenizer, sample, 64, True)
+    assert key == cache_key(tokenizer, list(sample), 64, True)
     other_tokenizer = copy.deepcopy(tokenizer)
     other_tokenizer.add_tokens(["<|startoftext|>"], special_tokens=True)
     variants = [
-        dataset.cache_key(tokenizer, sample, 65, True),
-        dataset.cache_key(tokenizer, sample, 64, False),
-        dataset.cache_key(tokenizer, sample[:-1] + [sample[-1] + "!"], 64, True),
-        dataset.cache_key(other_tokenizer, sample, 64, True),
+        cache_key(tokenizer, sample, 65, True),
+        cache_key(tokenizer, sample, 64, False),
+        cache_key(tokenizer, sample[:-1] + [sample[-1] + "!"], 64, True),
+        cache_key(other_tokenizer, sample, 64, True),
     ]
     assert key not in variants and len(set(variants)) == len(variants)
 
 
 def test_damaged_cache_entry_is_rebuilt(tokenizer, austen_paragraphs, tmp_path):
     sample = austen_paragraphs[:40]
-    dataset.tokenize_cached(tokenizer, sample, 64, False, tmp_path)
+    tokenize_cached(tokenizer, sample, 64, False, tmp_path)
     entry = next(tmp_path.glob("blocks-*.pt"))
     entry.write_bytes(b"not a tensor file")
-    assert dataset.tokenize_cached(tokenizer, sample, 64, False, tmp_path) == dataset.tokenize_paragraphs(
-        tokenizer, sample, 64
-    )
+    assert tokenize_cached(tokenizer, sample, 64, False, tmp_path) == tokenize_paragraphs(tokenizer, sample, 64)
     assert entry.read_bytes() != b"not a tensor file"
 
 
 def test_tokenizer_command_rebuilds_the_committed_quickstart_tokenizer_byte_for_byte(tmp_path):
     """`python dataset.py tokenizer` with its defaults gives exactly the files of configs/austen-tiny."""
-    dataset.main(["tokenizer", "--out", str(tmp_path)])
+    main(["tokenizer", "--out", str(tmp_path)])
     committed = REPO / "configs" / "austen-tiny"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -435,7 +418,7 @@ def test_tokenizer_command_builds_a_bpe_and_config_for_any_data(tmp_path, small_
     and frames paragraphs with its own end-of-text token."""
     from transformers import AutoConfig, AutoTokenizer
 
-    dataset.main(["tokenizer", "--data", str(small_data), "--vocab-size", "400", "--out", str(tmp_path / "bpe")])
+    main(["tokenizer", "--data", str(small_data), "--vocab-size", "400", "--out", str(tmp_path / "bpe")])
     tokenizer, config = AutoTokenizer.from_pretrained(tmp_path / "bpe"), AutoConfig.from_pretrained(tmp_path / "bpe")
     assert len(tokenizer) == config.vocab_size == 400
     assert config.eos_token_id == config.bos_token_id == tokenizer.eos_token_id == tokenizer.bos_token_id
@@ -443,4 +426,4 @@ def test_tokenizer_command_builds_a_bpe_and_config_for_any_data(tmp_path, small_
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: nothing is unknown
     assert config.n_layer == 2 and config.n_embd == 256 and config.resid_pdrop == 0  # gpt2-tiny, 2 blocks, no dropout
     with pytest.raises(UserError, match="--vocab-size"):
-        dataset.main(["tokenizer", "--data", str(small_data), "--vocab-size", "100", "--out", str(tmp_path / "x")])
+        main(["tokenizer", "--data", str(small_data), "--vocab-size", "100", "--out", str(tmp_path / "x")])

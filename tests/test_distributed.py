@@ -16,9 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script, train_args
+from conftest import REPO, assert_user_error, logged_step, run_script, train_args
 from safetensors.torch import load_file
-from test_resume import logged_step
 
 COMMON = ["--max-input-length", "64", "--sample-every", "0", "--lr", "1e-3"]
 # bf16 rounding or dropout masks would differ by design
@@ -243,7 +242,7 @@ def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_dat
 
 
 def test_the_way_on_from_a_checkpoint_without_optimizer_state(tmp_path):
-    from checkpoints import continue_from_weights
+    from austen_gpt.training.checkpoints import continue_from_weights
 
     full, adapters = tmp_path / "Epoch_1", tmp_path / "Step_5"
     adapters.mkdir()
@@ -256,8 +255,8 @@ def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
     """Checked on stand-in accelerators: launching FSDP or DeepSpeed for each refusal would take minutes."""
     from accelerate.utils import DistributedType
 
-    from cli import UserError
-    from processes import configure_deepspeed, refuse_unsupported
+    from austen_gpt.cli import UserError
+    from austen_gpt.training.distributed import configure_deepspeed, refuse_unsupported
 
     def under(kind: DistributedType, config: dict | None = None) -> SimpleNamespace:
         plugin = SimpleNamespace(deepspeed_config=config)
@@ -292,20 +291,20 @@ def test_a_signal_during_the_agreement_is_kept_for_the_next_one(monkeypatch):
     """The handler may run while `agree` waits in its collective call. The signal must survive that
     call's answer (no signal yet), and the loop must act on agreements only: a process acting on its own
     news would leave the other in its next collective call."""
-    import processes
+    from austen_gpt.training import distributed
 
-    stop, accelerator = processes.StopSignals(), SimpleNamespace(num_processes=2)
+    stop, accelerator = distributed.StopSignals(), SimpleNamespace(num_processes=2)
     try:
 
         def signal_arrives_during_the_call(accelerator, value: int) -> int:
             stop._handle(signal.SIGTERM, None)  # what Python does once the C call returns
             return value  # the other process had no signal either
 
-        monkeypatch.setattr(processes, "max_over_processes", signal_arrives_during_the_call)
+        monkeypatch.setattr(distributed, "max_over_processes", signal_arrives_during_the_call)
         assert stop.agree(accelerator) is None and stop.agreed is None
         assert stop.received == signal.SIGTERM
 
-        monkeypatch.setattr(processes, "max_over_processes", lambda accelerator, value: value)
+        monkeypatch.setattr(distributed, "max_over_processes", lambda accelerator, value: value)
         assert stop.agree(accelerator) == signal.SIGTERM and stop.name == "SIGTERM"
     finally:
         stop.restore()

@@ -20,9 +20,12 @@ from conftest import train_args
 from safetensors.torch import load_file, save_file
 
 import inference
-import train
-import training
-from dataset import collate, example_targets
+from austen_gpt.data.batches import batch_loader, collate
+from austen_gpt.data.tokens import example_targets
+from austen_gpt.training.flags import parse_args
+from austen_gpt.training.loop import record_trained_positions, set_up
+from austen_gpt.training.step import linear_schedule
+from train import main
 
 EXACT = ["--precision", "fp32", "--dropout", "0", "--max-input-length", "64", "--sample-every", "0"]
 EXACT += ["--data-cache", "", "--lr", "1e-3", "--warmup-steps", "3", "--log-every", "1"]
@@ -43,7 +46,7 @@ def logged(run: Path, key: str) -> dict[int, float]:
 
 
 def train_run(run: Path, model: Path, data: Path, *settings: str) -> Path:
-    assert train.main(train_args(run, model, data, *EXACT, *settings)) == 0
+    assert main(train_args(run, model, data, *EXACT, *settings)) == 0
     return run
 
 
@@ -65,7 +68,7 @@ def test_accumulated_micro_batches_equal_one_batch_holding_them_all(packing, tmp
 
 def test_the_window_weighs_micro_batches_by_their_targets():
     """The scale each micro-batch's summed loss gets: 1 / (targets in the whole window), whatever its own."""
-    sampler = training.batch_loader([[1] * 5, [1] * 60, [1] * 3, [1] * 9, [1] * 2], 2, 0, None, None).batch_sampler
+    sampler = batch_loader([[1] * 5, [1] * 60, [1] * 3, [1] * 9, [1] * 2], 2, 0, None, None).batch_sampler
     # batches: (4 + 59), (2 + 8), (1); windows of 2 batches: 73, 73, then the short last window: 1
     assert sampler.window_targets(2) == [73, 73, 1]
     assert sampler.window_targets(1) == [63, 10, 1]
@@ -86,7 +89,7 @@ def test_a_begin_of_text_token_of_its_own_is_never_a_target():
 def fresh_schedule_rates(lr: float, warmup: int, total: int) -> list[float]:
     """The rate of each step 1..total under a fresh schedule (step s runs at factor(s - 1))."""
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    scheduler, rates = training.linear_schedule(optimizer, lr, warmup, total), []
+    scheduler, rates = linear_schedule(optimizer, lr, warmup, total), []
     for _ in range(total):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
@@ -102,7 +105,7 @@ def test_a_resume_with_a_lower_lr_and_more_epochs_follows_the_new_schedule(
     assert list(logged(run, "train_lr").values()) == fresh_schedule_rates(1e-3, 3, steps)  # the step's own rate
     capsys.readouterr()
     resumed = ["--epochs", "2", "--lr", "4e-4", "--resume", "--overwrite-output-dir"]
-    assert train.main(train_args(tmp_path, tiny_model_dir, small_data, *EXACT, *resumed)) == 0
+    assert main(train_args(tmp_path, tiny_model_dir, small_data, *EXACT, *resumed)) == 0
     new_rates = fresh_schedule_rates(4e-4, 3, 2 * steps)
     rates = logged(run, "train_lr")
     assert [rates[s] for s in range(steps + 1, 2 * steps + 1)] == new_rates[steps:]  # from the first resumed step
@@ -113,11 +116,11 @@ def test_a_resume_with_a_lower_lr_and_more_epochs_follows_the_new_schedule(
 
 def test_a_resume_applies_the_new_eps_and_weight_decay(tmp_path, tiny_model_dir, small_data):
     train_run(tmp_path, tiny_model_dir, small_data, "--epochs", "1")
-    args = train.parse_args(
+    args = parse_args(
         train_args(tmp_path, tiny_model_dir, small_data, *EXACT, "--epochs", "2", "--resume")
         + ["--eps", "1e-6", "--weight-decay", "0.1"]
     )
-    run, state = train.set_up(args)
+    run, state = set_up(args)
     decayed, plain = run.optimizer.param_groups
     assert (decayed["eps"], plain["eps"], decayed["weight_decay"], plain["weight_decay"]) == (1e-6, 1e-6, 0.1, 0.0)
     assert run.optimizer.state_dict()["state"]  # the moments were restored, not started again
@@ -167,13 +170,13 @@ def test_a_later_run_only_raises_the_recorded_positions(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    train.record_trained_positions(model, [[1] * 20], from_scratch=False, adapters=False)
+    record_trained_positions(model, [[1] * 20], from_scratch=False, adapters=False)
     assert not hasattr(model.config, "trained_positions")  # pretrained positions: the whole context
-    train.record_trained_positions(model, [[1] * 32, [1] * 5], from_scratch=True, adapters=False)
+    record_trained_positions(model, [[1] * 32, [1] * 5], from_scratch=True, adapters=False)
     assert model.config.trained_positions == 31
-    train.record_trained_positions(model, [[1] * 16], from_scratch=False, adapters=False)
+    record_trained_positions(model, [[1] * 16], from_scratch=False, adapters=False)
     assert model.config.trained_positions == 31  # shorter blocks later do not untrain the rows
-    train.record_trained_positions(model, [[1] * 100], from_scratch=False, adapters=True)
+    record_trained_positions(model, [[1] * 100], from_scratch=False, adapters=True)
     assert model.config.trained_positions == 31  # adapters leave the position rows as they were
-    train.record_trained_positions(model, [[1] * 65], from_scratch=False, adapters=False)
+    record_trained_positions(model, [[1] * 65], from_scratch=False, adapters=False)
     assert model.config.trained_positions == 64

@@ -13,8 +13,10 @@ from conftest import train_args
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train
-import training
+from austen_gpt.cli import CliError
+from austen_gpt.models.evaluation import lm_loss_sum
+from austen_gpt.training import loop, step
+from train import main
 
 # Steps of the run below: 24 (one epoch of 187 examples in batches of 8), a log point every 10.
 SETTINGS = ["--epochs", "1", "--max-input-length", "64", "--sample-every", "0", "--precision", "fp32"]
@@ -53,14 +55,14 @@ def test_no_host_waits_for_the_device_between_log_points(tmp_path, tiny_model_di
     """The whole training loop runs under the counter; set-up, log points, validation, checkpoints and the
     export may read, the steps between them must not."""
     reads, log_points = ScalarReads(), []
-    log_step = train.log_step
+    log_step = loop.log_step
     monkeypatch.setattr(
-        train, "log_step", lambda run, state, *a: log_points.append(state.global_step) or log_step(run, state, *a)
+        loop, "log_step", lambda run, state, *a: log_points.append(state.global_step) or log_step(run, state, *a)
     )
-    for name in ("set_up", "log_step", "validate", "save", "log_samples", "export"):
-        monkeypatch.setattr(train, name, allowed_in(reads, getattr(train, name)))
+    for name in ("set_up", "log_step", "validate", "save", "log_samples", "write_final_model"):
+        monkeypatch.setattr(loop, name, allowed_in(reads, getattr(loop, name)))
     with reads:
-        assert train.main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
+        assert main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
     assert log_points == [10, 20, 24]  # every 10 steps, and the epoch's last step
     assert reads.outside == []
 
@@ -70,31 +72,31 @@ def test_a_non_finite_loss_is_skipped_on_the_device_and_named_at_the_next_log_po
 ):
     """Step 3's loss is made infinite: the weights after the run stops are those of steps 1-2 and 4-..., never
     an update from step 3; the run stops at the log point of step 10 and names step 3."""
-    lm_loss_sum, calls = training.lm_loss_sum, [0]
+    calls = [0]
 
     def infinite_at_step_3(model, batch):
         loss, n = lm_loss_sum(model, batch)
         calls[0] += model.training
         return (loss * float("inf") if calls[0] == 3 else loss), n
 
-    monkeypatch.setattr(training, "lm_loss_sum", infinite_at_step_3)
+    monkeypatch.setattr(step, "lm_loss_sum", infinite_at_step_3)
     updates = []
-    optimizer_step = training.optimizer_step
+    optimizer_step = loop.optimizer_step
 
     def recording_step(model, optimizer, *args):
         before = [p.detach().clone() for p in model.parameters()]
         optimizer_step(model, optimizer, *args)
         updates.append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)))
 
-    monkeypatch.setattr(training, "optimizer_step", recording_step)
-    with pytest.raises(train.CliError, match="the loss became inf at step 3; stopped without saving"):
-        train.main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS, "--warmup-steps", "0"))
+    monkeypatch.setattr(loop, "optimizer_step", recording_step)
+    with pytest.raises(CliError, match="the loss became inf at step 3; stopped without saving"):
+        main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS, "--warmup-steps", "0"))
     assert updates == [True, True, False, *[True] * 7]  # stopped at the log point of step 10
     assert not (tmp_path / "out").exists() and not list((tmp_path / "Checkpoints").glob("Step_*"))
 
 
 def test_the_logged_loss_is_the_mean_since_the_last_log_point(tmp_path, tiny_model_dir, small_data):
-    assert train.main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
+    assert main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
     lines = [json.loads(line) for line in (tmp_path / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
     steps = [line["step"] for line in lines if "train_loss" in line]
     assert steps == [10, 20, 24] and all(line["train_loss"] > 0 for line in lines if "train_loss" in line)
@@ -124,7 +126,7 @@ def tiny_model(architecture: str, vocab: int = 300):
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_right_padding_needs_no_attention_mask_in_training(architecture):
     """Why lm_loss_sum passes none: under causal attention the real tokens' logits are bitwise the same."""
-    from dataset import collate
+    from austen_gpt.data.batches import collate
 
     model = tiny_model(architecture).eval()
     batch = collate([[1, 5, 7, 9, 11, 13], [1, 4, 4]], pad_id=0)
@@ -144,7 +146,7 @@ def loss_and_gradients(model, batch: dict, precision: str) -> tuple[torch.Tensor
     forward = model.forward
     if precision == "bf16":
         model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(forward)
-    loss, n = training.lm_loss_sum(model, batch)
+    loss, n = lm_loss_sum(model, batch)
     model.forward = forward
     (loss / n).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -156,8 +158,8 @@ def loss_and_gradients(model, batch: dict, precision: str) -> tuple[torch.Tensor
 def test_the_chunked_loss_has_the_same_value_and_gradients(architecture, precision, tolerance, monkeypatch):
     """GPT-2 ties its output layer to the embeddings, this Llama does not; a padded batch (targets -100) in
     chunks of 7 tokens, so that chunks end mid-row and one is short."""
-    import chunked_loss
-    from dataset import collate
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import chunked_loss
 
     monkeypatch.setattr(chunked_loss, "CHUNK_TOKENS", 7)
     model = tiny_model(architecture)
@@ -178,9 +180,9 @@ def test_the_chunked_loss_has_the_same_value_and_gradients(architecture, precisi
 
 
 def test_the_chunked_loss_trains_lora_adapters_the_same(monkeypatch):
-    import chunked_loss
-    from dataset import collate
-    from lora import add_lora
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import chunked_loss
+    from austen_gpt.models.lora import add_lora
 
     monkeypatch.setattr(chunked_loss, "CHUNK_TOKENS", 7)
     batch = collate([list(range(1, 20)), [5, 6, 7, 8, 9]], pad_id=0)
@@ -201,7 +203,7 @@ def test_the_chunked_loss_trains_lora_adapters_the_same(monkeypatch):
 def test_an_output_layer_that_is_more_than_a_projection_keeps_its_own_path():
     """Soft-capped logits (as Gemma 2's) are caught by the check at installation. (Scaled ones need no
     catching: a scale commutes with the projection, so the chunked loss computes them right.)"""
-    import chunked_loss
+    from austen_gpt.models import chunked_loss
 
     model = tiny_model("llama")
     forward = model.forward
@@ -225,8 +227,8 @@ def test_the_fused_gelu_has_the_same_value_and_gradients(precision, tolerance):
     weights' names unchanged (so saved models are the same)."""
     from transformers.activations import NewGELUActivation
 
-    import lean_layers
-    from dataset import collate
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import lean_layers
 
     model = tiny_model("gpt2")
     assert model.config.activation_function == "gelu_new"
@@ -248,7 +250,7 @@ def test_the_fused_gelu_keeps_less_for_backward():
     """What it is for: the tensors autograd keeps for one MLP activation, before and after."""
     from torch.autograd.graph import saved_tensors_hooks
 
-    import lean_layers
+    from austen_gpt.models import lean_layers
 
     def saved_bytes(activation) -> int:
         kept = []
@@ -268,8 +270,8 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     random stream (the dropout masks are drawn again from the saved state), and keeps far less."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import lean_layers
-    from dataset import collate
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import lean_layers
 
     settings = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300, attn_pdrop=0.1, n_positions=512)
     settings.update(bos_token_id=0, eos_token_id=0)
@@ -284,7 +286,7 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
         with torch.autograd.graph.saved_tensors_hooks(
             lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t
         ):
-            loss, n = training.lm_loss_sum(model, batch)
+            loss, n = lm_loss_sum(model, batch)
         (loss / n).backward()
         grads = {k: p.grad for k, p in model.named_parameters()}
         return model, loss, grads, torch.rand(3), sum(kept)
@@ -314,8 +316,8 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
 def test_on_cuda_the_chunked_loss_has_the_same_value_and_gradients(kernel, monkeypatch):
     """bf16 on the GPU, GPT-2 with its tied output layer: our chunks, and Cut Cross-Entropy's kernel where it
     is installed, against the model's own output layer and a whole-batch loss."""
-    import chunked_loss
-    from dataset import collate
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import chunked_loss
 
     if kernel == "cut-cross-entropy":
         pytest.importorskip("cut_cross_entropy")
@@ -328,7 +330,7 @@ def test_on_cuda_the_chunked_loss_has_the_same_value_and_gradients(kernel, monke
     def loss_and_grads():
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, n = training.lm_loss_sum(model, batch)
+            loss, n = lm_loss_sum(model, batch)
         (loss / n).backward()
         return loss.item(), {k: p.grad.float().clone() for k, p in model.named_parameters()}
 

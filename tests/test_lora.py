@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script, tiny_config, train_args
+from conftest import REPO, assert_user_error, run_in_process, run_script, tiny_config, train_args
 from safetensors.torch import load_file
-from test_cli import run_in_process
 
 import export
 import inference
-import lora
 import train
-import training
-from cli import UserError
+from austen_gpt.cli import UserError
+from austen_gpt.models import lora
+from austen_gpt.models.evaluation import lm_loss_sum
+from austen_gpt.training.step import make_optimizer
 
 COMMON = (
     "--epochs 2 --batch-size 8 --max-input-length 64 --lr 2e-2 --warmup-steps 2 --rank-lora 8 "
@@ -107,17 +107,18 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(tiny_model_dir, to
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from dataset import collate, tokenize_paragraphs
+    from austen_gpt.data.batches import collate
+    from austen_gpt.data.tokens import tokenize_paragraphs
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     originals = dict(base.named_parameters())  # the same tensors live on inside the PeftModel
     before = {name: p.detach().clone() for name, p in originals.items()}
     model = lora.add_lora(base, 8, 16, 0.0, ["c_attn", "c_fc"], quantized=False, base_name=str(tiny_model_dir))
-    optimizer = training.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
     batch = collate(tokenize_paragraphs(tokenizer, austen_paragraphs[:8], 64), tokenizer.pad_token_id)
     losses = []
     for _ in range(8):
-        loss_sum, n = training.lm_loss_sum(model, batch)
+        loss_sum, n = lm_loss_sum(model, batch)
         (loss_sum / n).backward()
         optimizer.step()
         optimizer.zero_grad()

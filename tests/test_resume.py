@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script, script_env, train_args
+from conftest import REPO, assert_user_error, logged_step, run_in_process, run_script, script_env, train_args
 from safetensors.torch import load_file
-from test_cli import run_in_process
 
 import train
-from checkpoints import TRAINER_STATE, check_optimizer_state_fits, sorted_checkpoints
+from austen_gpt.training.checkpoints import TRAINER_STATE, check_optimizer_state_fits, sorted_checkpoints
 
 # 2 epochs of 12 optimizer steps, each accumulating 2 batches of 8 blocks; a checkpoint every 3 steps.
 COMMON = (
@@ -44,9 +43,12 @@ WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "ea
 KILLER = """
 import os, signal, sys
 sys.argv[0] = "train.py"
-import checkpoints, cli, train, training
+import train
+from austen_gpt import cli
+from austen_gpt.models import evaluation, saving
+from austen_gpt.training import step
 forward_at, save_at, calls = int(os.environ.get("KILL_AT_FORWARD", 0)), int(os.environ.get("KILL_IN_SAVE", 0)), [0, 0]
-loss_sum, fsync_tree = training.lm_loss_sum, checkpoints._fsync_tree
+loss_sum, fsync_tree = step.lm_loss_sum, saving._fsync_tree
 def counting_loss(model, batch):
     calls[0] += 1
     if calls[0] == forward_at:
@@ -57,7 +59,9 @@ def crashing_fsync(folder):
     if folder.name.endswith(".tmp") and calls[1] == save_at:
         os.kill(os.getpid(), signal.SIGKILL)
     fsync_tree(folder)
-training.lm_loss_sum, checkpoints._fsync_tree = counting_loss, crashing_fsync
+# the training step's loss and validation's; checkpoints and exports are written by saving
+step.lm_loss_sum = evaluation.lm_loss_sum = counting_loss
+saving._fsync_tree = crashing_fsync
 cli.run_cli(train.main)
 """
 
@@ -80,13 +84,6 @@ def run_killer(tmp: Path, argv: list[str], **kill: str) -> subprocess.CompletedP
 
 def start_training(tmp: Path, argv: list[str], **streams) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=tmp, env=env(), text=True, **streams)
-
-
-def logged_step(run_dir: Path) -> int:
-    """The last optimizer step the run has logged (log points come every --log-every steps and at saves)."""
-    metrics = run_dir / "Checkpoints/logs/metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
 
 
 def wait_for_step(tmp: Path, child: subprocess.Popen, step: int) -> None:
@@ -347,7 +344,7 @@ def test_checkpoint_state_loads_without_unpickling(one_checkpoint):
 
 def test_an_optimizer_state_that_does_not_fit_the_model_is_refused():
     """E.g. a shard of the moments (an FSDP checkpoint): refused before the first step would crash on it."""
-    from cli import UserError
+    from austen_gpt.cli import UserError
 
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters())

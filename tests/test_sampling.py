@@ -14,13 +14,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script, script_env, tiny_config
-from test_cli import run_in_process
+from conftest import REPO, assert_user_error, run_in_process, run_script, script_env, tiny_config
 
-import generation
 import inference
-import sample_log
-from generation import RepetitionPenalty, SamplingSettings, sample_ids, window_tokens
+from austen_gpt.sampling import generation
+from austen_gpt.sampling.generation import RepetitionPenalty, SamplingSettings, sample_ids, window_tokens
+from austen_gpt.sampling.records import read_jsonl
 
 CONTEXT = 32
 EOT = 0  # the tiny tokenizer's end-of-text
@@ -171,7 +170,7 @@ def sample(tiny_model_dir, capsys, *argv: str) -> str:
 def test_jsonl_output_holds_what_drew_each_sample_and_draws_it_again(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     printed = sample(tiny_model_dir, capsys, "--prompt", "Emma was", "--n-return-seqs", "2", "--output", str(out))
-    records = sample_log.read_jsonl(out)
+    records = read_jsonl(out)
     assert [r["sample"] for r in records] == [1, 2] and {r["of"] for r in records} == {2}
     assert printed == "\n\n".join(f"{r['sample']}. {r['text']}" for r in records) + "\n\n"
     first = records[0]
@@ -182,7 +181,7 @@ def test_jsonl_output_holds_what_drew_each_sample_and_draws_it_again(tiny_model_
     assert again[:2] == ["python", "inference.py"] and "--seed" in again
     assert sample(tiny_model_dir, capsys, *again[2:]) == printed  # the same samples, from the record alone
     sample(tiny_model_dir, capsys, *again[2:], "--output", str(out))  # appended, not overwritten
-    assert [r["text"] for r in sample_log.read_jsonl(out)] == [r["text"] for r in records] * 2
+    assert [r["text"] for r in read_jsonl(out)] == [r["text"] for r in records] * 2
 
 
 def test_markdown_output_is_for_reading(tiny_model_dir, tmp_path, capsys):
@@ -209,7 +208,7 @@ def test_a_prompts_file_samples_in_batched_calls(tiny_model_dir, tmp_path, capsy
     argv = ["--prompts-file", str(prompts), "--n-return-seqs", "2", "--seed", "9", "--output", str(out)]
     printed = sample(tiny_model_dir, capsys, *argv)
     assert calls == [4, 2]  # 3 prompts x 2 samples, 4 to a call
-    records = sample_log.read_jsonl(out)
+    records = read_jsonl(out)
     assert [r["prompt"] for r in records] == ["Emma was"] * 2 + ["Mr Knightley"] * 2 + ["It was"] * 2
     assert all(r["text"].startswith(r["prompt"]) and r["text"] in printed for r in records)
     assert "[3/3] It was" in printed
@@ -231,7 +230,7 @@ def test_an_interactive_session_with_piped_prompts(tiny_model_dir, tmp_path):
     assert "temperature 0.5" in printed and "n 2" in printed
     assert "error: :top-p must be in (0, 1]" in printed  # refused; the session goes on
     assert "n 2 · seed 3 · max_length 300 · max_new_tokens 10 · top_k 50 · top_p 0.95 · temperature 0.5" in printed
-    records = sample_log.read_jsonl(out)
+    records = read_jsonl(out)
     assert [(r["prompt"], r["sample"], r["of"]) for r in records] == [
         ("Emma was", 1, 1),
         ("Harriet", 1, 2),
@@ -248,7 +247,7 @@ def test_an_interactive_session_on_an_adapter_folder(tiny_model_dir, tokenizer, 
     """LoRA adapters load on their base once; a piped prompt streams its sample, the file keeps it."""
     from transformers import AutoModelForCausalLM
 
-    from lora import add_lora
+    from austen_gpt.models.lora import add_lora
 
     adapters = tmp_path / "adapters"
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, ["c_attn"], False, "-")
@@ -360,14 +359,14 @@ def test_the_sample_files_in_sample_outputs_were_written_by_inference():
         readme = (path.parent / "README.md").read_text()
         assert f"--output sample_outputs/{path.parent.name}/{path.name}" in readme, path
         if path.suffix == ".jsonl":
-            records = sample_log.read_jsonl(path)
+            records = read_jsonl(path)
             assert records and all(r["command"].startswith("python inference.py") for r in records)
         else:
             assert path.read_text().startswith("## ") and "`python inference.py " in path.read_text()
 
 
 def test_the_session_help_names_every_command():
-    import session
+    from austen_gpt.sampling import session
 
     assert all(f":{name}" in session.HELP for name in session.SETTINGS if name != "n-return-seqs")
 

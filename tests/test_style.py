@@ -9,9 +9,28 @@ from pathlib import Path
 import pytest
 from conftest import assert_user_error, run_script, train_args
 
-import style
-import style_report
-from cli import UserError
+from austen_gpt.cli import UserError
+from austen_gpt.flags import REPO
+from austen_gpt.style.probe import StyleProbe
+from austen_gpt.style.report import (
+    HELD_OUT_SHARES,
+    above_ceiling,
+    author_passages,
+    build_references,
+    held_out_perplexity,
+    load_scored_model,
+)
+from austen_gpt.style.text import (
+    AuthorClassifier,
+    distinct_n,
+    load_novels,
+    normalize,
+    paragraph_key,
+    passages,
+    repetition_rate,
+    words,
+)
+from style_report import parse_args
 
 pytestmark = pytest.mark.xdist_group("style")  # one worker builds the references (half a minute) for all
 
@@ -21,11 +40,11 @@ PASSAGE_WORDS = 130  # about what 200 sampled tokens come to
 @pytest.fixture(scope="module")
 def refs():
     """style_report.py's references on the real data: the split, the classifier (validated), Delta, copying."""
-    from dataset import load_paragraphs, split_paragraphs
+    from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
 
-    args = style_report.parse_args(["--models", "unused"])
+    args = parse_args(["--models", "unused"])
     train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
-    return style_report.build_references(args, train, val, PASSAGE_WORDS)
+    return build_references(args, train, val, PASSAGE_WORDS)
 
 
 def held_out(refs) -> tuple[list[str], list[str]]:
@@ -33,7 +52,7 @@ def held_out(refs) -> tuple[list[str], list[str]]:
     shares of the validation paragraphs) and of held-out contrast (novel endings)."""
     contrast = [p for ps in refs.contrast_held_out.values() for p in ps]
     austen = refs.held_out["author row"] + refs.held_out["two-sample pool"]
-    return style.passages(austen, PASSAGE_WORDS), style.passages(contrast, PASSAGE_WORDS)
+    return passages(austen, PASSAGE_WORDS), passages(contrast, PASSAGE_WORDS)
 
 
 def test_the_classifier_recognizes_austen_in_novels_it_never_saw(refs):
@@ -68,10 +87,10 @@ def test_character_names_come_from_the_text(refs):
 
 def test_a_copied_sample_scores_full_copying_and_a_shuffled_one_none(refs):
     copied = " ".join(refs.train_paragraphs[100:103])
-    n_words = len(style.words(copied))
+    n_words = len(words(copied))
     assert refs.copying.ngram_rate([copied]) == 1.0
     assert refs.copying.longest_run([copied])[0] == n_words
-    shuffled = style.words(copied)
+    shuffled = words(copied)
     random.Random(0).shuffle(shuffled)
     assert refs.copying.ngram_rate([" ".join(shuffled)]) < 0.02
     assert refs.copying.longest_run(["no such words anywhere in her novels at all today"]) == (0, "")
@@ -85,26 +104,22 @@ def test_names_rate_counts_names_per_thousand_words(refs):
 def test_normalize_makes_editions_typography_alike():
     curly = "\u201cWell,\u201d said Pip\u2014\u2018I don\u2019t know.\u2019 _Really_ 1801"
     straight = "\"Well,\" said Pip -- 'I don't know.' Really 1802"
-    assert (
-        style.normalize(curly, {"pip"})
-        == style.normalize(straight, {"pip"})
-        == ("well, said name - i don't know. really 0")
-    )
+    assert normalize(curly, {"pip"}) == normalize(straight, {"pip"}) == ("well, said name - i don't know. really 0")
 
 
 @pytest.fixture(scope="module")
 def two_sample_test(refs):
     """The report's two-sample test with fewer draws: cross-validated AUC against held-out Austen."""
-    from two_sample import TwoSampleTest
+    from austen_gpt.style.two_sample import TwoSampleTest
 
     prose = refs.two_sample.prose_features
     return TwoSampleTest(refs.held_out["two-sample pool"], prose, refs.classifier.names, draws=3, seed=0)
 
 
 def test_the_two_sample_test_passes_real_austen_and_tells_contrast_and_shuffled_words_apart(refs, two_sample_test):
-    austen = style_report.author_passages(refs, 24, PASSAGE_WORDS)  # never among the passages drawn to compare
+    austen = author_passages(refs, 24, PASSAGE_WORDS)  # never among the passages drawn to compare
     shuffled = [" ".join(random.Random(i).sample(p.split(), len(p.split()))) for i, p in enumerate(austen)]
-    contrast = style.passages([p for ps in refs.contrast_held_out.values() for p in ps], PASSAGE_WORDS, at_most=24)
+    contrast = passages([p for ps in refs.contrast_held_out.values() for p in ps], PASSAGE_WORDS, at_most=24)
     floor = two_sample_test(austen)
     assert floor.mean <= 0.6 and len(floor.draws) == 3, floor.draws
     assert two_sample_test(contrast).mean >= 0.9
@@ -117,9 +132,9 @@ def test_the_two_sample_test_passes_real_austen_and_tells_contrast_and_shuffled_
 
 
 def test_the_two_sample_test_is_reproducible_and_refuses_what_it_cannot_test(refs, two_sample_test):
-    from two_sample import TwoSampleTest
+    from austen_gpt.style.two_sample import TwoSampleTest
 
-    texts = style.passages(refs.train_paragraphs[:400], 60, at_most=12)
+    texts = passages(refs.train_paragraphs[:400], 60, at_most=12)
     pool = refs.held_out["two-sample pool"]
     again = TwoSampleTest(pool, two_sample_test.prose_features, two_sample_test.names, 3, 0)
     assert two_sample_test(texts).draws == again(texts).draws  # the same seed, the same numbers
@@ -132,7 +147,7 @@ def test_the_two_sample_test_is_reproducible_and_refuses_what_it_cannot_test(ref
 
 
 def keys(paragraphs) -> set[str]:
-    return {style.paragraph_key(p) for p in paragraphs}
+    return {paragraph_key(p) for p in paragraphs}
 
 
 def test_the_held_out_text_is_dealt_three_ways_none_of_it_trained_on(refs):
@@ -140,7 +155,7 @@ def test_the_held_out_text_is_dealt_three_ways_none_of_it_trained_on(refs):
     text, so a model that recites its training text gains nothing on any measure fit or drawn from them."""
     parts = refs.held_out
     trained = keys(refs.train_paragraphs)
-    unseen = [p for p in refs.val_paragraphs if style.paragraph_key(p) not in trained]
+    unseen = [p for p in refs.val_paragraphs if paragraph_key(p) not in trained]
     assert len(refs.val_paragraphs) - len(unseen) == 5  # "Yes, sir.", "* * * * *": also training paragraphs
     assert sorted(p for ps in parts.values() for p in ps) == sorted(unseen)  # the rest, each once
     fitted = [p for ps in refs.classifier_novels.values() for p in ps]
@@ -151,7 +166,7 @@ def test_the_held_out_text_is_dealt_three_ways_none_of_it_trained_on(refs):
     assert texts["fitted"] == keys(parts["classifier"])  # the novels hold --data: nothing else is left to fit on
     words = {part: sum(len(p.split()) for p in ps) for part, ps in parts.items()}
     total = sum(words.values())
-    for part, share in style_report.HELD_OUT_SHARES.items():  # dealt by words
+    for part, share in HELD_OUT_SHARES.items():  # dealt by words
         assert abs(words[part] / total - share) < 0.01, words
 
 
@@ -165,10 +180,10 @@ def test_training_text_scores_no_higher_p_author_than_the_author_row(refs):
         p = refs.classifier.p_author(texts)
         return {"p_author": statistics.mean(p), "p_author_standard_error": statistics.stdev(p) / len(p) ** 0.5}
 
-    author = row(style_report.author_passages(refs, 80, PASSAGE_WORDS))
-    recited = row(style.passages(refs.train_paragraphs, PASSAGE_WORDS, at_most=80))
-    fitted = row(style.passages([p for ps in refs.classifier_novels.values() for p in ps], PASSAGE_WORDS, at_most=80))
-    assert not style_report.above_ceiling(recited, author), (recited, author)
+    author = row(author_passages(refs, 80, PASSAGE_WORDS))
+    recited = row(passages(refs.train_paragraphs, PASSAGE_WORDS, at_most=80))
+    fitted = row(passages([p for ps in refs.classifier_novels.values() for p in ps], PASSAGE_WORDS, at_most=80))
+    assert not above_ceiling(recited, author), (recited, author)
     assert fitted["p_author"] > recited["p_author"], (fitted, recited)
 
 
@@ -177,7 +192,7 @@ def raw_openings(source: Path, folder: Path, n_paragraphs: int) -> None:
     (italics marks, line breaks), into `folder` as .txt files."""
     import re
 
-    from dataset import read_text
+    from austen_gpt.data.paragraphs import read_text
 
     folder.mkdir()
     for path in sorted(source.glob("*.txt")):
@@ -190,23 +205,23 @@ def test_the_classifier_fits_no_held_out_paragraph_of_a_folder_of_novels(tmp_pat
     """--data as a folder of .txt novels keeps the italics marks that the novels' reader drops. However it is
     spelt, no training paragraph and no held-out paragraph of the two-sample pool or the author row reaches the
     classifier's fitting text, and every paragraph of the classifier's own share does."""
-    from dataset import load_paragraphs, split_paragraphs
+    from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
 
-    raw_openings(style_report.REPO / "data/austen", tmp_path / "novels", 150)
-    raw_openings(style_report.REPO / "data/contrast", tmp_path / "contrast", 150)
+    raw_openings(REPO / "data/austen", tmp_path / "novels", 150)
+    raw_openings(REPO / "data/contrast", tmp_path / "contrast", 150)
     args = ["--models", "unused", "--data", str(tmp_path / "novels"), "--author-novels", str(tmp_path / "novels")]
-    args = style_report.parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
+    args = parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
     train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
     assert sum("_" in p for p in val) >= 20  # held-out paragraphs with italics marks, as the folder spells them
-    fitted, fit = [], style.AuthorClassifier.fit
-    monkeypatch.setattr(style.AuthorClassifier, "fit", lambda author, *a, **k: fitted.append(author) or fit(author, *a))
-    refs = style_report.build_references(args, train, val, 40)
+    fitted, fit = [], AuthorClassifier.fit
+    monkeypatch.setattr(AuthorClassifier, "fit", lambda author, *a, **k: fitted.append(author) or fit(author, *a))
+    refs = build_references(args, train, val, 40)
 
     def as_the_novels_spell_it(paragraphs: list[str]) -> set[str]:
         return {" ".join(p.replace("_", "").split()) for p in paragraphs}
 
     fitting = as_the_novels_spell_it([p for ps in fitted[0].values() for p in ps])
-    novels = as_the_novels_spell_it([p for ps in style.load_novels(tmp_path / "novels").values() for p in ps])
+    novels = as_the_novels_spell_it([p for ps in load_novels(tmp_path / "novels").values() for p in ps])
     share = refs.held_out["classifier"]
     others = as_the_novels_spell_it(train + refs.held_out["two-sample pool"] + refs.held_out["author row"])
     assert not fitting & others, sorted(fitting & others)[:3]
@@ -216,18 +231,18 @@ def test_the_classifier_fits_no_held_out_paragraph_of_a_folder_of_novels(tmp_pat
 def test_data_cut_into_other_paragraphs_than_the_novels_is_refused(tmp_path):
     """Paragraphs are matched whole: --data whose paragraphs join two of the novels' would match none of them
     and leave its training text in the classifier's; that is refused, not measured."""
-    from dataset import load_paragraphs, split_paragraphs
+    from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
 
-    raw_openings(style_report.REPO / "data/austen", tmp_path / "novels", 150)
-    raw_openings(style_report.REPO / "data/contrast", tmp_path / "contrast", 150)
-    novels = [p for ps in style.load_novels(tmp_path / "novels").values() for p in ps]
+    raw_openings(REPO / "data/austen", tmp_path / "novels", 150)
+    raw_openings(REPO / "data/contrast", tmp_path / "contrast", 150)
+    novels = [p for ps in load_novels(tmp_path / "novels").values() for p in ps]
     joined = [f"{a} {b}" for a, b in zip(novels[::2], novels[1::2], strict=False)]
     (tmp_path / "joined.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in joined))
     args = ["--models", "unused", "--data", str(tmp_path / "joined.jsonl"), "--author-novels", str(tmp_path / "novels")]
-    args = style_report.parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
+    args = parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
     train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
     with pytest.raises(UserError, match="hold the text of --data cut into other paragraphs"):
-        style_report.build_references(args, train, val, 40)
+        build_references(args, train, val, 40)
 
 
 def test_the_two_sample_folds_keep_each_prompts_continuations_together():
@@ -236,7 +251,7 @@ def test_the_two_sample_folds_keep_each_prompts_continuations_together():
     word that no other text has: folded by prompt, they pass; folded at random, they are told apart."""
     import numpy as np
 
-    from two_sample import cross_validated_auc, fold_split
+    from austen_gpt.style.two_sample import cross_validated_auc, fold_split
 
     prompts = [f"prompt {i % 12}" for i in range(48)]
     folds, groups = fold_split(48, 48, prompts, seed=0)
@@ -278,7 +293,7 @@ def continuations(paragraphs: list[str], prompts: list[str], n_words: int, at_mo
             span = range(j + len(opening), j + len(opening) + n_words)
             if len(found) == at_most or words[j : j + len(opening)] != opening or span[-1] >= len(words):
                 continue
-            if not {style.paragraph_key(paragraphs[i]) for i in set(owner[j : span[-1] + 1])} & seen:
+            if not {paragraph_key(paragraphs[i]) for i in set(owner[j : span[-1] + 1])} & seen:
                 found.append(" ".join(words[k] for k in span))
         texts, of = texts + found, of + [prompt] * len(found)
     return texts, of
@@ -291,15 +306,15 @@ def test_folds_by_prompt_keep_the_floor_and_pass_austens_own_continuations(refs,
     prompt; none from the classifier's text or the pool) score within the floor's spread: within two standard
     deviations of its draws (on 2026-12-04: floor 0.49 ± 0.07, the floor folded as if prompted 0.48, Austen's
     continuations 0.45)."""
-    from generation import read_prompts
-    from two_sample import TwoSampleTest
+    from austen_gpt.sampling.generation import read_prompts
+    from austen_gpt.style.two_sample import TwoSampleTest
 
     test = TwoSampleTest(two_sample_test.pool, two_sample_test.prose_features, two_sample_test.names, 5, 0)
     seen = keys(refs.held_out["two-sample pool"]) | keys(p for ps in refs.classifier_novels.values() for p in ps)
-    prompts = read_prompts(style_report.REPO / "data/eval_prompts.txt")
+    prompts = read_prompts(REPO / "data/eval_prompts.txt")
     texts, prompts = continuations(austen_paragraphs, prompts, 100, 4, seen)
     assert len(texts) >= 30 and len(set(prompts)) >= 8, prompts
-    real = style.passages(refs.held_out["author row"], 100, at_most=len(texts))
+    real = passages(refs.held_out["author row"], 100, at_most=len(texts))
     floor = test(real)
     assert not floor.folds_by_prompt and len(real) == len(texts)
     as_if_prompted = test(real, prompts)  # the same real passages, folded as the continuations are
@@ -309,9 +324,9 @@ def test_folds_by_prompt_keep_the_floor_and_pass_austens_own_continuations(refs,
 
 
 def test_fluency_measures():
-    assert style.distinct_n(["one two three four"], 1) == 1.0
-    assert style.repetition_rate(["the cat sat down " * 10]) > 0.8
-    assert style.repetition_rate(["every word in this sample is different from the others"]) == 0.0
+    assert distinct_n(["one two three four"], 1) == 1.0
+    assert repetition_rate(["the cat sat down " * 10]) > 0.8
+    assert repetition_rate(["every word in this sample is different from the others"]) == 0.0
 
 
 @pytest.fixture
@@ -319,7 +334,7 @@ def adapter_dir(tmp_path, tiny_model_dir, tokenizer) -> Path:
     """A fresh LoRA adapter folder on the tiny model (B = 0: it samples exactly as its base)."""
     from transformers import AutoModelForCausalLM
 
-    import lora
+    from austen_gpt.models import lora
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapted = lora.add_lora(base, 4, 8, 0.0, ["c_attn"], quantized=False, base_name=str(tiny_model_dir))
@@ -331,15 +346,15 @@ def adapter_dir(tmp_path, tiny_model_dir, tokenizer) -> Path:
 @pytest.mark.slow
 def test_an_adapter_folder_is_measured_as_its_base_model(adapter_dir, tiny_model_dir, austen_paragraphs):
     """An untrained adapter (B = 0) changes nothing: the report samples and scores it exactly as its base."""
-    from generation import SamplingSettings, generate_samples
+    from austen_gpt.sampling.generation import SamplingSettings, generate_samples
 
-    args = style_report.parse_args(["--models", str(adapter_dir), "--max-input-length", "64"])
+    args = parse_args(["--models", str(adapter_dir), "--max-input-length", "64"])
     settings = SamplingSettings(max_new_tokens=12, paragraphs=None)
     measured = []
     for path in (adapter_dir, tiny_model_dir):
-        model, tokenizer = style_report.load_model(str(path), args)
+        model, tokenizer = load_scored_model(str(path), args)
         samples = generate_samples(model, tokenizer, ["Emma", "Mr Darcy"], 4, settings, seed=3)
-        measured.append((samples, style_report.held_out_perplexity(model, tokenizer, austen_paragraphs[:20], args)))
+        measured.append((samples, held_out_perplexity(model, tokenizer, austen_paragraphs[:20], args)))
     (adapter_samples, adapter_loss), (base_samples, base_loss) = measured
     assert adapter_samples == base_samples
     assert adapter_loss["val_perplexity"] == pytest.approx(base_loss["val_perplexity"], rel=1e-4)
@@ -350,9 +365,9 @@ def test_eval_style_measures_distinguishability_from_the_held_out_paragraphs(ref
     """--eval-style's probe: a random tiny model's samples are told apart from held-out Austen at once."""
     from transformers import AutoModelForCausalLM
 
-    import utils
+    from austen_gpt.models import loading
 
-    probe = style.StyleProbe(refs.train_paragraphs, refs.val_paragraphs, 10, 50, 0.95, style_report.REPO)
+    probe = StyleProbe(refs.train_paragraphs, refs.val_paragraphs, 10, 50, 0.95, REPO)
     assert probe.two_sample is not None and probe.two_sample.draws == 3
     # the classifier is fit on held-out text, and the two-sample test draws from the other held-out half
     fitting, pool = probe.held_out["classifier"], probe.held_out["two-sample pool"]
@@ -360,12 +375,12 @@ def test_eval_style_measures_distinguishability_from_the_held_out_paragraphs(ref
     fitting_words, pool_words = (sum(len(p.split()) for p in ps) for ps in (fitting, pool))
     assert abs(fitting_words / (fitting_words + pool_words) - 0.5) < 0.01
     assert len(probe.two_sample.pool) >= 1.5 * 10 * probe.TOKENS  # what train.py's warning promises, and margin
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), utils.load_tokenizer(str(tiny_model_dir))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), loading.load_tokenizer(str(tiny_model_dir))
     measures = probe(model, tokenizer, seed=0)
     assert measures["style_distinguishability"] >= 0.9 and model.training, measures
     assert probe(model, tokenizer, seed=0) == measures  # seeded: a resumed run measures the same
     # too little held-out text for the test (train.py warns): the classifier gets all of it
-    short = style.StyleProbe(refs.train_paragraphs, refs.val_paragraphs[:20], 10, 50, 0.95, style_report.REPO)
+    short = StyleProbe(refs.train_paragraphs, refs.val_paragraphs[:20], 10, 50, 0.95, REPO)
     assert short.two_sample is None and short.held_out["classifier"] == refs.val_paragraphs[:20]
     assert 0 <= short(model, tokenizer, seed=0)["style_p_author"] <= 1
 
@@ -392,13 +407,13 @@ def texts_for_the_report(folder: Path, austen_paragraphs: list[str]) -> tuple[li
     data.write_text("".join(json.dumps({"text": p}) + "\n" for p in kept))
     (folder / "novels").mkdir()
     set_aside = {austen_paragraphs[i] for i in aside}
-    for title, paragraphs in style.load_novels(style_report.REPO / "data/austen").items():
+    for title, paragraphs in load_novels(REPO / "data/austen").items():
         novel = "CHAPTER I\n\n" + "\n\n".join(p for p in paragraphs if p not in set_aside)
         (folder / "novels" / f"{title.lower().replace(' ', '_')}.txt").write_text(novel)
-    real = style.passages([austen_paragraphs[i] for i in sorted(aside)], 80, at_most=60)
+    real = passages([austen_paragraphs[i] for i in sorted(aside)], 80, at_most=60)
     (folder / "real.txt").write_text("\n\n".join(real))  # a .txt: samples between blank lines
-    contrast = [p for ps in style.load_novels(style_report.REPO / "data/contrast").values() for p in ps]
-    hers, theirs = Counter(style.words(" ".join(kept))), Counter(style.words(" ".join(contrast)))
+    contrast = [p for ps in load_novels(REPO / "data/contrast").values() for p in ps]
+    hers, theirs = Counter(words(" ".join(kept))), Counter(words(" ".join(contrast)))
     favourites = sorted((w for w in hers if hers[w] >= 100), key=lambda w: theirs[w] / hers[w])[:150]
     rng = random.Random(1)
     bags = [" ".join(rng.choices(favourites, k=80)) + "." for _ in range(20)]

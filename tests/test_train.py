@@ -50,7 +50,7 @@ def test_loss_falls(trained):
 
 
 def test_checkpoint_layout_and_safe_loading(trained):
-    from checkpoints import TRAINER_STATE, TRAINING_STATE
+    from austen_gpt.training.checkpoints import TRAINER_STATE, TRAINING_STATE
 
     for epoch in (1, 2):
         folder = trained / f"Checkpoints/Epoch_{epoch}"

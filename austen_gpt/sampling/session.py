@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from cli import UserError
-from generation import SamplingSettings, TextStream, fresh_seed, generate_paragraphs
+from austen_gpt.cli import UserError
+from austen_gpt.sampling.generation import SamplingSettings, TextStream, fresh_seed, generate_paragraphs
 
 HELP = """commands (a setting holds for the prompts after it):
   :temperature X  :top-k N  :top-p X  :repetition-penalty X

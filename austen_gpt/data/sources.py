@@ -14,23 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli import UserError, first_line
+from austen_gpt.cli import UserError, first_line
 
 TEXT_FIELDS = ("text", "sentence")  # "sentence" is the original project's key
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
-def add_source_flags(group) -> None:
-    """--data-config, --data-split and --text-column: which part of --data holds the paragraphs."""
-    from cli import add_flag
-
-    add_flag(group, "--data-config", default=None, help="configuration (subset) of a Hub dataset --data")
-    add_flag(
-        group, "--data-split", default=None, help="split of a Hub dataset or a saved DatasetDict; none given: train"
-    )
-    add_flag(
-        group, "--text-column", default=None, help="column or field with the text; none given: text, else sentence"
-    )
 
 
 def text_column(columns: list[str], wanted: str | None, where: str) -> str:

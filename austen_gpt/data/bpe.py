@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 END_OF_TEXT = "<|endoftext|>"
 
 
 def train_bpe(paragraphs: list[str], vocab_size: int, special_tokens: tuple[str, ...] = (END_OF_TEXT,)):
     """A byte-level BPE with `vocab_size` tokens (the special tokens, 256 bytes, then merges) fit to `paragraphs`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -43,7 +45,6 @@ def train_bpe(paragraphs: list[str], vocab_size: int, special_tokens: tuple[str,
 def save_tokenizer_and_config(tokenizer, template_config: Path, out: Path, layers: int, dropout: float) -> None:
     """The tokenizer as a transformers fast tokenizer, and `template_config` with this vocabulary, `layers`
     transformer blocks and `dropout` (GPT-2's embedding, attention and residual dropout)."""
-    from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cli import UserError
-from generation import SamplingSettings
+from austen_gpt.cli import UserError
+from austen_gpt.sampling.generation import SamplingSettings
 
 SUFFIXES = (".jsonl", ".md")
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cli import UserError
-from style import normalize
+from austen_gpt.cli import UserError
+from austen_gpt.style.text import normalize
 
 FOLDS = 5
 _SENTENCE_END = re.compile(r"[.!?]+")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError
-from dataset import novel_paragraphs, novel_title, read_text
+from austen_gpt.cli import UserError
+from austen_gpt.data.paragraphs import novel_paragraphs, novel_title, read_text
 
 TITLES = {"mr", "mrs", "miss", "lady", "sir", "lord", "colonel", "captain", "dr", "admiral", "master", "madam"}
 SPEECH_VERBS = {"said", "cried", "replied", "answered", "asked", "continued", "added", "returned", "exclaimed"}
@@ -309,69 +309,3 @@ def distinct_n(texts: list[str], n: int) -> float:
 def repetition_rate(texts: list[str], n: int = 4) -> float:
     """Share of a text's word n-grams that already occurred earlier in the same text, averaged."""
     return 1 - distinct_n(texts, n) if texts else 0.0
-
-
-class StyleProbe:
-    """--eval-style during training: fresh samples of the shipped prompts, measured as the report measures them.
-
-    Fit once: a classifier of held-out text against the contrast novels, an index of the training text's word
-    8-grams, and the two-sample test against held-out paragraphs. The validation paragraphs (train.py's split,
-    apart from the training paragraphs) are dealt in two by words: half fits the classifier, half is the
-    two-sample test's pool. The test needs `n_samples` of 10 or more and 3 x `n_samples` x TOKENS words of
-    validation text (`two_sample` is None otherwise, and the classifier gets all of it). With less than one
-    passage of validation text, `classifier` is None and P(author) is not measured. Each call samples the model
-    (its own seeds; training's random stream is untouched).
-    """
-
-    TOKENS = 100  # per sample: long enough to judge, short enough for every validation
-    DRAWS = 3  # of the two-sample test: a third of the report's, for speed
-    CLASSIFIER_SHARE = 0.5  # of the validation text, when the two-sample test takes the rest
-
-    def __init__(
-        self,
-        train_paragraphs: list[str],
-        val_paragraphs: list[str],
-        n_samples: int,
-        top_k: int,
-        top_p: float,
-        repo: Path,
-    ):
-        from generation import SamplingSettings, read_prompts
-        from two_sample import ProseFeatures, TwoSampleTest
-
-        contrast = load_novels(repo / "data/contrast")
-        names, masked = names_to_mask(train_paragraphs, contrast)
-        words_per_sample = round(self.TOKENS * 0.75)  # GPT-2 tokens per English word: about 4/3
-        testable = n_samples >= TwoSampleTest.MIN_TEXTS
-        testable &= len(words(" ".join(val_paragraphs))) >= 3 * n_samples * self.TOKENS
-        # Never fit on the training text: a model that recites it would score high for the recital alone.
-        # The pool gets half the words, still 1.5 x what the draws of real passages take.
-        shares = [self.CLASSIFIER_SHARE, 1 - self.CLASSIFIER_SHARE]
-        fitting, pool = deal(val_paragraphs, shares, seed=0) if testable else (val_paragraphs, [])
-        self.held_out = {"classifier": fitting, "two-sample pool": pool}
-        self.classifier = None
-        if passages(fitting, words_per_sample):
-            held_out = {"held-out text": fitting}
-            self.classifier = AuthorClassifier.fit(held_out, contrast, words_per_sample, masked, False)
-        self.copying = Copying(train_paragraphs, names)
-        self.two_sample = None
-        if testable:
-            prose = ProseFeatures([p for ps in contrast.values() for p in ps], self.classifier, masked)
-            self.two_sample = TwoSampleTest(pool, prose, masked, self.DRAWS, seed=0)
-        self.prompts, self.n_samples = read_prompts(repo / "data/eval_prompts.txt"), n_samples
-        self.settings = SamplingSettings(max_new_tokens=self.TOKENS, top_k=top_k, top_p=top_p, paragraphs=None)
-
-    def __call__(self, model, tokenizer, seed: int) -> dict[str, float]:
-        from generation import generate_samples
-
-        model.eval()
-        samples = generate_samples(model, tokenizer, self.prompts, self.n_samples, self.settings, seed)
-        model.train()
-        texts = [s["text"] for s in samples]
-        measures = {"style_p_author": statistics.mean(self.classifier.p_author(texts))} if self.classifier else {}
-        measures["style_copied_8grams"] = self.copying.ngram_rate(texts)
-        measures["style_names_per_1000_words"] = self.copying.names_per_1000_words(texts)
-        if self.two_sample:
-            prompts = [s["prompt"] for s in samples]
-            measures["style_distinguishability"] = self.two_sample(texts, prompts).mean
-        return measures

@@ -6,7 +6,9 @@ Kept free of heavy imports (torch, transformers) so that `--help` and argument e
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -85,13 +87,9 @@ def require(rules: list[tuple[object, str]]) -> None:
 
 def quiet_libraries() -> None:
     """Keep the console to our own lines: no save progress bars, no optional-kernel notices."""
-    import logging
+    import transformers  # here, not at the top: every script imports cli before its flags are parsed
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "pip install kernels" hint on AVX512-BF16 CPUs
-    import warnings
-
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     # peft's prepare_model_for_kbit_training asks transformers a deprecated question; not the user's concern
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

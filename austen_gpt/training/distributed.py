@@ -12,7 +12,12 @@ import signal
 import sys
 from pathlib import Path
 
-from cli import UserError
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, parse_flag_from_env
+
+from austen_gpt.cli import UserError
+from austen_gpt.training.checkpoints import continue_from_weights
 
 
 def start_processes():
@@ -22,9 +27,6 @@ def start_processes():
     does so only when told (ACCELERATE_USE_CPU=true), and otherwise runs each process alone. DeepSpeed
     has a CPU accelerator of its own, which accelerate starts only when given the gloo backend.
     """
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
     launched_without_cuda = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     if launched_without_cuda and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
@@ -73,7 +75,6 @@ class StopSignals:
 
 def max_over_processes(accelerator, value: int) -> int:
     """The largest `value` of all processes, so that they all take the same decision at the same step."""
-    import torch
 
     if accelerator.num_processes == 1:
         return value
@@ -84,7 +85,6 @@ def max_over_processes(accelerator, value: int) -> int:
 
 def parallelism(accelerator) -> str:
     """How several processes share the work, for the log: DDP, FSDP2 or DeepSpeed ZeRO-2, say."""
-    from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
@@ -95,16 +95,12 @@ def parallelism(accelerator) -> str:
 
 def optimizer_state_is_split(accelerator) -> bool:
     """FSDP and DeepSpeed hold each process's part of the optimizer state only (DDP: all of it on each)."""
-    from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def refuse_unsupported(accelerator, args: argparse.Namespace, checkpoint: Path | None) -> None:
     """What this loop does not do under FSDP and DeepSpeed (`checkpoint`: the one to resume from, if any)."""
-    from accelerate.utils import DistributedType
-
-    from checkpoints import continue_from_weights
 
     if optimizer_state_is_split(accelerator) and checkpoint:
         raise UserError(
@@ -123,7 +119,6 @@ def refuse_unsupported(accelerator, args: argparse.Namespace, checkpoint: Path |
 def configure_deepspeed(accelerator, args: argparse.Namespace) -> None:
     """DeepSpeed reads the batch size off prepare()d loaders, which ours are not, and clips inside its
     own step (accelerator.clip_grad_norm_ only reports the norm there): both come from the flags."""
-    from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         config = accelerator.state.deepspeed_plugin.deepspeed_config

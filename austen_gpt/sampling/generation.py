@@ -32,8 +32,18 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from cli import UserError
-from dataset import paragraph_frame
+from austen_gpt.cli import UserError
+from austen_gpt.data.tokens import paragraph_frame
+
+
+def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> list[str]:
+    """One sample per prompt, in eval mode, with its own seed (training's random stream is untouched)."""
+
+    model.eval()
+    texts = [generate_paragraphs(model, tokenizer, p, 1, settings, seed + i)[0] for i, p in enumerate(prompts)]
+    model.train()
+    return texts
+
 
 WINDOW_KEPT = 3 / 4  # of the context, kept in view when the window slides
 MAX_ROWS_PER_CALL = 64  # samples in one generate call, fewer where memory is short

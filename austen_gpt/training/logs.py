@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from austen_gpt.training.curves import plot_curves
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PROJECT = "austen-gpt"  # the trackers' project (wandb) or experiment (MLflow); TensorBoard's subfolder
 
@@ -79,8 +81,6 @@ class RunLog:
 
     def curves(self, best_step: int | None) -> None:
         if self.enabled:
-            from curves import plot_curves
-
             plot_curves(self.records(), self.metrics_path.parent / "curves.png", best_step)
 
     def __enter__(self) -> RunLog:

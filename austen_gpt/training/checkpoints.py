@@ -17,28 +17,27 @@ epoch: the rest of the run is bitwise the one an uninterrupted run makes.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import math
-import os
 import random
 import re
 import shlex
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
-from cli import CliError, UserError, first_line, flag_name
-from integrity import MANIFEST_FILE, MANIFEST_KEY, Manifest, check_folder, folder_problem
+from austen_gpt.cli import RESUME_FLAGS, CliError, UserError, first_line, flag_name
+from austen_gpt.models.integrity import MANIFEST_FILE, MANIFEST_KEY, Manifest, check_folder, folder_problem
+from austen_gpt.models.saving import save_weights, tensor_bytes, weights_bytes, write_folder_atomically
+from austen_gpt.training.state import FORMAT_VERSION, TrainingState
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
 TRAINER_STATE = MANIFEST_FILE  # position, metrics, settings, manifest; written last: it marks a complete checkpoint
-FORMAT_VERSION = 2  # of trainer_state.json; checkpoints without one are version 1 (read the same way)
 # Settings that decide the data split, the batches or the model: a resumed run must keep them.
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
@@ -46,195 +45,6 @@ MUST_MATCH_ON_RESUME += ("targets_lora", "lora_dropout", "data_config", "data_sp
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
 EXPORT_NOTE = "training_metrics.json"  # beside the final model: where it comes from, and its numbers
 DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again
-
-
-@dataclass
-class TrainingState:
-    """Where a run is, and what it has learnt about its best point. Saved in every checkpoint's
-    trainer_state.json, so that a resumed run takes the same decisions (best model, early stop) as an
-    uninterrupted one."""
-
-    epoch: int = 0  # completed epochs
-    global_step: int = 0  # optimizer steps taken
-    batches_in_epoch: int = 0  # batches of the current epoch already trained on
-    metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
-    last_validation_step: int | None = None
-    best_val_loss: float = math.inf  # the best validation loss a candidate for best/ reached
-    best_step: int | None = None  # where the model in <check-dir>/best/ comes from
-    best_epoch: int | None = None  # the epoch (counted from 1) that step is in
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    validations_without_improvement: int = 0  # early stopping's patience counter
-    copy_guard_refusals: list[int] = field(default_factory=list)  # steps the copying guard kept from best/
-    last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from (not saved)
-
-    @property
-    def current_epoch(self) -> int:
-        """The epoch (counted from 1) that the last optimizer step belongs to."""
-        return self.epoch + (self.batches_in_epoch > 0)
-
-    def last_point(self) -> dict[str, Any]:
-        """The run's last step and its numbers, as the final model's note records them."""
-        return {"step": self.global_step, "epoch": self.current_epoch, **self.metrics}
-
-    def to_json(self, args: argparse.Namespace, processes: int) -> dict[str, Any]:
-        state = {key: value for key, value in asdict(self).items() if key != "last_checkpoint"}
-        state["best_val_loss"] = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no inf
-        return {"format_version": FORMAT_VERSION, **state, "processes": processes, "args": vars(args)}
-
-    @classmethod
-    def from_json(cls, saved: dict[str, Any], checkpoint: Path) -> TrainingState:
-        """Checkpoints of format 1 hold only the position and the metrics (with the best loss among them)."""
-        known = {f.name for f in fields(cls)} - {"last_checkpoint"}
-        state = cls(**{key: value for key, value in saved.items() if key in known}, last_checkpoint=checkpoint)
-        best = saved.get("best_val_loss", saved["metrics"].get("val_best_loss"))
-        state.best_val_loss = math.inf if best is None else best
-        return state
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing folders atomically
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class DiskFull(CliError):
-    """A save that did not fit on its disk: its partial folder is gone, all that was saved before is intact."""
-
-
-def write_folder_atomically(
-    folder: Path, write: Callable[[Path], None], replace: bool = False, expected_bytes: int = 0
-) -> None:
-    """Let `write` fill `<folder>.tmp`, fsync it, then rename it to `folder` (replacing it only if asked).
-
-    A crash mid-write leaves only a `.tmp` folder, which is never mistaken for a checkpoint or a model.
-    A full disk raises DiskFull, saying how much the save needs (`expected_bytes`, an estimate) and what
-    is free, once the `.tmp` folder is removed; a folder being replaced is untouched until the very end.
-    """
-    if folder.exists() and not replace:
-        raise UserError(f"{folder} already exists; refusing to overwrite it")
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an earlier interrupted write, never a complete folder
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-    except Exception as err:
-        written = folder_bytes(tmp)
-        if not disk_is_full(err, shutil.disk_usage(tmp).free, expected_bytes - written):
-            raise
-        shutil.rmtree(tmp)
-        needs = f"about {size_text(expected_bytes)}" if expected_bytes > written else f"over {size_text(written)}"
-        raise DiskFull(
-            f"the disk is full: saving {folder} needs {needs} and {size_text(shutil.disk_usage(folder.parent).free)} "
-            f"is free there; the partial {tmp.name} is removed and everything saved before is intact"
-        ) from None
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():  # replace=True: keep the old one until the new one is in place
-        folder.rename(old)
-    tmp.rename(folder)
-    _fsync_tree(folder.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def disk_is_full(err: Exception, free: int, still_to_write: int) -> bool:
-    """Whether a failed write ran out of space. Each writer says so its own way (OSError ENOSPC, a
-    SafetensorError naming os error 28, torch.save's "unexpected pos"), so the disk is asked as well."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
-        return True
-    return free < max(still_to_write, 2**20)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def size_text(n: int) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
-
-
-def tensor_bytes(*objects: Any) -> int:
-    """The bytes of the tensors in nested dicts, lists and tuples, each storage counted once."""
-    seen, total, stack = set(), 0, list(objects)
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, torch.Tensor) and (item.data_ptr(), item.nbytes) not in seen:
-            seen.add((item.data_ptr(), item.nbytes))
-            total += item.nbytes
-    return total
-
-
-def weights_bytes(model, state_dict: dict[str, torch.Tensor] | None) -> int:
-    """About what save_weights writes: the model's tensors, or a PEFT model's adapters only."""
-    weights = model.state_dict() if state_dict is None else state_dict
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model_state_dict
-
-        weights = get_peft_model_state_dict(model, state_dict=weights)
-    return tensor_bytes(weights)
-
-
-def save_weights(model, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    """model.save_pretrained, with tied parameters (GPT-2's lm_head is wte) written once.
-
-    A state dict gathered from DeepSpeed holds a copy of each tied tensor, and save_pretrained drops
-    tied duplicates only when they share memory: point the tied names at one tensor again.
-    """
-    if state_dict is not None:
-        state_dict, first_name = dict(state_dict), {}
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            if name in state_dict:
-                state_dict[name] = state_dict[first_name.setdefault(id(parameter), name)]
-    model.save_pretrained(folder, state_dict=state_dict)
-
-
-def save_model_folder(
-    folder: Path,
-    model,
-    tokenizer,
-    replace: bool = False,
-    notes: dict[str, Any] | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """A model (or adapter) folder that plain transformers/peft load, written atomically.
-
-    `notes` maps file names to JSON written beside the model; `state_dict`: the weights when they are
-    not in `model` itself (gathered from FSDP shards or DeepSpeed).
-    """
-
-    def write(tmp: Path) -> None:
-        save_weights(model, tmp, state_dict)
-        tokenizer.save_pretrained(tmp)
-        for name, content in (notes or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-
-    write_folder_atomically(folder, write, replace=replace, expected_bytes=weights_bytes(model, state_dict))
-
-
-def copy_model_folder(source: Path, folder: Path, leave_out: set[str], notes: dict[str, Any]) -> None:
-    """`source`'s files (a saved model) in `folder`, bit for bit, without `leave_out`, plus `notes` (JSON
-    files); written atomically, replacing what `folder` held."""
-
-    def write(tmp: Path) -> None:
-        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=lambda _, names: [n for n in names if n in leave_out])
-        for name, content in notes.items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-
-    write_folder_atomically(folder, write, replace=True, expected_bytes=folder_bytes(source))
 
 
 def save_checkpoint(
@@ -298,7 +108,6 @@ def capture_states(accelerator, optimizer, scheduler, include_optimizer: bool) -
     their dropout masks differ). The optimizer state is left out where each process holds only its
     part of it (FSDP, DeepSpeed): such a checkpoint gives its weights to a new run and is never resumed.
     """
-    from accelerate.utils import gather_object
 
     states = {"scheduler": scheduler.state_dict(), "rng": gather_object([rng_state()])}
     if include_optimizer:
@@ -559,7 +368,6 @@ def refuse_overwrites(args: argparse.Namespace, resume: Resume, total_steps: int
 
 def resume_command(argv: list[str], script: str = "train.py") -> str:
     """This run's command line with --resume in place of any flag that names where to resume from."""
-    from cli import RESUME_FLAGS
 
     kept, drop_value = [], False
     for token in argv:

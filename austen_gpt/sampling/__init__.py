@@ -1,0 +1,1 @@
+"""Sampling: settings, generation past the context window, the interactive session, sample records."""

@@ -1,0 +1,38 @@
+"""A model ready to sample: a model folder, or an adapter folder on its base model, on the best device."""
+
+from __future__ import annotations
+
+import sys
+
+from austen_gpt.cli import UserError
+from austen_gpt.models import lora
+from austen_gpt.models.device import compute_dtype, default_device, resolve_precision
+from austen_gpt.models.loading import load_model
+from austen_gpt.sampling.generation import window_note
+
+# ----------------------------------------------------------------------------------------------
+# A model to sample from
+
+
+def load_for_sampling(path: str, base_model: str | None = None, load_in_4bit: bool = False):
+    """A full model (folder or Hub id), or an adapter folder on its base model, on the default device in
+    eval mode; `load_in_4bit` quantizes the (base) model to 4-bit NF4."""
+
+    device = default_device()
+    kwargs = {}
+    if load_in_4bit:
+        lora.require_bitsandbytes(device, "--load-in-4bit")
+        config = lora.quantization_config(4, compute_dtype(resolve_precision("auto")))
+        kwargs = {"quantization_config": config, "device_map": {"": device}}
+    if lora.is_adapter_folder(path):
+        base = base_model or lora.adapter_base_model(path)
+        try:
+            model = load_model(base, **kwargs)
+        except UserError as err:
+            raise UserError(f"the adapters in {path} need their base model: {err}; or pass --base-model") from None
+        model = lora.load_lora(model, path, quantized=load_in_4bit, trainable=False)
+    else:
+        model = load_model(path, **kwargs)
+    if note := window_note(model):
+        print(note, file=sys.stderr)
+    return (model if load_in_4bit else model.to(device)).eval()

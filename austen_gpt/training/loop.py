@@ -1,0 +1,550 @@
+"""The training loop: set-up, then epochs of steps with logging, samples, validation, checkpoints and the
+final model.
+
+Set-up first (everything that can fail on bad input fails there, before any work or write), then the
+loop. One hand-written loop on an accelerate.Accelerator, which owns the device, mixed precision and
+multi-process distribution: the same code runs on a CPU, one GPU or many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin, set_seed
+
+from austen_gpt.cli import (
+    CliError,
+    UserError,
+)
+from austen_gpt.data.batches import batch_loader, epoch_batches, validation_loader
+from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs, text_chars
+from austen_gpt.data.tokens import tokenize_cached, unpredicted_token
+from austen_gpt.flags import REPO, uses_adapters
+from austen_gpt.models import chunked_loss, lean_layers, loading
+from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
+from austen_gpt.models.device import compute_dtype, resolve_precision
+from austen_gpt.models.evaluation import held_out_metrics
+from austen_gpt.models.lean_layers import fused_activations, recomputes_attention
+from austen_gpt.models.lora import adapted_layers, parameter_counts
+from austen_gpt.models.saving import copy_model_folder, save_model_folder
+from austen_gpt.sampling.generation import SamplingSettings, model_positions, sample_texts, window_note
+from austen_gpt.style.probe import StyleProbe
+from austen_gpt.training import checkpoints, distributed
+from austen_gpt.training.checkpoints import EXPORT_NOTE, continue_from_weights
+from austen_gpt.training.distributed import StopSignals, parallelism
+from austen_gpt.training.flags import DEFAULT_DATA
+from austen_gpt.training.logs import RunLog, tracker_settings
+from austen_gpt.training.state import judge_validation
+from austen_gpt.training.step import (
+    StepMeter,
+    ends_step,
+    forward_backward,
+    linear_schedule,
+    make_optimizer,
+    optimizer_step,
+    set_hyperparameters,
+    skips_on_device,
+)
+
+# torch, transformers and accelerate are imported inside the functions that use them, after the flags
+# are parsed, so that `--help` and flag errors answer at once.
+
+BEST_NOTE = "best.json"  # beside the model in <check-dir>/best/: its step, epoch and validation numbers
+
+
+@dataclass
+class Run:
+    """The objects of one training run, made by set_up()."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    train_loader: Any
+    val_loader: Any
+    val_chars: int  # characters of the validation paragraphs, for bits per character
+    sampling: Any  # generation.SamplingSettings of the periodic samples
+    style_probe: Any  # style.StyleProbe with --eval-style, else None
+    sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
+    skips_on_device: bool  # a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)
+
+
+def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
+    """Forward, backward, clip, step, schedule; samples, validation and checkpoints on their schedules.
+
+    Between log points the host never waits for the device: losses, token counts and the non-finite
+    check stay on it (training.StepMeter), and a step with a non-finite loss is skipped there. At a log
+    point (every --log-every steps, and wherever a sample, validation or checkpoint needs the host anyway)
+    the numbers are read, logged, and checked; the processes agree on a stop signal there too.
+    """
+
+    run, state = set_up(args)
+    accelerator, model = run.accelerator, run.model
+    n_batches, accumulate, early_stop = len(run.train_loader), args.grad_accum_steps, False
+    model.train()
+    with RunLog(Path(args.check_dir) / "logs", state.global_step, accelerator, vars(args)) as log:
+        for epoch in range(state.epoch, args.epochs):
+            batches = epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
+            targets = run.train_loader.batch_sampler.window_targets(accumulate)  # host integers, for each batch
+            bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
+            meter = StepMeter(accelerator)
+            for batch in bar:
+                state.batches_in_epoch += 1
+                targets_in_window = targets[state.batches_in_epoch - 1]
+                step_now = ends_step(state.batches_in_epoch, n_batches, accumulate)
+                loss_sum = forward_backward(model, batch, accelerator, targets_in_window, sync=step_now)
+                meter.add(loss_sum, batch)
+                if not step_now:
+                    continue
+                skip = skip_flag(run, state, meter, targets_in_window)
+                lr = optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
+                state.global_step += 1
+                log_now, sample, evaluate, checkpoint = scheduled(args, state, n_batches)
+                if not log_now:
+                    continue  # the device runs ahead: nothing was read from it
+                log_step(run, state, log, bar, meter, lr)  # the log point
+                if sample:
+                    log_samples(run, state, log)
+                if evaluate:
+                    early_stop = validate(run, state, log)
+                stopping = stop.agree(accelerator)
+                if stopping or checkpoint:
+                    save(run, state, f"Step_{state.global_step}")
+                if stopping:
+                    return stopped(run, state, stop, resume_cmd)
+                if early_stop:
+                    break
+            if early_stop:
+                break
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if state.last_validation_step != state.global_step:  # not yet validated at this step
+                early_stop = validate(run, state, log)
+            stopping = stop.agree(accelerator)
+            if state.epoch % args.save_interval == 0 or state.epoch == args.epochs or stopping:
+                save(run, state, f"Epoch_{state.epoch}")
+            if stopping:
+                return stopped(run, state, stop, resume_cmd)
+            if early_stop:
+                break
+        write_final_model(run, state, early_stop)
+    return 0
+
+
+# ---- set-up ---------------------------------------------------------------------------------------------
+
+
+def set_up(args: argparse.Namespace):
+    """(Run, TrainingState): data, model, optimizer and schedule, restored from a checkpoint if resuming."""
+
+    process_state = distributed.start_processes()
+    resume = checkpoints.plan_resume(args, process_state.num_processes, process_state.print)
+    paragraphs = load_paragraphs(data_path(args), args.text_column, args.data_config, args.data_split)
+    train_paragraphs, val_paragraphs = split_paragraphs(paragraphs, args.train_size, args.seed)
+    precision = resolve_precision(args.precision)
+    tokenizer = loading.load_tokenizer(str(resume.checkpoint or args.model))
+    # The same random weights (--from-scratch, new LoRA adapters) in every process: DDP and DeepSpeed
+    # would copy the first process's, FSDP2 would keep each process's own shard of different ones.
+    set_seed(args.seed)
+    model = loading.load_trainable_model(args, resume.checkpoint, precision)
+    if args.dropout is not None and (note := loading.set_dropout(model, args.dropout)):
+        process_state.print(f"warning: {note}")
+    if process_state.num_processes > 1:
+        set_seed(args.seed + process_state.process_index)  # then each process its own dropout masks
+    check_lengths(args, model, tokenizer)
+    # Sampling defaults in every saved model, so that pipeline("text-generation") samples as inference.py does.
+    model.generation_config.update(
+        do_sample=True, top_k=args.top_k, top_p=args.top_p, pad_token_id=tokenizer.pad_token_id
+    )
+    with process_state.main_process_first():  # the first process fills the token cache, the others read it
+        train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
+    total_steps = math.ceil(len(train_loader) / args.grad_accum_steps) * args.epochs
+    checkpoints.refuse_overwrites(args, resume, total_steps)
+    record_trained_positions(model, train_loader.dataset, args.from_scratch, uses_adapters(args))
+
+    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs
+    dynamo = TorchDynamoPlugin(backend="inductor" if args.compile else "no")
+    trackers = tracker_settings(args.report_to, Path(args.check_dir) / "logs", resume.state.global_step)
+    # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
+    # are not prepare()d, as they already hold this process's share of the data.
+    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo, **trackers)
+    distributed.refuse_unsupported(accelerator, args, resume.checkpoint)
+    distributed.configure_deepspeed(accelerator, args)
+    sharded = distributed.optimizer_state_is_split(accelerator)
+    if args.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
+        chunked_loss.install(model)
+    if args.fused_activations:
+        lean_layers.fuse_activations(model)
+    if not (args.gradient_checkpointing or sharded):  # (they recompute, or wrap, the whole block themselves)
+        lean_layers.recompute_attention(model, accelerator.device)
+    optimizer = make_optimizer(model, args.lr, args.eps, args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume.checkpoint:  # the moments, steps and RNG; this run's flags then set eps, decay and the rate
+        checkpoints.restore_states(resume.tensors, accelerator, optimizer)
+        set_hyperparameters(optimizer, args.eps, args.weight_decay)
+    # The schedule these flags define, at the step to take next. Stepped by hand once per optimizer step, not
+    # prepare()d (Accelerate would step it once per process), so --warmup-steps counts optimizer steps.
+    step = resume.state.global_step
+    scheduler = linear_schedule(optimizer, args.lr, args.warmup_steps, total_steps, step)
+    if resume.checkpoint:
+        accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
+    run = Run(
+        args=args,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        val_chars=text_chars(val_paragraphs),
+        sampling=SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p),
+        style_probe=None,
+        sharded=sharded,
+        skips_on_device=skips_on_device(optimizer) and not sharded,
+    )
+    accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
+    if note := window_note(accelerator.unwrap_model(model)):  # samples during training keep to the trained positions
+        accelerator.print(note)
+    for warning in questionable_settings(args, len(train_loader), total_steps):
+        accelerator.print(f"warning: {warning}")
+    if args.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
+        probe = StyleProbe(train_paragraphs, val_paragraphs, args.eval_style_samples, args.top_k, args.top_p, REPO)
+        if probe.classifier is None:
+            accelerator.print(
+                "warning: --eval-style logs no P(author): its classifier needs a passage (about 75 words) or more "
+                "of validation text"
+            )
+        if probe.two_sample is None:
+            accelerator.print(
+                "warning: --eval-style logs no distinguishability: it needs --eval-style-samples 10 or more and "
+                f"{3 * args.eval_style_samples * probe.TOKENS:,} words of validation text"
+            )
+        run.style_probe = probe
+    return run, resume.state
+
+
+def record_trained_positions(model, examples: list[list[int]], from_scratch: bool, adapters: bool) -> None:
+    """Where the positions were not pretrained, write in the model's config how many this run trains, so that
+    every sampler keeps its window within them (generation.context_length), from checkpoints, best/ and
+    exports alike. A block of n tokens trains positions 0 to n-2: the last one has no target, and under causal
+    attention it reaches no other position, so its embedding row gets no gradient. A later run raises the
+    record only; adapters leave the positions as they were."""
+    recorded = getattr(model.config, "trained_positions", None)
+    if adapters or not (from_scratch or recorded):
+        return
+    longest = max(len(example) for example in examples) - 1
+    model.config.trained_positions = max(recorded or 0, longest)
+
+
+def describe_resume(resume, n_batches: int, lr: float) -> str:
+    """Where the run goes on from, and its learning rate there: the one its checkpoint's schedule gave and the
+    one this run's flags give (they differ where --lr, --epochs or --warmup-steps changed)."""
+    state, before = resume.state, resume.tensors["scheduler"]["_last_lr"][0]
+    rate = f"learning rate {lr:.4g}"
+    if before != lr:
+        rate = f"learning rate {before:.4g} -> {lr:.4g} (this run's schedule)"
+    return (
+        f"resumed from {resume.checkpoint}: step {state.global_step}, epoch {state.epoch + 1} after "
+        f"{state.batches_in_epoch} of its {n_batches} batches; {rate}"
+    )
+
+
+def data_path(args: argparse.Namespace) -> Path:
+    """--data; the default, the bundled dataset, is found from any working directory."""
+    if args.data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
+        return REPO / DEFAULT_DATA
+    return Path(args.data)
+
+
+def check_lengths(args: argparse.Namespace, model, tokenizer) -> None:
+    """Examples and sample prompts must fit the model's context (a prompt that does not would fail mid-run)."""
+
+    positions = model_positions(model)
+    if args.max_input_length > positions:
+        raise UserError(f"--max-input-length {args.max_input_length} exceeds the model's {positions} positions")
+    for prompt in args.sample_prompts:
+        if len(tokenizer(prompt)["input_ids"]) + 1 >= min(args.max_output_length, positions):
+            raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
+
+
+def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
+    """This process's training batches (packed or padded, reshuffled per epoch) and validation batches."""
+
+    cache = Path(args.data_cache).expanduser() if args.data_cache else None
+    examples = tokenize_cached(tokenizer, train_paragraphs, args.max_input_length, args.packing, cache)
+    unpredicted = unpredicted_token(tokenizer)
+    train_loader = batch_loader(examples, args.batch_size, tokenizer.pad_token_id, args.seed, unpredicted)
+    val_loader = validation_loader(tokenizer, val_paragraphs, args.max_input_length, args.batch_size, cache)
+    return train_loader, val_loader
+
+
+def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
+    """The start-of-run summary: data, model, trainable share, memory, device, batch and schedule."""
+
+    args, accelerator = run.args, run.accelerator
+    trainable, total = parameter_counts(run.model)
+    model = accelerator.unwrap_model(run.model)
+    adapters = f" + LoRA on {' '.join(adapted_layers(model))}" if uses_adapters(args) else ""
+    footprint = model.get_memory_footprint() / 2**20
+    effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
+    distributed = f"{accelerator.num_processes} processes"
+    if accelerator.num_processes > 1:
+        distributed += f", {parallelism(accelerator)}"
+    return (
+        f"data: {n_train:,} training / {n_val:,} validation paragraphs\n"
+        f"examples: {len(run.train_loader.dataset):,} training / {len(run.val_loader.dataset):,} validation of "
+        f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
+        f"model: {args.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
+        f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}, {hot_path(run.model, accelerator)}\n"
+        f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
+        f"accumulated x {distributed}), {total_steps // args.epochs} steps per epoch, {total_steps} in all\n"
+        f"schedule: AdamW lr {args.lr:g}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0 at "
+        f"step {total_steps}"
+    )
+
+
+def hot_path(model, accelerator) -> str:
+    """How the output layer, the loss, the activations and attention run (chunked_loss.py, lean_layers.py)."""
+
+    if not chunked_head(model):
+        loss = "the model's own output layer and a whole-batch loss"
+    elif uses_fused_kernel(accelerator.device, compute_dtype(accelerator.mixed_precision)):
+        loss = "output layer and loss in Cut Cross-Entropy's kernel"
+    else:
+        loss = f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
+    fused = fused_activations(model)
+    loss += f", {fused} activations in PyTorch's fused GELU" if fused else ""
+    return loss + (", attention with dropout recomputed in backward" if recomputes_attention(model) else "")
+
+
+def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, total_steps: int) -> list[str]:
+    """Settings that are allowed but that cannot do what they say in this run."""
+    warnings = []
+    if args.warmup_steps > total_steps:
+        peak = args.lr * total_steps / args.warmup_steps
+        warnings.append(
+            f"--warmup-steps {args.warmup_steps} is longer than the whole run ({total_steps} steps): the learning "
+            f"rate never reaches --lr {args.lr:g} (it peaks at {peak:.2g})"
+        )
+    if args.eval_steps > total_steps:
+        warnings.append(
+            f"--eval-steps {args.eval_steps} is more than the run's {total_steps} steps: it validates at epoch ends"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
+    epoch_ends = {steps_per_epoch * e for e in range(1, args.epochs + 1)}
+    every = set(range(args.eval_steps, total_steps + 1, args.eval_steps)) if args.eval_steps else set()
+    validations = len(epoch_ends | every)
+    if args.early_stopping_patience >= validations:
+        warnings.append(
+            f"--early-stopping-patience {args.early_stopping_patience} can never stop this run: it validates "
+            f"{validations} times (validate more often with --eval-steps)"
+        )
+    return warnings
+
+
+# ---- what the loop does on its schedules ---------------------------------------------------------------
+
+
+def progress_bar(run: Run, batches, epoch: int, skip: int):
+    from tqdm.auto import tqdm
+
+    description, disable = f"epoch {epoch + 1}/{run.args.epochs}", not run.accelerator.is_main_process
+    return tqdm(batches, description, total=len(run.train_loader), initial=skip, disable=disable)
+
+
+def scheduled(args: argparse.Namespace, state, n_batches: int) -> tuple[bool, bool, bool, bool]:
+    """(a log point, a sample, a validation, a checkpoint) after this step. Samples, validations and
+    checkpoints need the host anyway, so each is a log point too, as is an epoch's last step."""
+    step = state.global_step
+    sample, evaluate, checkpoint = (due(n, step) for n in (args.sample_every, args.eval_steps, args.save_steps))
+    last = state.batches_in_epoch == n_batches
+    return due(args.log_every, step) or sample or evaluate or checkpoint or last, sample, evaluate, checkpoint
+
+
+def due(every: int, step: int) -> bool:
+    """Whether a --*-every/--*-steps schedule (0: off) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
+def log_step(run: Run, state, log, bar, meter, lr: float) -> None:
+    """Read the steps since the last log point from the device; stop on a non-finite loss among them,
+    else update the bar and log their loss per target and the learning rate of the last step."""
+    loss, tokens_per_s, failed_step, failed_loss = meter.read()
+    if failed_step:  # skipped on the device; the same numbers on every process, so all stop together
+        raise CliError(non_finite_loss(run, state, failed_step, failed_loss))
+    bar.set_postfix(step=state.global_step, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+    log.metrics(state.global_step, state.current_epoch, train_loss=loss, train_lr=lr)
+
+
+def skip_flag(run: Run, state, meter, targets: int):
+    """The step's flag for the optimizer, on the device: 1.0 if its loss was not finite. An optimizer that
+    cannot skip a step on the device gets none: the host reads the flag first (and waits for the device)."""
+    flag = meter.end_step(state.global_step + 1, targets)
+    if run.skips_on_device:
+        return flag
+    failed_step, failed_loss = (number.item() for number in (meter.first_failed_step, meter.failed_loss))
+    if failed_step:
+        raise CliError(non_finite_loss(run, state, failed_step, failed_loss))
+    return None
+
+
+def log_samples(run: Run, state, log) -> None:
+    """One sample per --sample-prompts, printed and logged; seeded by the step, so a resumed run repeats them."""
+    from tqdm.auto import tqdm
+
+    model, prompts = run.accelerator.unwrap_model(run.model), run.args.sample_prompts
+    texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.args.seed + state.global_step)
+    if run.accelerator.is_main_process:
+        tqdm.write("\n".join(f"[step {state.global_step}] {text}" for text in texts))
+    log.samples(state.global_step, state.current_epoch, prompts, texts)
+
+
+def validate(run: Run, state, log) -> bool:
+    """Validation loss, perplexity and bits per character (with --eval-style, the style probe's measures);
+    a new best model goes to <check-dir>/best/. Returns whether early stopping ends the run here."""
+
+    args, accelerator = run.args, run.accelerator
+    metrics = held_out_metrics(run.model, run.val_loader, accelerator, run.val_chars)
+    if run.style_probe:  # seeded by the step: a resumed run draws the same samples
+        model = accelerator.unwrap_model(run.model)
+        metrics.update(run.style_probe(model, run.tokenizer, args.seed + state.global_step))
+    verdict = judge_validation(state, metrics, args.early_stopping_threshold, args.max_copied_8grams)
+    log.metrics(state.global_step, state.current_epoch, **metrics, val_best_loss=state.best_val_loss)
+    accelerator.print(describe_validation(state, metrics, verdict, args.max_copied_8grams))
+    if verdict == "best":
+        save_best(run, state)
+    log.curves(state.best_step)
+    patience = args.early_stopping_patience
+    return bool(patience) and state.validations_without_improvement >= patience
+
+
+def describe_validation(state, metrics: dict[str, float], verdict: str, max_copied: float | None) -> str:
+    where = f"step {state.global_step} (epoch {state.current_epoch})"
+    best = "new best" if verdict == "best" else f"best {state.best_val_loss:.4f} at step {state.best_step}"
+    lines = [
+        f"{where}: validation loss {metrics['val_loss']:.4f} ({best}), perplexity {metrics['val_perplexity']:.2f}, "
+        f"{metrics['val_bits_per_char']:.3f} bits/char"
+    ]
+    if "style_p_author" in metrics:
+        told_apart = metrics.get("style_distinguishability")
+        lines.append(
+            f"{where} style: P(author) {metrics['style_p_author']:.2f}, "
+            + ("" if told_apart is None else f"distinguishability from held-out text {told_apart:.2f}, ")
+            + f"copied 8-grams {metrics['style_copied_8grams']:.1%}, "
+            f"{metrics['style_names_per_1000_words']:.1f} character names per 1,000 words"
+        )
+    if verdict == "copying":
+        lines.append(
+            f"{where}: the lowest validation loss so far, but its samples copy {metrics['style_copied_8grams']:.1%} "
+            f"of their word 8-grams (--max-copied-8grams {max_copied:g}): not kept as the best model"
+        )
+    return "\n".join(lines)
+
+
+def save_best(run: Run, state) -> None:
+    """This validation point's model as <check-dir>/best/, replacing the previous best (atomically)."""
+
+    accelerator = run.accelerator
+    weights = accelerator.get_state_dict(run.model)  # on every process: under FSDP, gathered from the shards
+    if accelerator.is_main_process:
+        note = {BEST_NOTE: {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics}}
+        model = accelerator.unwrap_model(run.model)
+        save_model_folder(best_folder(run.args), model, run.tokenizer, replace=True, notes=note, state_dict=weights)
+
+
+def best_folder(args: argparse.Namespace) -> Path:
+    return Path(args.check_dir) / "best"
+
+
+def save(run: Run, state, name: str) -> None:
+    """A checkpoint of this exact moment: weights (or adapters), optimizer (not under FSDP or DeepSpeed),
+    schedule, RNG, position. With --keep-last, older Step_N checkpoints go once this one checks out."""
+
+    accelerator, folder, started = run.accelerator, Path(run.args.check_dir) / name, time.perf_counter()
+    # On every process: each sends its RNG state; under FSDP the weights are gathered from the shards.
+    tensors = checkpoints.capture_states(accelerator, run.optimizer, run.scheduler, include_optimizer=not run.sharded)
+    weights = accelerator.get_state_dict(run.model)
+    if accelerator.is_main_process:
+        model, progress = accelerator.unwrap_model(run.model), state.to_json(run.args, accelerator.num_processes)
+        checkpoints.save_checkpoint(folder, model, run.tokenizer, tensors, progress, weights)
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        accelerator.print(f"saved {folder} ({size:,.1f} MiB in {time.perf_counter() - started:.2f} s)")
+        if name.startswith("Step_") and run.args.keep_last:
+            deleted = checkpoints.prune_step_checkpoints(Path(run.args.check_dir), run.args.keep_last, folder)
+            if deleted:
+                accelerator.print(f"deleted {', '.join(deleted)} (--keep-last {run.args.keep_last})")
+    state.last_checkpoint = folder
+
+
+def stopped(run: Run, state, stop: StopSignals, resume_cmd: str) -> int:
+
+    run.accelerator.wait_for_everyone()  # until the first process has written the checkpoint
+    way_on = continue_from_weights(state.last_checkpoint) if run.sharded else f"resume with:\n  {resume_cmd}"
+    run.accelerator.print(f"stopped by {stop.name} at step {state.global_step}; {way_on}")
+    return 128 + stop.agreed  # 130 for Ctrl-C, 143 for SIGTERM
+
+
+def non_finite_loss(run: Run, state, step: int, loss: float) -> str:
+    way_on = "go on from its weights" if run.sharded else "resume from it"
+    return (
+        f"the loss became {loss} at step {step}; stopped without saving (that step left the weights as they "
+        f"were). Last good checkpoint: {state.last_checkpoint}; {way_on} with a lower --lr"
+    )
+
+
+def write_final_model(run: Run, state, stopped_early: bool) -> None:
+    """The final model (or adapters) in --output-dir: the best one with --load-best-at-end, else the last."""
+
+    accelerator, args = run.accelerator, run.args
+    if stopped_early:
+        accelerator.print(
+            f"early stopping at step {state.global_step}: {args.early_stopping_patience} validations in a row without "
+            f"a new best model (best: validation loss {state.best_val_loss:.4f} at step {state.best_step})"
+        )
+    best = best_folder(args) / BEST_NOTE
+    best_step = json.loads(best.read_text())["step"] if best.is_file() else None
+    use_best = args.load_best_at_end and state.best_step is not None and best_step == state.best_step
+    if args.load_best_at_end and state.best_step is not None and not use_best:
+        accelerator.print(
+            f"warning: {best.parent} does not hold the best model (step {state.best_step}): moved or deleted? "
+            "Exporting the last step's model instead"
+        )
+    last = state.last_point()
+    exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
+    notes = {EXPORT_NOTE: {"exported": "best" if use_best else "last", **exported, "last_step": last}}
+    # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.
+    weights = accelerator.get_state_dict(run.model)
+    if accelerator.is_main_process:
+        output = Path(args.output_dir)
+        if use_best:
+            copy_model_folder(best_folder(args), output, leave_out={BEST_NOTE}, notes=notes)
+        else:
+            model = accelerator.unwrap_model(run.model)
+            save_model_folder(output, model, run.tokenizer, replace=True, notes=notes, state_dict=weights)
+        accelerator.print(describe_export(args, exported, last, use_best))
+    accelerator.wait_for_everyone()  # a process leaving while the first still saves can hang its shutdown
+
+
+def describe_export(args: argparse.Namespace, exported: dict, last: dict, use_best: bool) -> str:
+    def numbers(point: dict) -> str:
+        if "val_loss" not in point:
+            return "not validated"
+        return f"validation loss {point['val_loss']:.4f}, {point['val_bits_per_char']:.3f} bits/char"
+
+    which = "the best model" if use_best else "the last step's model"
+    return (
+        f"final model in {args.output_dir}: {which}, from step {exported['step']} (epoch {exported['epoch']}), "
+        f"{numbers(exported)}; the last step, {last['step']}: {numbers(last)}\n"
+        f'sample from it: python inference.py --model-path {args.output_dir} --prompt "..."'
+    )
