@@ -62,8 +62,10 @@ MODEL_AS_BUILT = {"seed", "ours-unfused"}  # the model's own layers: no chunked 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__)
-    add_flag(p, "--config", default="gpt2", help=f"model config: {', '.join(PRESETS)}, gpt2-tiny or a config folder")
+    p = ArgumentParser(run_files=True, description=__doc__)
+    add_flag(
+        p, "--model-config", default="gpt2", help=f"model config: {', '.join(PRESETS)}, gpt2-tiny or a config folder"
+    )
     add_flag(
         p, "--modes", nargs="+", choices=CONTENDERS, default=CONTENDERS[:7], help="contenders, first is the baseline"
     )
@@ -98,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--one", default=None, help=argparse.SUPPRESS)  # internal: measure one contender, print JSON
     args = p.parse_args(argv)
     if args.quick:
-        args.config, args.steps, args.warmup, args.batch_size, args.gen_tokens = "gpt2-tiny", 2, 1, 4, 20
+        args.model_config, args.steps, args.warmup, args.batch_size, args.gen_tokens = "gpt2-tiny", 2, 1, 4, 20
     return args
 
 
@@ -122,7 +124,7 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
     from austen_gpt.models import lora
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(args.config))
+    model = AutoModelForCausalLM.from_config(model_config(args.model_config))
     if mode not in ("lora", "qlora"):
         return model.to(device)
     if mode == "lora":
@@ -354,7 +356,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         model = build(mode, args, own_precision, device, Path(workdir))
         trainable, total = parameter_counts(model)
-        config = model_config(args.config)
+        config = model_config(args.model_config)
         if mode.startswith("trainer"):
             seconds, profiled = train_with_trainer(model, batches, Path(workdir), own_precision), None
         else:
@@ -399,7 +401,7 @@ def measure_generation(args: argparse.Namespace) -> dict:
     from austen_gpt.sampling.generation import SamplingSettings, context_length, prompt_ids, sample_ids
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(args.config)).to(default_device()).eval()
+    model = AutoModelForCausalLM.from_config(model_config(args.model_config)).to(default_device()).eval()
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))
     ids, eot = prompt_ids(tokenizer, "It is a truth universally acknowledged"), tokenizer.eos_token_id
     long_tokens = int(args.gen_long_contexts * context_length(model))
@@ -433,7 +435,7 @@ def measure_generation(args: argparse.Namespace) -> dict:
 def generation_table(result: dict, args: argparse.Namespace) -> str:
     ratio = result["batched_tokens_per_s"] / result["one_by_one_tokens_per_s"]
     lines = [
-        f"Generation, {args.config} (fp32, KV cache, top-k 50, top-p 0.95) on {result['device']}: "
+        f"Generation, {args.model_config} (fp32, KV cache, top-k 50, top-p 0.95) on {result['device']}: "
         f"{result['samples']} samples x {result['new_tokens']} new tokens",
         "",
         "| sampling | generated tokens/s | vs one by one |",
@@ -462,7 +464,7 @@ def results_table(results: list[dict], args: argparse.Namespace) -> str:
     mfu = args.card_peak_tflops is not None
     mfu_heading = f"MFU ({args.card_peak_tflops:g} TFLOP/s peak) | " if mfu else ""
     lines = [
-        f"{args.config}, batches of {args.batch_size} x {args.block_size} tokens on {base['device']}, "
+        f"{args.model_config}, batches of {args.batch_size} x {args.block_size} tokens on {base['device']}, "
         f"median of {args.steps} steps after {args.warmup} warm-up",
         "",
         f"| contender | precision | data prep (s) | from cache (s) | useful tokens/s | vs {base['mode']} "

@@ -26,11 +26,15 @@ from austen_gpt.flags import REPO, add_source_flags
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{build,tokenizer}")
-    build = commands.add_parser("build", help="turn a folder of plain-text novels into a paragraph pickle")
+    build = commands.add_parser(
+        "build", run_files=True, help="turn a folder of plain-text novels into a paragraph pickle"
+    )
     build.add_argument("--src", type=Path, default=Path("data/austen"), help="folder of .txt novels")
     build.add_argument("--out", type=Path, default=Path("austen_dataset.pkl"), help="output pickle")
     tokenizer = commands.add_parser(
-        "tokenizer", help="train a small byte-level BPE on the training split, with a model config beside it"
+        "tokenizer",
+        run_files=True,
+        help="train a small byte-level BPE on the training split, with a model config beside it",
     )
     tokenizer.add_argument(
         "--data", default=str(REPO / "austen_dataset.pkl"), help="the paragraphs, as train.py's --data"
@@ -39,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.add_argument(
         "--train-size", type=float, default=0.9, help="train.py's --train-size: fit on that split only"
     )
-    tokenizer.add_argument("--seed", type=int, default=42, help="train.py's --seed, which draws the split")
+    tokenizer.add_argument(
+        "--split-seed", "--seed", dest="seed", type=int, default=42, metavar="N", help="train.py's --split-seed"
+    )
     tokenizer.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes, end-of-text, merges")
     tokenizer.add_argument(
-        "--config", type=Path, default=REPO / "configs/gpt2-tiny/config.json", help="the model config to adapt"
+        "--model-config",
+        type=Path,
+        default=REPO / "configs/gpt2-tiny/config.json",
+        help="the model config to adapt (--config FILE.json reads as this)",
     )
     tokenizer.add_argument("--layers", type=int, default=2, help="transformer blocks in the written config")
     tokenizer.add_argument("--dropout", type=float, default=0.0, help="dropout in the written config")
@@ -66,13 +75,15 @@ def tokenizer_command(args) -> int:
         raise UserError("--vocab-size must exceed 257 (bytes and end-of-text) and --train-size lie in (0, 1)")
     if args.layers < 1 or not 0 <= args.dropout < 1:
         raise UserError("--layers must be at least 1 and --dropout lie in [0, 1)")
-    if not args.config.is_file():
-        raise UserError(f"--config {args.config}: no such file; give a model's config.json as the architecture")
+    if not args.model_config.is_file():
+        raise UserError(
+            f"--model-config {args.model_config}: no such file; give a model's config.json as the architecture"
+        )
     paragraphs = load_paragraphs(args.data, args.text_column, args.data_config, args.data_split)
     train, _ = split_paragraphs(paragraphs, args.train_size, args.seed)
     tokenizer = train_bpe(train, args.vocab_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer_and_config(tokenizer, args.config, args.out, args.layers, args.dropout)
+    save_tokenizer_and_config(tokenizer, args.model_config, args.out, args.layers, args.dropout)
     chars = sum(len(p) for p in train)
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch(train))
     print(

@@ -16,7 +16,7 @@ from austen_gpt.cli import ArgumentParser, UserError, add_bool_flag, add_flag, q
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(run_files=True, description=__doc__)
     add_flag(
         p, "--adapter", required=True, help="adapter folder: train.py's --output-dir or a checkpoint of a LoRA run"
     )

@@ -33,7 +33,7 @@ from austen_gpt.cli import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(run_files=True, description=__doc__)
     add_flag(p, "--model-path", default="GPT2_fine_tuned_Austen", help="model or adapter folder, or a Hub id")
     add_flag(p, "--prompt", default="", help="text the samples continue; empty starts a fresh paragraph")
     add_flag(p, "--prompts-file", default=None, help="a text file of prompts, one per line (# comments), instead")

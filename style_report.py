@@ -38,7 +38,7 @@ N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays und
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(run_files=True, description=__doc__)
     add_flag(p, "--models", nargs="+", default=[], help="model folders, Hub ids or adapter folders")
     add_flag(p, "--names", nargs="+", default=None, help="a label per model in the report; without it, the paths")
     add_flag(

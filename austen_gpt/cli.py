@@ -10,6 +10,8 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 class CliError(Exception):
@@ -32,13 +34,39 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with defaults in --help, one-line usage errors (like every other bad-input error), and
     the original project's underscore spellings read as the dashed ones (see the end of this file)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, run_files: bool = False, **kwargs):
         kwargs.setdefault("epilog", "The original project's spellings (--flag_name, --flag True) work too.")
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
+        self.run_files = run_files
+        if run_files:
+            self.add_argument(
+                "--config",
+                metavar="FILE.yaml",
+                default=None,
+                help="a run file: YAML lines `flag: value` (lr: 3e-4, max-input-length: 256) setting any flag here; "
+                "flags on the command line override it",
+            )
 
     def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args(with_dashes(args, set(self._option_string_actions)), namespace)
+        args = with_dashes(sys.argv[1:] if args is None else list(args), set(self._option_string_actions))
+        if self.run_files and (path := config_path(args)):
+            if not path.endswith((".yaml", ".yml")) and "--model-config" in self._option_string_actions:
+                args = model_config_spelling(args)  # bench.py and `dataset.py tokenizer` took it as --config
+            else:
+                args = self.run_file_args(path) + args  # later flags win: the command line overrides the file
+        return super().parse_known_args(args, namespace)
+
+    def run_file_args(self, path: str) -> list[str]:
+        """The run file's settings as flags, each key named and its value checked, with one-line errors."""
+        args = []
+        for key, value in read_run_file(path).items():
+            flag = "--" + key.replace("_", "-")
+            action = self._option_string_actions.get(flag)
+            if action is None or flag in ("--config", "--help") or action.help == argparse.SUPPRESS:
+                raise UserError(f"--config {path}: unknown key '{key}', not a flag of {self.prog} (see --help)")
+            if value is not None:
+                args += [flag, *value_tokens(path, key, value, action)]
+        return args
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -163,3 +191,64 @@ def add_original_qlora_flag(parser: argparse.ArgumentParser) -> None:
 
 def read_original_qlora_flag(args: argparse.Namespace) -> None:
     args.load_in_4bit = vars(args).pop("qlora") or args.load_in_4bit
+
+
+# ----------------------------------------------------------------------------------------------
+# Run files: `--config FILE.yaml` sets any flag; flags on the command line override the file.
+
+RUN_FILE_RECORD = "resolved"  # a written run file's record of what the machine made of its settings; never read
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The FILE of `--config FILE` or `--config=FILE` in `argv` (the last one given), if any."""
+    found = None
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif token.startswith("--config="):
+            found = token.partition("=")[2]
+    return found
+
+
+def model_config_spelling(argv: list[str]) -> list[str]:
+    """`--config gpt2-tiny` (not a .yaml file): the earlier spelling of --model-config, read as that."""
+    return [
+        "--model-config" + token[len("--config") :] if token.split("=")[0] == "--config" else token for token in argv
+    ]
+
+
+def read_run_file(path: str) -> dict[str, Any]:
+    """The settings of a YAML run file, as a mapping; one-line errors for a missing or malformed file."""
+    import yaml  # here, not at the top: only a run with --config reads YAML
+
+    try:
+        settings = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"--config {path}: {err.strerror or first_line(err)}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML: {first_line(err)}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise UserError(f"--config {path}: expected `flag: value` lines, found a {type(settings).__name__}")
+    return {str(key): value for key, value in settings.items() if key != RUN_FILE_RECORD}
+
+
+def value_tokens(path: str, key: str, value: Any, action: argparse.Action) -> list[str]:
+    """A run file's `key: value` as command-line values, each checked by the flag's own type and choices."""
+    many = action.nargs in ("+", "*")
+    if isinstance(value, dict) or (isinstance(value, list) and not many):
+        raise UserError(f"--config {path}: {key} takes one value, not {type(value).__name__} {value!r}")
+    values = value if isinstance(value, list) else [value]
+    tokens = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+    for token in tokens:
+        try:
+            converted = action.type(token) if callable(action.type) else token
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            kind = getattr(action.type, "__name__", "value").replace("str2bool", "boolean (true or false)")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise UserError(f"--config {path}: {key}: {token!r} is not {article} {kind}") from None
+        if action.choices is not None and converted not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise UserError(f"--config {path}: {key}: {token!r} is not one of {choices}")
+    return tokens

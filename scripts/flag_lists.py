@@ -21,7 +21,7 @@ COMMANDS = {
     "dataset.py build": ["build"],
     "dataset.py tokenizer": ["tokenizer"],
 }
-OPTION_LINE = re.compile(r"^\s{1,8}(-[-\w]+(?: [A-Z_{}\[\],.]+)?(?:, -[-\w]+(?: [A-Z_{}\[\],.]+)?)*)")
+OPTION_LINE = re.compile(r"^\s{1,8}(-.*?)(?:\s{2,}|$)")  # an option line: its flags, then two spaces and the help
 
 
 def flags_in_help(text: str) -> list[str]:

@@ -255,3 +255,56 @@ def test_inference_model_path_that_is_not_a_model(tmp_path):
     assert_user_error(
         run_script("inference.py", "--model_path", "./missing", cwd=tmp_path), "model folder ./missing does not exist"
     )
+
+
+# ---- run files ----------------------------------------------------------------------------------------
+
+
+def test_a_run_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        "model: configs/austen-tiny\nfrom-scratch: true\nepochs: 2\nlr: 3.0e-3\nsample_prompts: ['', A]\n"
+    )
+    args = parse_args(["--config", str(run_file), "--epochs", "5"])
+    assert (args.model, args.from_scratch, args.epochs, args.lr, args.sample_prompts) == (
+        "configs/austen-tiny",
+        True,
+        5,
+        0.003,
+        ["", "A"],
+    )
+    quickstart = vars(parse_args(["--config", str(REPO / "configs/quickstart.yaml")]))
+    spelled_out = "--model configs/austen-tiny --from-scratch --epochs 2 --max-input-length 128 --batch-size 16 "
+    spelled_out += "--lr 3e-3 --check-dir Checkpoints/tiny --output-dir models/austen-tiny"
+    assert {**quickstart, "config": None} == vars(parse_args(spelled_out.split()))
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        ("learning_rate: 1\n", ["unknown key 'learning_rate'"]),
+        ("lr: fast\n", ["lr: 'fast' is not a float"]),
+        ("epochs: [1, 2]\n", ["epochs takes one value"]),
+        ("precision: fp64\n", ["precision: 'fp64' is not one of"]),
+        ("from-scratch: maybe\n", ["from-scratch: 'maybe' is not a boolean"]),
+        ("- just\n- a list\n", ["expected `flag: value` lines"]),
+        ("a: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+def test_a_bad_run_file_is_one_line_naming_the_key(tmp_path, capsys, content, fragments):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(content)
+    line = run_in_process(main, ["--config", str(run_file)], capsys)
+    assert all(fragment in line for fragment in [str(run_file), *fragments]), line
+
+
+def test_the_model_config_flag_keeps_its_earlier_spelling():
+    """bench.py and `dataset.py tokenizer` called it --config; a path that is not a .yaml run file reads as
+    --model-config."""
+    from austen_gpt.cli import ArgumentParser, add_flag
+
+    parser = ArgumentParser(run_files=True)
+    add_flag(parser, "--model-config", default="gpt2")
+    assert parser.parse_args(["--config", "gpt2-tiny"]).model_config == "gpt2-tiny"
+    config_json = "configs/gpt2-tiny/config.json"
+    assert parser.parse_args([f"--config={config_json}"]).model_config == config_json

@@ -378,3 +378,13 @@ def test_a_static_cache_samples_the_same_tokens():
     dynamic = sample_ids(model, prompts, SamplingSettings(max_new_tokens=60, **GREEDY), seed=0, eot=EOT)
     static = SamplingSettings(max_new_tokens=60, static_cache=True, **GREEDY)
     assert sample_ids(model, prompts, static, seed=0, eot=EOT) == dynamic
+
+
+def test_the_notebook_api_loads_and_samples_repeatably(tiny_model_dir):
+    """utils.load and utils.sample: the README's notebook example, on a model folder."""
+    from utils import load, sample
+
+    model, tokenizer = load(str(tiny_model_dir))
+    first = sample(model, tokenizer, "Emma was", n=2, seed=3, max_new_tokens=8)
+    assert len(first) == 2 and all(text.startswith("Emma was") for text in first)
+    assert sample(model, tokenizer, "Emma was", n=2, seed=3, max_new_tokens=8) == first

@@ -126,3 +126,20 @@ def test_gradient_checkpointing_changes_memory_not_results(trained, gpt2_tiny_mo
         load_file(trained / "out/model.safetensors"),
     )
     assert all(torch.equal(with_checkpointing[k], without[k]) for k in without)
+
+
+def test_the_run_file_repeats_the_run_with_its_requested_settings(trained, gpt2_tiny_model_dir, small_data):
+    """<check-dir>/logs/run.yaml read back with --config gives the settings the run's own command line gave
+    (as requested: `precision: auto` would stay auto); what this machine made of them is kept under
+    `resolved:`, which --config never reads."""
+    import yaml
+
+    from austen_gpt.training.flags import parse_args
+
+    run_file = trained / "Checkpoints/logs/run.yaml"
+    written = yaml.safe_load(run_file.read_text())
+    asked = vars(parse_args(train_args(trained, gpt2_tiny_model_dir, small_data, *COMMON)))
+    assert written["precision"] == asked["precision"] and written["resolved"]["precision"] == "no"  # fp32
+    assert written["resolved"]["processes"] == 1 and "resume" not in written
+    repeated = vars(parse_args(["--config", str(run_file)]))
+    assert {k: v for k, v in repeated.items() if k != "config"} == {k: v for k, v in asked.items() if k != "config"}

@@ -1,5 +1,6 @@
-"""The run's logs in <check-dir>/logs: metrics.jsonl and samples.jsonl (the project's own record),
-curves.png, and the trackers of --report-to (TensorBoard by default, wandb, MLflow) through Accelerate."""
+"""The run's logs in <check-dir>/logs: run.yaml (its settings), metrics.jsonl and samples.jsonl (the project's
+own record), curves.png, and the trackers of --report-to (TensorBoard by default, wandb, MLflow) through
+Accelerate."""
 
 from __future__ import annotations
 
@@ -8,10 +9,28 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from austen_gpt.cli import RUN_FILE_RECORD
 from austen_gpt.training.curves import plot_curves
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PROJECT = "austen-gpt"  # the trackers' project (wandb) or experiment (MLflow); TensorBoard's subfolder
+
+
+RUN_FILE = "run.yaml"  # `python train.py --config <check-dir>/logs/run.yaml` repeats the run
+NOT_SETTINGS = ("config", "resume", "resume_from", "overwrite_output_dir")  # where a run starts, not what it is
+
+
+def write_run_file(folder: Path, requested: dict[str, Any], resolved: dict[str, Any]) -> Path:
+    """The run's settings as a run file: every flag's value as requested (`precision: auto` stays auto, to be
+    resolved again on the machine that reads it), then under `resolved:` what this machine made of them, a
+    record that --config never reads."""
+    settings = {key: value for key, value in requested.items() if key not in NOT_SETTINGS}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_FILE
+    path.write_text(yaml.safe_dump({**settings, RUN_FILE_RECORD: resolved}, sort_keys=False, allow_unicode=True))
+    return path
 
 
 def _step(line: str) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin, set_seed
 
@@ -41,7 +42,7 @@ from austen_gpt.training import checkpoints, distributed
 from austen_gpt.training.checkpoints import EXPORT_NOTE, continue_from_weights
 from austen_gpt.training.distributed import StopSignals, parallelism
 from austen_gpt.training.flags import DEFAULT_DATA
-from austen_gpt.training.logs import RunLog, tracker_settings
+from austen_gpt.training.logs import RunLog, tracker_settings, write_run_file
 from austen_gpt.training.state import judge_validation
 from austen_gpt.training.step import (
     StepMeter,
@@ -197,6 +198,8 @@ def set_up(args: argparse.Namespace):
     scheduler = linear_schedule(optimizer, args.lr, args.warmup_steps, total_steps, step)
     if resume.checkpoint:
         accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
+    if accelerator.is_main_process:
+        write_run_file(Path(args.check_dir) / "logs", vars(args), resolved_settings(accelerator))
     run = Run(
         args=args,
         accelerator=accelerator,
@@ -244,6 +247,17 @@ def record_trained_positions(model, examples: list[list[int]], from_scratch: boo
         return
     longest = max(len(example) for example in examples) - 1
     model.config.trained_positions = max(recorded or 0, longest)
+
+
+def resolved_settings(accelerator) -> dict[str, Any]:
+    """What this machine made of the run's settings: for the record in run.yaml, never read back."""
+    return {
+        "precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "processes": accelerator.num_processes,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+    }
 
 
 def describe_resume(resume, n_batches: int, lr: float) -> str:
