@@ -2,14 +2,9 @@
 
     python dataset.py build                      # data/austen/*.txt -> austen_dataset.pkl
     python dataset.py build --src novels/ --out my_author.pkl
-    python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model (bpe.py)
+    python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model
 
-A training example is one paragraph framed by the tokenizer's own special tokens: its begin-of-text token
-before it (Llama's `<|begin_of_text|>`), or its end-of-text token where it has no separate one (GPT-2's
-`<|endoftext|>`, Qwen's), and end-of-text after it: `<|endoftext|> paragraph <|endoftext|>` for GPT-2.
-The leading token tells the model "a new text starts here", as between documents in pre-training; the
-closing one is a real target, so the model learns where a paragraph ends. No tokens are added to the
-vocabulary, so the embedding matrix (and a LoRA adapter) keeps its size.
+How a paragraph becomes a training example: austen_gpt/data/tokens.py and data/README.md.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ from pathlib import Path
 
 from austen_gpt.cli import ArgumentParser, UserError, run_cli
 from austen_gpt.data.paragraphs import build_dataset, load_paragraphs, split_paragraphs
-from austen_gpt.flags import REPO, add_source_flags
+from austen_gpt.flags import REPO, add_split_flags, data_path
 
 # ----------------------------------------------------------------------------------------------
 
@@ -36,16 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         run_files=True,
         help="train a small byte-level BPE on the training split, with a model config beside it",
     )
-    tokenizer.add_argument(
-        "--data", default=str(REPO / "austen_dataset.pkl"), help="the paragraphs, as train.py's --data"
-    )
-    add_source_flags(tokenizer)
-    tokenizer.add_argument(
-        "--train-size", type=float, default=0.9, help="train.py's --train-size: fit on that split only"
-    )
-    tokenizer.add_argument(
-        "--split-seed", "--seed", dest="seed", type=int, default=42, metavar="N", help="train.py's --split-seed"
-    )
+    add_split_flags(tokenizer, ("--split-seed", "--seed"), "seed", "train.py's --split-seed: fit on its split only")
     tokenizer.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes, end-of-text, merges")
     tokenizer.add_argument(
         "--model-config",
@@ -79,7 +65,7 @@ def tokenizer_command(args) -> int:
         raise UserError(
             f"--model-config {args.model_config}: no such file; give a model's config.json as the architecture"
         )
-    paragraphs = load_paragraphs(args.data, args.text_column, args.data_config, args.data_split)
+    paragraphs = load_paragraphs(data_path(args.data), args.text_column, args.data_config, args.data_split)
     train, _ = split_paragraphs(paragraphs, args.train_size, args.seed)
     tokenizer = train_bpe(train, args.vocab_size)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,14 @@ import argparse
 from pathlib import Path
 
 from austen_gpt.cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
-from austen_gpt.flags import REPO, add_source_flags
+from austen_gpt.flags import REPO, add_split_flags, data_path
 from austen_gpt.style.two_sample import TwoSampleTest
 
 MIN_TEXTS = TwoSampleTest.MIN_TEXTS
 N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(run_files=True, description=__doc__)
     add_flag(p, "--models", nargs="+", default=[], help="model folders, Hub ids or adapter folders")
     add_flag(p, "--names", nargs="+", default=None, help="a label per model in the report; without it, the paths")
@@ -75,10 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(sampling, "--seed", type=int, default=42, help="sampling seed: the same seed gives the same report")
     add_flag(sampling, "--show-samples", type=int, default=3, help="samples per model printed in report.md")
     data = p.add_argument_group("data (as train.py)")
-    add_flag(data, "--data", default=str(REPO / "austen_dataset.pkl"), help="the paragraphs the models trained on")
-    add_source_flags(data)
-    add_flag(data, "--train-size", type=float, default=0.9, help="train.py's --train-size of the fine-tuned model")
-    add_flag(data, "--split-seed", type=int, default=42, help="train.py's --seed of the fine-tuned model")
+    add_split_flags(data, ("--split-seed",), "split_seed", "train.py's --split-seed of the fine-tuned model")
     add_flag(data, "--max-input-length", type=int, default=100, help="tokens per validation example, as trained")
     add_flag(data, "--batch-size", type=int, default=16, help="validation batch size")
     text = p.add_argument_group("style references")
@@ -93,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5,
         help="fresh draws of real author passages for the two-sample test; its spread is across them",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -128,7 +129,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     prompts = check_args(args)
     # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
     from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
@@ -138,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         reference_texts,
         sample_models,
         style_metrics,
+        take_split_from_runs,
         write_report,
     )
 
     texts = read_texts(args.texts)
+    for line in take_split_from_runs(args, parser.given_dests(argv)):
+        print(line, flush=True)
     quiet_libraries()
-    paragraphs = load_paragraphs(args.data, args.text_column, args.data_config, args.data_split)
+    paragraphs = load_paragraphs(data_path(args.data), args.text_column, args.data_config, args.data_split)
     train, val = split_paragraphs(paragraphs, args.train_size, args.split_seed)
     sampled = sample_models(args, prompts, val)
     # the classifiers read passages as long as the first row's texts

@@ -56,6 +56,14 @@ class ArgumentParser(argparse.ArgumentParser):
                 args = self.run_file_args(path) + args  # later flags win: the command line overrides the file
         return super().parse_known_args(args, namespace)
 
+    def given_dests(self, argv: list[str] | None = None) -> set[str]:
+        """The settings `argv` or its run file sets, as opposed to those left at their defaults."""
+        args = with_dashes(sys.argv[1:] if argv is None else list(argv), set(self._option_string_actions))
+        if self.run_files and (path := config_path(args)) and path.endswith((".yaml", ".yml")):
+            args = self.run_file_args(path) + args
+        names = {token.split("=")[0] for token in args if token.startswith("-")}
+        return {action.dest for action in self._actions if names & set(action.option_strings)}
+
     def run_file_args(self, path: str) -> list[str]:
         """The run file's settings as flags, each key named and its value checked, with one-line errors."""
         args = []

@@ -1,4 +1,4 @@
-"""Flag groups every script shares, with their defaults in one place: where the paragraphs come from."""
+"""Flag groups every script shares, with their defaults in one place: which paragraphs, and which of them train."""
 
 from __future__ import annotations
 
@@ -8,6 +8,27 @@ from pathlib import Path
 from austen_gpt.cli import add_flag
 
 REPO = Path(__file__).resolve().parents[1]  # the project folder: the default dataset, configs and novels
+DEFAULT_DATA = "austen_dataset.pkl"  # the bundled Austen paragraphs, found from any working folder
+DATA_HELP = (
+    "paragraphs: .pkl, .txt, .jsonl, .json, .csv (also .gz or .zst), .parquet, .arrow, a folder of .txt, "
+    "a Dataset.save_to_disk folder or a Hub dataset id"
+)
+
+
+def add_split_flags(group, seed_flags: tuple[str, ...], seed_dest: str, seed_help: str) -> None:
+    """--data, its source flags, --train-size and the seed of the split: the same paragraphs and the same split
+    in train.py, the style report and the tokenizer, from the same defaults."""
+    add_flag(group, "--data", default=DEFAULT_DATA, help=DATA_HELP)
+    add_source_flags(group)
+    add_flag(group, "--train-size", type=float, default=0.9, help="share of paragraphs for training; the rest validate")
+    group.add_argument(*seed_flags, dest=seed_dest, type=int, default=42, metavar="N", help=seed_help)
+
+
+def data_path(data: str) -> Path | str:
+    """--data as given; the default, the bundled dataset, is found from any working folder."""
+    if data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
+        return REPO / DEFAULT_DATA
+    return data
 
 
 def add_source_flags(group) -> None:

@@ -308,3 +308,12 @@ def test_the_model_config_flag_keeps_its_earlier_spelling():
     assert parser.parse_args(["--config", "gpt2-tiny"]).model_config == "gpt2-tiny"
     config_json = "configs/gpt2-tiny/config.json"
     assert parser.parse_args([f"--config={config_json}"]).model_config == config_json
+
+
+def test_the_settings_a_command_line_or_its_run_file_gives_are_told_from_defaults(tmp_path):
+    from style_report import build_parser
+
+    run_file = tmp_path / "report.yaml"
+    run_file.write_text("train-size: 0.8\n")
+    given = build_parser().given_dests(["--models", "m", "--config", str(run_file), "--split_seed", "3"])
+    assert given == {"models", "config", "train_size", "split_seed"}

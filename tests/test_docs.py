@@ -204,3 +204,11 @@ def test_documented_flags_exist(script: str):
 def test_readme_is_short():
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move details into docs/"
+
+
+@pytest.mark.parametrize(
+    "doc, limit", [("README.md", 10_240), ("CONTRIBUTING.md", 8_192), ("docs/training.md", 15_360)]
+)
+def test_front_doors_stay_short_enough_to_finish(doc: str, limit: int):
+    size = len((REPO / doc).read_bytes())
+    assert size <= limit, f"{doc} is {size:,} bytes, over {limit:,}; move details into a page of their own"

@@ -499,3 +499,26 @@ def test_the_notebook_api_scores_austen_above_other_prose(austen_paragraphs):
     other = style_scores(["The cat sat on the mat, and then the dog barked at the moon for a long time."] * 10)
     assert hers["style_p_author"] > 0.6 > 0.4 > other["style_p_author"]
     assert other["style_distinguishability"] > 0.9 and other["style_copied_8grams"] == 0.0
+
+
+def test_the_report_takes_the_split_from_the_models_run_unless_a_flag_says_otherwise(tmp_path):
+    """A model folder that a run of ours wrote records its split; the report measures against that split, the
+    flags given on the command line win, a second model trained on another split is named, and a folder with no
+    record (a Hub model) leaves the flags' split and says so."""
+    from austen_gpt.style.report import take_split_from_runs
+
+    def exported(name: str, **settings) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        recorded = {"data": "mine.jsonl", "train_size": 0.8, "seed": 7, "max_input_length": 64, **settings}
+        (folder / "training_metrics.json").write_text(json.dumps({"settings": recorded}))
+        return str(folder)
+
+    first, other = exported("first"), exported("other", seed=8)
+    args = parse_args(["--models", first, other, "--train-size", "0.7"])
+    lines = take_split_from_runs(args, given={"train_size", "models"})
+    assert (args.data, args.train_size, args.split_seed, args.max_input_length) == ("mine.jsonl", 0.7, 7, 64)
+    assert lines[0].startswith("split: --data mine.jsonl --train-size 0.7 --split-seed 7") and first in lines[0]
+    assert [line for line in lines[1:] if line.startswith(f"warning: {other} trained on another split")]
+    hub = parse_args(["--models", "gpt2"])
+    assert "from the flags" in take_split_from_runs(hub, given={"models"})[0] and hub.split_seed == 42

@@ -143,3 +143,13 @@ def test_the_run_file_repeats_the_run_with_its_requested_settings(trained, gpt2_
     assert written["resolved"]["processes"] == 1 and "resume" not in written
     repeated = vars(parse_args(["--config", str(run_file)]))
     assert {k: v for k, v in repeated.items() if k != "config"} == {k: v for k, v in asked.items() if k != "config"}
+
+
+def test_the_final_model_records_its_runs_settings(trained):
+    """The export's training_metrics.json carries the run's settings (as run.yaml has them), which the style
+    report reads the split from."""
+    from austen_gpt.models.saving import run_settings
+
+    settings = run_settings(trained / "out")
+    assert settings["seed"] == 7 and settings["max_input_length"] == 64 and settings["train_size"] == 0.9
+    assert "resume" not in settings and run_settings(trained / "Checkpoints/Epoch_1")["seed"] == 7

@@ -14,6 +14,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from austen_gpt.cli import CliError, UserError
+from austen_gpt.models.integrity import MANIFEST_FILE
 
 # ----------------------------------------------------------------------------------------------
 # Writing folders atomically
@@ -157,3 +158,19 @@ def copy_model_folder(source: Path, folder: Path, leave_out: set[str], notes: di
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
     write_folder_atomically(folder, write, replace=True, expected_bytes=folder_bytes(source))
+
+
+EXPORT_NOTE = "training_metrics.json"  # beside a final model: where it comes from, its numbers, its run's settings
+
+
+def run_settings(folder: str | Path) -> dict[str, Any] | None:
+    """The settings of the run that wrote a model folder (train.py's flags by their dest names): from an export's
+    note or a checkpoint's state; None for a folder no run of ours wrote (a Hub model, an older export)."""
+    for name, key in ((EXPORT_NOTE, "settings"), (MANIFEST_FILE, "args")):  # MANIFEST_FILE: trainer_state.json
+        try:
+            settings = json.loads((Path(folder) / name).read_text())[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(settings, dict):
+            return settings
+    return None

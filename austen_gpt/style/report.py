@@ -1,28 +1,6 @@
-"""Does the model write like the author, or is it copying her? A style report for models and texts.
-
-  python style_report.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
-  python style_report.py --models configs/austen-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
-  python style_report.py --texts chat=llama-samples.jsonl pastiche=pastiche.txt --out reports/others
-
-Each model (a folder, a Hub id or an adapter folder) writes --n-samples continuations of the shipped
-prompts (data/eval_prompts.txt, cycled in order, seeded), each exactly --max-new-tokens long (running on
-past a paragraph's end, so every model is judged on the same length). Each --texts NAME=FILE adds a row
-for text written anywhere else. Reported per row:
-  1. distinguishability: the cross-validated ROC AUC of a classifier telling the texts from real held-out
-     author passages of the same lengths, over --draws fresh draws (0.5: passes for the author, 1.0:
-     always told apart), with its spread;
-  2. P(author) from a classifier of held-out author text against contrast novels ("closer to the author
-     than to the contrast authors"), with its accuracy on whole held-out novels;
-  3. Burrows' Delta (cosine) from the texts to the author and to each contrast novel;
-  4. copying: share of word 8-grams found verbatim in the training paragraphs, the longest verbatim
-     run, character names per 1,000 words;
-  5. distinct-1/2 and the within-sample repetition rate;
-  6. for models only, held-out perplexity and bits per character on the validation paragraphs of --data.
-Reference rows are measured the same way: real held-out author passages (the floor of distinguishability,
-the ceiling of P(author)), held-out contrast passages, and the author's passages with their words shuffled.
-The held-out author text is dealt three ways, disjoint: the classifier's, the two-sample test's, the author row's.
-Output: <out>/report.md (table and verdict first, then samples), report.json and style.png.
-"""
+"""The style report's parts: the author's and contrast references, the measures of each row's texts, the
+verdict against the references' ceilings, and report.md, report.json and style.png (style_report.py runs it;
+docs/style.md explains each measure)."""
 
 from __future__ import annotations
 
@@ -32,17 +10,19 @@ import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from austen_gpt.cli import UserError
+from austen_gpt.cli import UserError, flag_name
 from austen_gpt.data.batches import validation_loader
 from austen_gpt.data.paragraphs import load_paragraphs, text_chars
 from austen_gpt.models import lora
 from austen_gpt.models.device import default_device, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
 from austen_gpt.models.loading import has_weights, load_model, load_tokenizer
+from austen_gpt.models.saving import run_settings
 from austen_gpt.sampling.generation import SamplingSettings, generate_samples
 from austen_gpt.sampling.loading import load_for_sampling
 from austen_gpt.style import text
@@ -419,3 +399,41 @@ def sample_models(args: argparse.Namespace, prompts: list[str], val_paragraphs: 
         sampled.append((row, samples))
         del model
     return sampled
+
+
+# the report's split settings, and the names train.py records them under
+SPLIT_SETTINGS = {
+    "data": "data",
+    "data_config": "data_config",
+    "data_split": "data_split",
+    "text_column": "text_column",
+    "train_size": "train_size",
+    "split_seed": "seed",
+    "max_input_length": "max_input_length",
+}
+
+
+def describe_split(settings: dict[str, Any]) -> str:
+    return " ".join(f"{flag_name(key)} {settings[key]}" for key in SPLIT_SETTINGS if settings.get(key) is not None)
+
+
+def take_split_from_runs(args: argparse.Namespace, given: set[str]) -> list[str]:
+    """Set the split settings the command line leaves at their defaults to those the first --models folder's run
+    recorded, so that its held-out text is the text it never trained on; the lines that say where the split
+    comes from, and which models trained on another one."""
+    recorded = {path: run_settings(path) for path in args.models}
+    runs = {path: {k: s[v] for k, v in SPLIT_SETTINGS.items() if v in s} for path, s in recorded.items() if s}
+    if not runs:
+        return [f"split: {describe_split(vars(args))} (from the flags: no --models folder records its run's settings)"]
+    source, split = next(iter(runs.items()))
+    for key, value in split.items():
+        if key not in given:
+            setattr(args, key, value)  # (an older run may not record them all: the flags fill the gaps)
+    lines = [f"split: {describe_split(vars(args))} (the run of {source}; flags given here override it)"]
+    lines += [
+        f"warning: {path} trained on another split ({describe_split(other)}); its perplexity and copying are "
+        "measured against this one"
+        for path, other in runs.items()
+        if any(getattr(args, key) != value for key, value in other.items())
+    ]
+    return lines

@@ -33,7 +33,7 @@ from accelerate.utils import gather_object
 
 from austen_gpt.cli import RESUME_FLAGS, CliError, UserError, first_line, flag_name
 from austen_gpt.models.integrity import MANIFEST_FILE, MANIFEST_KEY, Manifest, check_folder, folder_problem
-from austen_gpt.models.saving import save_weights, tensor_bytes, weights_bytes, write_folder_atomically
+from austen_gpt.models.saving import EXPORT_NOTE, save_weights, tensor_bytes, weights_bytes, write_folder_atomically
 from austen_gpt.training.state import FORMAT_VERSION, TrainingState
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
@@ -43,7 +43,6 @@ MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
 MUST_MATCH_ON_RESUME += ("targets_lora", "lora_dropout", "data_config", "data_split", "text_column")
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
-EXPORT_NOTE = "training_metrics.json"  # beside the final model: where it comes from, and its numbers
 DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again
 
 

@@ -16,9 +16,8 @@ from austen_gpt.cli import (
     read_original_resume_flags,
     require,
 )
-from austen_gpt.flags import add_source_flags, uses_adapters
+from austen_gpt.flags import add_split_flags, uses_adapters
 
-DEFAULT_DATA = "austen_dataset.pkl"
 DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
 
 
@@ -38,15 +37,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
 
 def add_data_flags(group) -> None:
     """The paragraphs and how they become examples."""
-    add_flag(
-        group,
-        "--data",
-        default=DEFAULT_DATA,
-        help="paragraphs: .pkl, .txt, .jsonl, .json, .csv (also .gz or .zst), .parquet, .arrow, a "
-        "folder of .txt, a Dataset.save_to_disk folder or a Hub dataset id",
-    )
-    add_source_flags(group)
-    add_flag(group, "--train-size", type=float, default=0.9, help="share of paragraphs for training; the rest validate")
+    # --split-seed: the style report's name for it; --seed: the original project's
+    add_split_flags(group, ("--split-seed", "--seed"), "seed", "seed of the split, the data order and new weights")
     add_flag(
         group,
         "--max-input-length",
@@ -130,15 +122,6 @@ def add_optimization_flags(group) -> None:
         "and time. Saved models are unchanged",
     )
     add_bool_flag(group, "--compile", help="torch.compile the model (inductor); pays a compile time at start")
-    group.add_argument(  # --split-seed: the style report's name for the seed of the split; --seed: the original's
-        "--split-seed",
-        "--seed",
-        dest="seed",
-        type=int,
-        default=42,
-        metavar="N",
-        help="seed of the split, the data order and new weights",
-    )
 
 
 def add_sampling_flags(group) -> None:

@@ -28,21 +28,20 @@ from austen_gpt.cli import (
 from austen_gpt.data.batches import batch_loader, epoch_batches, validation_loader
 from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs, text_chars
 from austen_gpt.data.tokens import tokenize_cached, unpredicted_token
-from austen_gpt.flags import REPO, uses_adapters
+from austen_gpt.flags import REPO, data_path, uses_adapters
 from austen_gpt.models import chunked_loss, lean_layers, loading
 from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
 from austen_gpt.models.device import compute_dtype, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
 from austen_gpt.models.lean_layers import fused_activations, recomputes_attention
 from austen_gpt.models.lora import adapted_layers, parameter_counts
-from austen_gpt.models.saving import copy_model_folder, save_model_folder
+from austen_gpt.models.saving import EXPORT_NOTE, copy_model_folder, save_model_folder
 from austen_gpt.sampling.generation import SamplingSettings, model_positions, sample_texts, window_note
 from austen_gpt.style.probe import StyleProbe
 from austen_gpt.training import checkpoints, distributed
-from austen_gpt.training.checkpoints import EXPORT_NOTE, continue_from_weights
+from austen_gpt.training.checkpoints import continue_from_weights
 from austen_gpt.training.distributed import StopSignals, parallelism
-from austen_gpt.training.flags import DEFAULT_DATA
-from austen_gpt.training.logs import RunLog, tracker_settings, write_run_file
+from austen_gpt.training.logs import NOT_SETTINGS, RunLog, tracker_settings, write_run_file
 from austen_gpt.training.state import judge_validation
 from austen_gpt.training.step import (
     StepMeter,
@@ -149,7 +148,7 @@ def set_up(args: argparse.Namespace):
 
     process_state = distributed.start_processes()
     resume = checkpoints.plan_resume(args, process_state.num_processes, process_state.print)
-    paragraphs = load_paragraphs(data_path(args), args.text_column, args.data_config, args.data_split)
+    paragraphs = load_paragraphs(data_path(args.data), args.text_column, args.data_config, args.data_split)
     train_paragraphs, val_paragraphs = split_paragraphs(paragraphs, args.train_size, args.seed)
     precision = resolve_precision(args.precision)
     tokenizer = loading.load_tokenizer(str(resume.checkpoint or args.model))
@@ -271,13 +270,6 @@ def describe_resume(resume, n_batches: int, lr: float) -> str:
         f"resumed from {resume.checkpoint}: step {state.global_step}, epoch {state.epoch + 1} after "
         f"{state.batches_in_epoch} of its {n_batches} batches; {rate}"
     )
-
-
-def data_path(args: argparse.Namespace) -> Path:
-    """--data; the default, the bundled dataset, is found from any working directory."""
-    if args.data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
-        return REPO / DEFAULT_DATA
-    return Path(args.data)
 
 
 def check_lengths(args: argparse.Namespace, model, tokenizer) -> None:
@@ -536,7 +528,9 @@ def write_final_model(run: Run, state, stopped_early: bool) -> None:
         )
     last = state.last_point()
     exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
-    notes = {EXPORT_NOTE: {"exported": "best" if use_best else "last", **exported, "last_step": last}}
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}  # as run.yaml has them
+    note = {"exported": "best" if use_best else "last", **exported, "last_step": last, "settings": settings}
+    notes = {EXPORT_NOTE: note}
     # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.
     weights = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:
