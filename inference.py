@@ -30,6 +30,7 @@ from austen_gpt.cli import (
     require,
     run_cli,
 )
+from austen_gpt.flags import add_sampling_flags, sampling_rules
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,9 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokens after the prompt; overrides --max-length; more than the model's context slides the window",
     )
     add_flag(p, "--paragraphs", type=int, default=1, help="stop a sample after this many paragraphs (end-of-text)")
-    add_flag(p, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
-    add_flag(p, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
-    add_flag(p, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative")
+    add_sampling_flags(p)
     add_flag(
         p,
         "--repetition-penalty",
@@ -91,9 +90,7 @@ def check_settings(settings, n: int, prefix: str = "--") -> None:
                 f"{prefix}max-new-tokens must be at least 1",
             ),
             (settings.paragraphs is None or settings.paragraphs >= 1, f"{prefix}paragraphs must be at least 1"),
-            (settings.top_k >= 0, f"{prefix}top-k must be 0 (off) or more"),
-            (0 < settings.top_p <= 1, f"{prefix}top-p must be in (0, 1], e.g. 0.95"),
-            (settings.temperature > 0, f"{prefix}temperature must be positive, e.g. 0.8"),
+            *sampling_rules(settings.top_k, settings.top_p, settings.temperature, prefix),
             (settings.repetition_penalty > 0, f"{prefix}repetition-penalty must be positive, e.g. 1.1"),
         ]
     )

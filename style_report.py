@@ -30,7 +30,7 @@ import argparse
 from pathlib import Path
 
 from austen_gpt.cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
-from austen_gpt.flags import REPO, add_split_flags, data_path
+from austen_gpt.flags import REPO, add_sampling_flags, add_split_flags, data_path, sampling_rules
 from austen_gpt.style.two_sample import TwoSampleTest
 
 MIN_TEXTS = TwoSampleTest.MIN_TEXTS
@@ -69,9 +69,7 @@ def build_parser() -> ArgumentParser:
         help="samples per model, cycling through the prompts (and passages per reference row)",
     )
     add_flag(sampling, "--max-new-tokens", type=int, default=200, help="tokens generated per sample")
-    add_flag(sampling, "--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    add_flag(sampling, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
-    add_flag(sampling, "--temperature", type=float, default=1.0, help="softmax temperature")
+    add_sampling_flags(sampling)
     add_flag(sampling, "--seed", type=int, default=42, help="sampling seed: the same seed gives the same report")
     add_flag(sampling, "--show-samples", type=int, default=3, help="samples per model printed in report.md")
     data = p.add_argument_group("data (as train.py)")
@@ -108,7 +106,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
             (args.ngram >= 2 and args.mfw >= 10, "--ngram must be at least 2 and --mfw at least 10"),
             (0 < args.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
             (args.names is None or len(args.names) == len(args.models), "give one --names label per --models entry"),
-            (0 <= args.top_p <= 1 and args.temperature > 0, "--top-p must be in [0, 1] and --temperature positive"),
+            *sampling_rules(args.top_k, args.top_p, args.temperature),
         ]
     )
     for model in args.models:  # a path-like name that does not exist is a typo, not a Hub id

@@ -44,3 +44,25 @@ def add_source_flags(group) -> None:
 
 def uses_adapters(args: argparse.Namespace) -> bool:
     return args.lora or args.qlora or args.load_in_8bit
+
+
+def add_sampling_flags(group, temperature: bool = True) -> None:
+    """--top-k, --top-p and --temperature: how each token is drawn, with the same defaults in every script.
+    (How long a sample runs differs on purpose: inference.py's --max-length 300 and one paragraph, the style
+    report's --max-new-tokens 200 running past paragraph ends, train.py's --max-output-length 200.)"""
+    add_flag(group, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
+    add_flag(group, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
+    if temperature:
+        add_flag(
+            group, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative"
+        )
+
+
+def sampling_rules(top_k: int, top_p: float, temperature: float = 1.0, prefix: str = "--") -> list[tuple[bool, str]]:
+    """The checks of add_sampling_flags' settings, for `require`; `prefix` names them as flags or session
+    commands (':')."""
+    return [
+        (top_k >= 0, f"{prefix}top-k must be 0 (off) or more"),
+        (0 < top_p <= 1, f"{prefix}top-p must be in (0, 1], e.g. 0.95"),
+        (temperature > 0, f"{prefix}temperature must be positive, e.g. 0.8"),
+    ]

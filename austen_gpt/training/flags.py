@@ -16,7 +16,7 @@ from austen_gpt.cli import (
     read_original_resume_flags,
     require,
 )
-from austen_gpt.flags import add_split_flags, uses_adapters
+from austen_gpt.flags import add_sampling_flags, add_split_flags, sampling_rules, uses_adapters
 
 DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
 
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     add_data_flags(p.add_argument_group("data"))
     add_model_flags(p.add_argument_group("model"))
     add_optimization_flags(p.add_argument_group("optimization"))
-    add_sampling_flags(p.add_argument_group("samples during training"))
+    add_training_samples_flags(p.add_argument_group("samples during training"))
     add_validation_flags(p.add_argument_group("validation, the best model and early stopping"))
     add_outputs_flags(p.add_argument_group("checkpoints and outputs"))
     add_original_resume_flags(p)
@@ -124,13 +124,12 @@ def add_optimization_flags(group) -> None:
     add_bool_flag(group, "--compile", help="torch.compile the model (inductor); pays a compile time at start")
 
 
-def add_sampling_flags(group) -> None:
+def add_training_samples_flags(group) -> None:
     """Samples and style measures during training."""
     add_flag(group, "--sample-every", type=int, default=100, help="print and log samples every N steps; 0 disables")
     add_flag(group, "--sample-prompts", nargs="+", default=DEFAULT_PROMPTS, help="their prompts; '' starts a paragraph")
     add_flag(group, "--max-output-length", type=int, default=200, help="tokens per sample, prompt included")
-    add_flag(group, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
-    add_flag(group, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
+    add_sampling_flags(group, temperature=False)
     add_bool_flag(
         group,
         "--eval-style",
@@ -235,8 +234,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.lr > 0, "--lr must be positive"),
         (0 < args.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1], e.g. 0.95"),
-        (args.top_k >= 0, "--top-k must be 0 (off) or more"),
+        *sampling_rules(args.top_k, args.top_p),
         (args.max_input_length >= 2, "--max-input-length must be at least 2 tokens"),
         (args.max_output_length >= 1, "--max-output-length must be at least 1"),
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
