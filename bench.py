@@ -398,7 +398,8 @@ def measure_generation(args: argparse.Namespace) -> dict:
 
     from austen_gpt.models.device import default_device
     from austen_gpt.models.loading import load_tokenizer
-    from austen_gpt.sampling.generation import SamplingSettings, context_length, prompt_ids, sample_ids
+    from austen_gpt.sampling.generation import context_length, prompt_ids, sample_ids
+    from austen_gpt.settings import SamplingSettings
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.model_config)).to(default_device()).eval()

@@ -97,7 +97,7 @@ def check_settings(settings, n: int, prefix: str = "--") -> None:
 
 
 def sampling_settings(args: argparse.Namespace):
-    from austen_gpt.sampling.generation import SamplingSettings
+    from austen_gpt.settings import SamplingSettings
 
     return SamplingSettings(
         max_length=args.max_length,

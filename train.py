@@ -14,26 +14,24 @@ from __future__ import annotations
 import sys
 
 from austen_gpt.cli import quiet_libraries, run_cli
-from austen_gpt.training.flags import check_args, parse_args
+from austen_gpt.training.flags import train_settings
+from austen_gpt.training.settings import check_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, __doc__)
-    check_args(args)
+    settings = train_settings(argv, __doc__)
+    check_settings(settings)
     quiet_libraries()
     # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
     from austen_gpt.models.saving import DiskFull
     from austen_gpt.training.checkpoints import resume_command
-    from austen_gpt.training.distributed import StopSignals
     from austen_gpt.training.loop import train
 
-    stop, resume_cmd = StopSignals(), resume_command(sys.argv[1:] if argv is None else argv)
+    resume_cmd = resume_command(sys.argv[1:] if argv is None else argv)
     try:
-        return train(args, stop, resume_cmd)
+        return train(settings, resume_cmd)
     except DiskFull as full:
         raise DiskFull(f"{full}. Free some space, then resume with: {resume_cmd}") from None
-    finally:
-        stop.restore()
 
 
 if __name__ == "__main__":

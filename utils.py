@@ -17,8 +17,9 @@ from dataclasses import replace
 from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
 from austen_gpt.flags import REPO
 from austen_gpt.models.loading import load_tokenizer
-from austen_gpt.sampling.generation import SamplingSettings, generate_paragraphs
+from austen_gpt.sampling.generation import generate_paragraphs
 from austen_gpt.sampling.loading import load_for_sampling
+from austen_gpt.settings import SamplingSettings
 from austen_gpt.style.probe import StyleProbe
 
 

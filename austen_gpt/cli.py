@@ -125,7 +125,9 @@ def quiet_libraries() -> None:
     """Keep the console to our own lines: no save progress bars, no optional-kernel notices."""
     import transformers  # here, not at the top: every script imports cli before its flags are parsed
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "pip install kernels" hint on AVX512-BF16 CPUs
+    # bitsandbytes on AVX512-BF16 CPUs tries to fetch an optional kernel from the Hub and says so twice
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     # peft's prepare_model_for_kbit_training asks transformers a deprecated question; not the user's concern
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from austen_gpt.cli import add_flag
+from austen_gpt.settings import DEFAULT_DATA, DataSettings, SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]  # the project folder: the default dataset, configs and novels
-DEFAULT_DATA = "austen_dataset.pkl"  # the bundled Austen paragraphs, found from any working folder
+DATA, SAMPLING = DataSettings(), SamplingSettings()  # the defaults
 DATA_HELP = (
     "paragraphs: .pkl, .txt, .jsonl, .json, .csv (also .gz or .zst), .parquet, .arrow, a folder of .txt, "
     "a Dataset.save_to_disk folder or a Hub dataset id"
@@ -20,8 +20,14 @@ def add_split_flags(group, seed_flags: tuple[str, ...], seed_dest: str, seed_hel
     in train.py, the style report and the tokenizer, from the same defaults."""
     add_flag(group, "--data", default=DEFAULT_DATA, help=DATA_HELP)
     add_source_flags(group)
-    add_flag(group, "--train-size", type=float, default=0.9, help="share of paragraphs for training; the rest validate")
-    group.add_argument(*seed_flags, dest=seed_dest, type=int, default=42, metavar="N", help=seed_help)
+    add_flag(
+        group,
+        "--train-size",
+        type=float,
+        default=DATA.train_size,
+        help="share of paragraphs for training; the rest validate",
+    )
+    group.add_argument(*seed_flags, dest=seed_dest, type=int, default=DATA.seed, metavar="N", help=seed_help)
 
 
 def data_path(data: str) -> Path | str:
@@ -33,28 +39,34 @@ def data_path(data: str) -> Path | str:
 
 def add_source_flags(group) -> None:
     """--data-config, --data-split and --text-column: which part of --data holds the paragraphs."""
-    add_flag(group, "--data-config", default=None, help="configuration (subset) of a Hub dataset --data")
+    add_flag(group, "--data-config", default=DATA.data_config, help="configuration (subset) of a Hub dataset --data")
     add_flag(
-        group, "--data-split", default=None, help="split of a Hub dataset or a saved DatasetDict; none given: train"
+        group,
+        "--data-split",
+        default=DATA.data_split,
+        help="split of a Hub dataset or a saved DatasetDict; none given: train",
     )
     add_flag(
-        group, "--text-column", default=None, help="column or field with the text; none given: text, else sentence"
+        group,
+        "--text-column",
+        default=DATA.text_column,
+        help="column or field with the text; none given: text, else sentence",
     )
-
-
-def uses_adapters(args: argparse.Namespace) -> bool:
-    return args.lora or args.qlora or args.load_in_8bit
 
 
 def add_sampling_flags(group, temperature: bool = True) -> None:
     """--top-k, --top-p and --temperature: how each token is drawn, with the same defaults in every script.
     (How long a sample runs differs on purpose: inference.py's --max-length 300 and one paragraph, the style
     report's --max-new-tokens 200 running past paragraph ends, train.py's --max-output-length 200.)"""
-    add_flag(group, "--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 disables")
-    add_flag(group, "--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
+    add_flag(group, "--top-k", type=int, default=SAMPLING.top_k, help="sample from the k likeliest tokens; 0 disables")
+    add_flag(group, "--top-p", type=float, default=SAMPLING.top_p, help="nucleus sampling probability mass")
     if temperature:
         add_flag(
-            group, "--temperature", type=float, default=1.0, help="softmax temperature; lower is more conservative"
+            group,
+            "--temperature",
+            type=float,
+            default=SAMPLING.temperature,
+            help="softmax temperature; lower is more conservative",
         )
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 from conftest import run_in_process, run_script, train_args
 
+from austen_gpt.training.flags import train_settings
 from austen_gpt.training.loop import questionable_settings
 from train import main
 
@@ -138,9 +138,9 @@ def test_bad_validation_flags(argv, message, capsys, tmp_path, monkeypatch):
 
 def test_settings_that_cannot_do_what_they_say_are_named():
     def warnings(**changes) -> list[str]:
-        flags = {"warmup_steps": 10, "lr": 1e-3, "eval_steps": 0, "early_stopping_patience": 0}
-        args = Namespace(**{**flags, "grad_accum_steps": 1, "epochs": 2, **changes})
-        return questionable_settings(args, batches_per_epoch=20, total_steps=40)
+        flags = {"warmup_steps": 10, "lr": 1e-3, "eval_steps": 0, "early_stopping_patience": 0, "epochs": 2}
+        settings = train_settings([*(f"--{k.replace('_', '-')}={v}" for k, v in {**flags, **changes}.items())])
+        return questionable_settings(settings, batches_per_epoch=20, total_steps=40)
 
     assert warnings() == []
     (warmup,) = warnings(warmup_steps=100)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 from subprocess import PIPE
 from types import SimpleNamespace
@@ -262,10 +261,8 @@ def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
         plugin = SimpleNamespace(deepspeed_config=config)
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
 
-    def flags(**changes) -> Namespace:
-        return Namespace(
-            **{"load_in_8bit": False, "grad_accum_steps": 1, "batch_size": 4, "max_grad_norm": 0.5, **changes}
-        )
+    def flags(load_in_8bit: bool = False, grad_accum_steps: int = 1) -> tuple[bool, int]:
+        return load_in_8bit, grad_accum_steps
 
     fsdp, deepspeed, ddp = (
         under(DistributedType.FSDP),
@@ -280,10 +277,10 @@ def test_what_fsdp_and_deepspeed_refuse_and_what_deepspeed_is_told():
         (deepspeed, flags(), resumed, "resuming under FSDP or DeepSpeed is not supported"),
     ]:
         with pytest.raises(UserError, match=message):
-            refuse_unsupported(accelerator, args, resume)
-    refuse_unsupported(ddp, flags(load_in_8bit=True, grad_accum_steps=2), resumed)  # all fine under DDP
+            refuse_unsupported(accelerator, resume, *args)
+    refuse_unsupported(ddp, resumed, *flags(load_in_8bit=True, grad_accum_steps=2))  # all fine under DDP
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0}
-    configure_deepspeed(under(DistributedType.DEEPSPEED, config), flags())
+    configure_deepspeed(under(DistributedType.DEEPSPEED, config), batch_size=4, max_grad_norm=0.5)
     assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5}
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import inference
 from austen_gpt.data.batches import batch_loader, collate
 from austen_gpt.data.tokens import example_targets
-from austen_gpt.training.flags import parse_args
+from austen_gpt.training.flags import train_settings
 from austen_gpt.training.loop import record_trained_positions, set_up
 from austen_gpt.training.step import linear_schedule
 from train import main
@@ -116,11 +116,11 @@ def test_a_resume_with_a_lower_lr_and_more_epochs_follows_the_new_schedule(
 
 def test_a_resume_applies_the_new_eps_and_weight_decay(tmp_path, tiny_model_dir, small_data):
     train_run(tmp_path, tiny_model_dir, small_data, "--epochs", "1")
-    args = parse_args(
+    settings = train_settings(
         train_args(tmp_path, tiny_model_dir, small_data, *EXACT, "--epochs", "2", "--resume")
         + ["--eps", "1e-6", "--weight-decay", "0.1"]
     )
-    run, state = set_up(args)
+    run, state = set_up(settings)
     decayed, plain = run.optimizer.param_groups
     assert (decayed["eps"], plain["eps"], decayed["weight_decay"], plain["weight_decay"]) == (1e-6, 1e-6, 0.1, 0.0)
     assert run.optimizer.state_dict()["state"]  # the moments were restored, not started again

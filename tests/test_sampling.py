@@ -18,8 +18,9 @@ from conftest import REPO, assert_user_error, run_in_process, run_script, script
 
 import inference
 from austen_gpt.sampling import generation
-from austen_gpt.sampling.generation import RepetitionPenalty, SamplingSettings, sample_ids, window_tokens
+from austen_gpt.sampling.generation import RepetitionPenalty, sample_ids, window_tokens
 from austen_gpt.sampling.records import read_jsonl
+from austen_gpt.settings import SamplingSettings
 
 CONTEXT = 32
 EOT = 0  # the tiny tokenizer's end-of-text

@@ -346,7 +346,8 @@ def adapter_dir(tmp_path, tiny_model_dir, tokenizer) -> Path:
 @pytest.mark.slow
 def test_an_adapter_folder_is_measured_as_its_base_model(adapter_dir, tiny_model_dir, austen_paragraphs):
     """An untrained adapter (B = 0) changes nothing: the report samples and scores it exactly as its base."""
-    from austen_gpt.sampling.generation import SamplingSettings, generate_samples
+    from austen_gpt.sampling.generation import generate_samples
+    from austen_gpt.settings import SamplingSettings
 
     args = parse_args(["--models", str(adapter_dir), "--max-input-length", "64"])
     settings = SamplingSettings(max_new_tokens=12, paragraphs=None)

@@ -7,7 +7,6 @@ gets one line saying what is wrong and what to do.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from collections.abc import Callable
@@ -20,10 +19,10 @@ from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from austen_gpt.cli import UserError, first_line
-from austen_gpt.flags import uses_adapters
 from austen_gpt.models import lora
 from austen_gpt.models.device import compute_dtype
 from austen_gpt.models.integrity import check_folder
+from austen_gpt.settings import ModelSettings
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -137,47 +136,49 @@ def load_model(name: str, from_scratch: bool = False, **load_kwargs):
 # A model to train
 
 
-def load_trainable_model(args: argparse.Namespace, checkpoint: Path | None, mixed_precision: str):
+def load_trainable_model(
+    settings: ModelSettings, checkpoint: Path | None, mixed_precision: str, gradient_checkpointing: bool = False
+):
     """All weights, or LoRA adapters on a frozen (optionally 4/8-bit) base; with activation checkpointing
     as asked.
 
     A full fine-tune resumes from the checkpoint's weights; a LoRA run reloads --model and then the
     checkpoint's adapters.
     """
-    if uses_adapters(args):
-        model = load_adapter_model(args, checkpoint, mixed_precision)
+    if settings.adapters:
+        model = load_adapter_model(settings, checkpoint, mixed_precision)
     else:
-        model = load_model(str(checkpoint or args.model), from_scratch=args.from_scratch and not checkpoint)
-    if args.gradient_checkpointing:
+        model = load_model(str(checkpoint or settings.model), from_scratch=settings.from_scratch and not checkpoint)
+    if gradient_checkpointing:
         # Recompute each block's activations in the backward pass: far less memory, ~1/3 more compute.
         # The non-reentrant kind replays the same dropout masks, so the result does not change.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def load_adapter_model(args: argparse.Namespace, checkpoint: Path | None, mixed_precision: str):
+def load_adapter_model(settings: ModelSettings, checkpoint: Path | None, mixed_precision: str):
     """--model, quantized to 4 or 8 bits if asked, with fresh adapters or the checkpoint's."""
 
-    bits = 4 if args.qlora else 8 if args.load_in_8bit else None
+    bits = 4 if settings.qlora else 8 if settings.load_in_8bit else None
     kwargs = {}
     if bits:
         device = PartialState().device
         lora.require_bitsandbytes(device, "--qlora" if bits == 4 else "--load-in-8bit")
         config = lora.quantization_config(bits, compute_dtype(mixed_precision))
         kwargs = {"quantization_config": config, "device_map": {"": device}}
-    model = load_model(args.model, **kwargs)
+    model = load_model(settings.model, **kwargs)
     if bits == 4:
         lora.keep_4bit_weights_trainable(model)
     if checkpoint:
         return lora.load_lora(model, checkpoint, quantized=bool(bits), trainable=True)
     return lora.add_lora(
         model,
-        args.rank_lora,
-        args.alpha_lora,
-        args.lora_dropout,
-        args.targets_lora,
+        settings.rank_lora,
+        settings.alpha_lora,
+        settings.lora_dropout,
+        settings.targets_lora,
         quantized=bool(bits),
-        base_name=args.model,
+        base_name=settings.model,
     )
 
 

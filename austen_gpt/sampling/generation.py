@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from transformers import (
 
 from austen_gpt.cli import UserError
 from austen_gpt.data.tokens import paragraph_frame
+from austen_gpt.settings import SamplingSettings
 
 
 def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> list[str]:
@@ -47,24 +47,6 @@ def sample_texts(model, tokenizer, prompts: list[str], settings, seed: int) -> l
 
 WINDOW_KEPT = 3 / 4  # of the context, kept in view when the window slides
 MAX_ROWS_PER_CALL = 64  # samples in one generate call, fewer where memory is short
-
-
-@dataclass
-class SamplingSettings:
-    max_length: int = 300  # prompt + generated tokens, as the seed's --max_length
-    max_new_tokens: int | None = None  # overrides max_length when given
-    top_k: int = 50
-    top_p: float = 0.95
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    paragraphs: int | None = 1  # stop after this many end-of-text tokens; None: write on to the full length
-    static_cache: bool = False  # a preallocated KV cache, which transformers compiles on CUDA
-
-    def new_tokens(self, prompt_tokens: int) -> int:
-        return max(self.max_new_tokens or self.max_length - prompt_tokens, 1)
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def model_positions(model) -> int:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from austen_gpt.cli import UserError
-from austen_gpt.sampling.generation import SamplingSettings
+from austen_gpt.settings import SamplingSettings
 
 SUFFIXES = (".jsonl", ".md")
 

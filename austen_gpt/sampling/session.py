@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from austen_gpt.cli import UserError
-from austen_gpt.sampling.generation import SamplingSettings, TextStream, fresh_seed, generate_paragraphs
+from austen_gpt.sampling.generation import TextStream, fresh_seed, generate_paragraphs
+from austen_gpt.settings import SamplingSettings
 
 HELP = """commands (a setting holds for the prompts after it):
   :temperature X  :top-k N  :top-p X  :repetition-penalty X

@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from austen_gpt.sampling.generation import SamplingSettings, generate_samples, read_prompts
+from austen_gpt.sampling.generation import generate_samples, read_prompts
+from austen_gpt.settings import SamplingSettings
 from austen_gpt.style.text import AuthorClassifier, Copying, deal, load_novels, names_to_mask, passages, words
 from austen_gpt.style.two_sample import ProseFeatures, TwoSampleTest
 

@@ -23,8 +23,9 @@ from austen_gpt.models.device import default_device, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
 from austen_gpt.models.loading import has_weights, load_model, load_tokenizer
 from austen_gpt.models.saving import run_settings
-from austen_gpt.sampling.generation import SamplingSettings, generate_samples
+from austen_gpt.sampling.generation import generate_samples
 from austen_gpt.sampling.loading import load_for_sampling
+from austen_gpt.settings import SamplingSettings
 from austen_gpt.style import text
 from austen_gpt.style.two_sample import FOLDS, ProseFeatures, TwoSampleTest
 

@@ -16,7 +16,6 @@ epoch: the rest of the run is bitwise the one an uninterrupted run makes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -34,6 +33,8 @@ from accelerate.utils import gather_object
 from austen_gpt.cli import RESUME_FLAGS, CliError, UserError, first_line, flag_name
 from austen_gpt.models.integrity import MANIFEST_FILE, MANIFEST_KEY, Manifest, check_folder, folder_problem
 from austen_gpt.models.saving import EXPORT_NOTE, save_weights, tensor_bytes, weights_bytes, write_folder_atomically
+from austen_gpt.settings import flat_settings
+from austen_gpt.training.settings import TrainSettings
 from austen_gpt.training.state import FORMAT_VERSION, TrainingState
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: tensors only, loads with weights_only=True
@@ -262,17 +263,18 @@ class Resume:
     state: TrainingState = field(default_factory=TrainingState)
 
 
-def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[str], None]) -> Resume:
+def plan_resume(settings: TrainSettings, processes: int, print_line: Callable[[str], None]) -> Resume:
     """Find, load and vet the checkpoint to resume from (--resume or --resume-from), if any, for a run of
     `processes` processes."""
-    check_dir = Path(args.check_dir)
-    if not (args.resume or args.resume_from):
+    out = settings.checkpoints
+    check_dir = Path(out.check_dir)
+    if not (out.resume or out.resume_from):
         return Resume()
     skipped = incomplete_checkpoints(check_dir)
     if skipped:
         print_line(f"ignoring incomplete checkpoints (an interrupted save): {', '.join(skipped)}")
-    if args.resume_from:
-        checkpoint = find_checkpoint(check_dir, args.resume_from)
+    if out.resume_from:
+        checkpoint = find_checkpoint(check_dir, out.resume_from)
     elif intact := newest_intact_checkpoint(check_dir, print_line):
         checkpoint = intact
     elif damaged := sorted(p.name for p in check_dir.glob(f"*{DAMAGED}*")):
@@ -289,7 +291,7 @@ def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[
             f"{checkpoint} holds no optimizer state (it was written under FSDP or DeepSpeed); "
             + continue_from_weights(checkpoint)
         )
-    check_resume_settings(saved["args"], args, checkpoint, print_line)
+    check_resume_settings(saved["args"], flat_settings(settings), checkpoint, print_line)
     trained_by = saved.get("processes", 1)
     if trained_by != processes:
         raise UserError(
@@ -297,12 +299,12 @@ def plan_resume(args: argparse.Namespace, processes: int, print_line: Callable[[
             "(the data order and random states are per process)"
         )
     resume = Resume(checkpoint, tensors, TrainingState.from_json(saved, checkpoint))
-    if resume.state.epoch >= args.epochs:
-        if exported(Path(args.output_dir), resume.state):
+    if resume.state.epoch >= settings.optimization.epochs:
+        if exported(Path(out.output_dir), resume.state):
             raise UserError(
                 f"{checkpoint} already completed {resume.state.epoch} epochs; raise --epochs to train further"
             )
-        print_line(f"{checkpoint} completed the run, but its final model is not in {args.output_dir}: writing it")
+        print_line(f"{checkpoint} completed the run, but its final model is not in {out.output_dir}: writing it")
     return resume
 
 
@@ -325,41 +327,42 @@ def continue_from_weights(checkpoint: Path) -> str:
 
 
 def check_resume_settings(
-    saved: dict[str, Any], args: argparse.Namespace, checkpoint: Path, print_line: Callable[[str], None]
+    saved: dict[str, Any], settings: dict[str, Any], checkpoint: Path, print_line: Callable[[str], None]
 ) -> None:
-    """Settings that shape the data or the model must match the checkpoint's; others may change, and are logged."""
+    """Settings (by flag name) that shape the data or the model must match the checkpoint's; others may change,
+    and are logged."""
     for key in MUST_MATCH_ON_RESUME:
-        if key == "targets_lora" and args.targets_lora == ["auto"]:
+        if key == "targets_lora" and settings["targets_lora"] == ["auto"]:
             continue  # the checkpoint's own adapters are loaded, on the layers they were made for
-        if saved.get(key) != getattr(args, key):
+        if saved.get(key) != settings[key]:
             raise UserError(
-                f"cannot resume: {checkpoint} was trained with {flag_name(key)} {saved.get(key)}, "
-                f"not {getattr(args, key)}"
+                f"cannot resume: {checkpoint} was trained with {flag_name(key)} {saved.get(key)}, not {settings[key]}"
             )
     ignored = {"resume", "resume_from", "overwrite_output_dir"}
     changed = [
         f"{flag_name(key)} {saved.get(key)} -> {value}"
-        for key, value in vars(args).items()
+        for key, value in settings.items()
         if key not in ignored and key in saved and saved[key] != value
     ]
     if changed:
         print_line(f"resuming with changed settings: {'; '.join(changed)}")
 
 
-def refuse_overwrites(args: argparse.Namespace, resume: Resume, total_steps: int) -> None:
+def refuse_overwrites(settings: TrainSettings, resume: Resume, total_steps: int) -> None:
     """Stop before training if this run would overwrite, prune or mix up another run's checkpoints or logs."""
-    check_dir = Path(args.check_dir)
+    out, epochs = settings.checkpoints, settings.optimization.epochs
+    check_dir = Path(out.check_dir)
     start = (resume.state.global_step, resume.state.epoch)
     later = [p.name for p in sorted_checkpoints(check_dir) if checkpoint_progress(p) > start]
-    if later or (not resume.checkpoint and not args.resume and (check_dir / "logs").exists()):
+    if later or (not resume.checkpoint and not out.resume and (check_dir / "logs").exists()):
         found = f"checkpoints ({', '.join(later[-3:])})" if later else "the logs of another run"
         where = f"beyond {resume.checkpoint.name}" if resume.checkpoint else "from another run"
         raise UserError(f"{check_dir} holds {found} {where}; continue with --resume, or use another --check-dir")
-    epochs = range(resume.state.epoch + 1, args.epochs + 1)
-    planned = [check_dir / f"Epoch_{e}" for e in epochs if e % args.save_interval == 0 or e == args.epochs]
-    if args.save_steps:
+    to_come = range(resume.state.epoch + 1, epochs + 1)
+    planned = [check_dir / f"Epoch_{e}" for e in to_come if e % out.save_interval == 0 or e == epochs]
+    if out.save_steps:
         steps = range(resume.state.global_step + 1, total_steps + 1)
-        planned += [check_dir / f"Step_{s}" for s in steps if s % args.save_steps == 0]
+        planned += [check_dir / f"Step_{s}" for s in steps if s % out.save_steps == 0]
     clashes = [p.name for p in planned if p.exists()]
     if clashes:
         raise UserError(f"{check_dir} holds {', '.join(clashes[:3])}, which this run would write; move them away")

@@ -6,7 +6,6 @@ every decision (stop, save) at the same step, or the others wait forever in thei
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -99,7 +98,7 @@ def optimizer_state_is_split(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def refuse_unsupported(accelerator, args: argparse.Namespace, checkpoint: Path | None) -> None:
+def refuse_unsupported(accelerator, checkpoint: Path | None, load_in_8bit: bool, grad_accum_steps: int) -> None:
     """What this loop does not do under FSDP and DeepSpeed (`checkpoint`: the one to resume from, if any)."""
 
     if optimizer_state_is_split(accelerator) and checkpoint:
@@ -107,20 +106,20 @@ def refuse_unsupported(accelerator, args: argparse.Namespace, checkpoint: Path |
             "resuming under FSDP or DeepSpeed is not supported (the optimizer state is split over the processes); "
             "resume with DDP (torchrun or configs/accelerate/ddp.yaml), or " + continue_from_weights(checkpoint)
         )
-    if accelerator.distributed_type == DistributedType.FSDP and args.load_in_8bit:
+    if accelerator.distributed_type == DistributedType.FSDP and load_in_8bit:
         # bitsandbytes' 8-bit layers lose their quantization state when FSDP2 shards their weights
         raise UserError(
             "--load-in-8bit is not supported under FSDP; use --qlora, or DDP (torchrun or configs/accelerate/ddp.yaml)"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.grad_accum_steps > 1:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and grad_accum_steps > 1:
         raise UserError("under DeepSpeed use --grad-accum-steps 1 (DeepSpeed steps at every backward)")
 
 
-def configure_deepspeed(accelerator, args: argparse.Namespace) -> None:
+def configure_deepspeed(accelerator, batch_size: int, max_grad_norm: float) -> None:
     """DeepSpeed reads the batch size off prepare()d loaders, which ours are not, and clips inside its
     own step (accelerator.clip_grad_norm_ only reports the norm there): both come from the flags."""
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         config = accelerator.state.deepspeed_plugin.deepspeed_config
-        config["train_micro_batch_size_per_gpu"] = args.batch_size
-        config["gradient_clipping"] = args.max_grad_norm
+        config["train_micro_batch_size_per_gpu"] = batch_size
+        config["gradient_clipping"] = max_grad_norm

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-from pathlib import Path
 
 from austen_gpt.cli import (
     ArgumentParser,
-    UserError,
     add_bool_flag,
     add_flag,
     add_original_resume_flags,
     read_original_resume_flags,
-    require,
 )
-from austen_gpt.flags import add_sampling_flags, add_split_flags, sampling_rules, uses_adapters
+from austen_gpt.flags import add_sampling_flags, add_split_flags
+from austen_gpt.settings import from_flags
+from austen_gpt.training.settings import TrainSettings
 
-DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
+DEFAULTS = TrainSettings()  # the flags' defaults are the settings' own
+
+
+def train_settings(argv: list[str] | None = None, description: str | None = None) -> TrainSettings:
+    """train.py's command line (and run file) as the run's settings."""
+    return from_flags(TrainSettings, parse_args(argv, description))
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
@@ -43,33 +45,43 @@ def add_data_flags(group) -> None:
         group,
         "--max-input-length",
         type=int,
-        default=100,
+        default=DEFAULTS.data.max_input_length,
         help="tokens per example; longer paragraphs are cut in several",
     )
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "austen-gpt")
-    add_flag(group, "--data-cache", default=cache, help="folder of tokenized data, keyed by a hash of it; '' disables")
+    add_flag(
+        group,
+        "--data-cache",
+        default=DEFAULTS.data.data_cache,
+        help="folder of tokenized data, keyed by a hash of it; '' disables",
+    )
     add_bool_flag(
         group,
         "--packing",
-        default=True,
+        default=DEFAULTS.data.packing,
         help="pack paragraphs into full blocks (no padding) instead of one per example",
     )
 
 
 def add_model_flags(group) -> None:
     """The model, and LoRA/QLoRA adapters on it."""
-    add_flag(group, "--model", default="gpt2", help="Hub id or local folder of the base model")
+    add_flag(group, "--model", default=DEFAULTS.model.model, help="Hub id or local folder of the base model")
     add_bool_flag(group, "--from-scratch", help="random weights from the --model config instead of pretrained ones")
     add_bool_flag(group, "--lora", help="train LoRA adapters on the frozen base model instead of all weights")
     add_bool_flag(group, "--qlora", help="LoRA on the base model quantized to 4-bit NF4 (bitsandbytes)")
     add_bool_flag(group, "--load-in-8bit", help="LoRA on the base model quantized to 8-bit (bitsandbytes)")
-    add_flag(group, "--rank-lora", type=int, default=64, help="LoRA rank")
-    add_flag(group, "--alpha-lora", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/rank)")
+    add_flag(group, "--rank-lora", type=int, default=DEFAULTS.model.rank_lora, help="LoRA rank")
+    add_flag(
+        group,
+        "--alpha-lora",
+        type=int,
+        default=DEFAULTS.model.alpha_lora,
+        help="LoRA alpha (the update is scaled by alpha/rank)",
+    )
     add_flag(
         group,
         "--targets-lora",
         nargs="+",
-        default=["auto"],
+        default=DEFAULTS.model.targets_lora,
         help="layers that get adapters, e.g. q_proj v_proj; auto: the attention projections (GPT-2: c_attn, "
         "GPT-NeoX: query_key_value, Llama/Qwen/Mistral/Gemma: q_proj k_proj v_proj o_proj); all-linear: every "
         "linear layer but the output layer",
@@ -78,37 +90,65 @@ def add_model_flags(group) -> None:
         group,
         "--dropout",
         type=float,
-        default=None,
+        default=DEFAULTS.model.dropout,
         help="dropout of the model's embeddings, attention and residual stream (default: the model's own, 0.1 for "
         "GPT-2); not the adapters' (--lora-dropout)",
     )
-    add_flag(group, "--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    add_flag(
+        group, "--lora-dropout", type=float, default=DEFAULTS.model.lora_dropout, help="dropout on the adapters' input"
+    )
 
 
 def add_optimization_flags(group) -> None:
     """Optimizer, schedule, precision and seed."""
-    add_flag(group, "--epochs", type=int, default=4, help="passes over the training paragraphs")
-    add_flag(group, "--batch-size", type=int, default=8, help="examples per batch and device")
-    add_flag(group, "--grad-accum-steps", type=int, default=1, help="batches accumulated into one optimizer step")
-    add_flag(group, "--lr", type=float, default=5e-4, help="peak learning rate of AdamW")
-    add_flag(group, "--eps", type=float, default=1e-8, help="AdamW epsilon")
     add_flag(
-        group, "--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on biases and LayerNorms)"
+        group, "--epochs", type=int, default=DEFAULTS.optimization.epochs, help="passes over the training paragraphs"
     )
-    add_flag(group, "--warmup-steps", type=int, default=100, help="linear warm-up steps, then linear decay to 0")
-    add_flag(group, "--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+    add_flag(
+        group, "--batch-size", type=int, default=DEFAULTS.optimization.batch_size, help="examples per batch and device"
+    )
+    add_flag(
+        group,
+        "--grad-accum-steps",
+        type=int,
+        default=DEFAULTS.optimization.grad_accum_steps,
+        help="batches accumulated into one optimizer step",
+    )
+    add_flag(group, "--lr", type=float, default=DEFAULTS.optimization.lr, help="peak learning rate of AdamW")
+    add_flag(group, "--eps", type=float, default=DEFAULTS.optimization.eps, help="AdamW epsilon")
+    add_flag(
+        group,
+        "--weight-decay",
+        type=float,
+        default=DEFAULTS.optimization.weight_decay,
+        help="AdamW weight decay (never on biases and LayerNorms)",
+    )
+    add_flag(
+        group,
+        "--warmup-steps",
+        type=int,
+        default=DEFAULTS.optimization.warmup_steps,
+        help="linear warm-up steps, then linear decay to 0",
+    )
+    add_flag(
+        group,
+        "--max-grad-norm",
+        type=float,
+        default=DEFAULTS.optimization.max_grad_norm,
+        help="gradient clipping norm; 0 disables",
+    )
     add_flag(
         group,
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
+        default=DEFAULTS.optimization.precision,
         help="auto: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32",
     )
     add_bool_flag(group, "--gradient-checkpointing", help="recompute activations in backward: less memory, more time")
     add_bool_flag(
         group,
         "--chunked-loss",
-        default=True,
+        default=DEFAULTS.optimization.chunked_loss,
         help="compute the output layer and the loss 1,024 tokens at a time, their gradients in the same pass: the "
         "logits of a whole batch never exist (much less memory with a large vocabulary). Not under FSDP or "
         "DeepSpeed, nor where the logits are more than a bias-free projection (checked at the start)",
@@ -116,7 +156,7 @@ def add_optimization_flags(group) -> None:
     add_bool_flag(
         group,
         "--fused-activations",
-        default=True,
+        default=DEFAULTS.optimization.fused_activations,
         help="run GPT-2's (and Phi's) tanh GELU, written in transformers as 7 elementwise operations that each keep "
         "their output for backward, as PyTorch's one fused kernel: the same function within rounding, less memory "
         "and time. Saved models are unchanged",
@@ -126,9 +166,27 @@ def add_optimization_flags(group) -> None:
 
 def add_training_samples_flags(group) -> None:
     """Samples and style measures during training."""
-    add_flag(group, "--sample-every", type=int, default=100, help="print and log samples every N steps; 0 disables")
-    add_flag(group, "--sample-prompts", nargs="+", default=DEFAULT_PROMPTS, help="their prompts; '' starts a paragraph")
-    add_flag(group, "--max-output-length", type=int, default=200, help="tokens per sample, prompt included")
+    add_flag(
+        group,
+        "--sample-every",
+        type=int,
+        default=DEFAULTS.samples.sample_every,
+        help="print and log samples every N steps; 0 disables",
+    )
+    add_flag(
+        group,
+        "--sample-prompts",
+        nargs="+",
+        default=DEFAULTS.samples.sample_prompts,
+        help="their prompts; '' starts a paragraph",
+    )
+    add_flag(
+        group,
+        "--max-output-length",
+        type=int,
+        default=DEFAULTS.samples.max_output_length,
+        help="tokens per sample, prompt included",
+    )
     add_sampling_flags(group, temperature=False)
     add_bool_flag(
         group,
@@ -142,7 +200,7 @@ def add_training_samples_flags(group) -> None:
         group,
         "--eval-style-samples",
         type=int,
-        default=24,
+        default=DEFAULTS.samples.eval_style_samples,
         help="samples of --eval-style, 100 tokens each (10 or more for its two-sample test)",
     )
 
@@ -153,39 +211,43 @@ def add_validation_flags(group) -> None:
         group,
         "--log-every",
         type=int,
-        default=10,
+        default=DEFAULTS.validation.log_every,
         help="every N optimizer steps (and at each sample, validation, checkpoint and epoch end): read the loss from "
         "the device, log its mean since the last time, update the progress bar, check for a non-finite loss and a "
         "stop signal. In between the host never waits for the device",
     )
     add_flag(
-        group, "--eval-steps", type=int, default=0, help="also validate every N optimizer steps; 0: epoch ends only"
+        group,
+        "--eval-steps",
+        type=int,
+        default=DEFAULTS.validation.eval_steps,
+        help="also validate every N optimizer steps; 0: epoch ends only",
     )
     add_bool_flag(
         group,
         "--load-best-at-end",
-        default=True,
+        default=DEFAULTS.validation.load_best_at_end,
         help="export the best validated model (<check-dir>/best/) to --output-dir; False: the last step's model",
     )
     add_flag(
         group,
         "--early-stopping-patience",
         type=int,
-        default=0,
+        default=DEFAULTS.validation.early_stopping_patience,
         help="stop after K validations in a row without a new best model; 0: never",
     )
     add_flag(
         group,
         "--early-stopping-threshold",
         type=float,
-        default=0.0,
+        default=DEFAULTS.validation.early_stopping_threshold,
         help="a new best must lower the validation loss by more than this (nats per token)",
     )
     add_flag(
         group,
         "--max-copied-8grams",
         type=float,
-        default=None,
+        default=DEFAULTS.validation.max_copied_8grams,
         metavar="SHARE",
         help="with --eval-style: a validation point whose samples copy more than this share of their word 8-grams "
         "from the training text never becomes the best model (e.g. 0.01 for 1%%)",
@@ -195,23 +257,38 @@ def add_validation_flags(group) -> None:
         "--report-to",
         nargs="+",
         choices=["tensorboard", "wandb", "mlflow", "none"],
-        default=["tensorboard"],
+        default=DEFAULTS.validation.report_to,
         help="trackers that also get the metrics (logs/metrics.jsonl is always written)",
     )
 
 
 def add_outputs_flags(group) -> None:
     """Checkpoints, resume and the final model."""
-    add_flag(group, "--check-dir", default="Checkpoints", help="folder of the Epoch_N checkpoints and the run logs")
-    add_flag(group, "--save-interval", type=int, default=1, help="checkpoint every N epochs (the last epoch always)")
     add_flag(
-        group, "--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps (Step_N); 0: off"
+        group,
+        "--check-dir",
+        default=DEFAULTS.checkpoints.check_dir,
+        help="folder of the Epoch_N checkpoints and the run logs",
+    )
+    add_flag(
+        group,
+        "--save-interval",
+        type=int,
+        default=DEFAULTS.checkpoints.save_interval,
+        help="checkpoint every N epochs (the last epoch always)",
+    )
+    add_flag(
+        group,
+        "--save-steps",
+        type=int,
+        default=DEFAULTS.checkpoints.save_steps,
+        help="also checkpoint every N optimizer steps (Step_N); 0: off",
     )
     add_flag(
         group,
         "--keep-last",
         type=int,
-        default=0,
+        default=DEFAULTS.checkpoints.keep_last,
         help="keep only the newest K Step_N checkpoints, deleting older ones once a new one checks out against its "
         "manifest; 0 keeps all",
     )
@@ -219,62 +296,11 @@ def add_outputs_flags(group) -> None:
     add_flag(
         group,
         "--resume-from",
-        default=None,
+        default=DEFAULTS.checkpoints.resume_from,
         metavar="CHECKPOINT",
         help="continue from this checkpoint: a name in --check-dir (Epoch_2, Step_300) or a path",
     )
-    add_flag(group, "--output-dir", default="GPT2_fine_tuned_Austen", help="where the final model and tokenizer go")
+    add_flag(
+        group, "--output-dir", default=DEFAULTS.checkpoints.output_dir, help="where the final model and tokenizer go"
+    )
     add_bool_flag(group, "--overwrite-output-dir", help="replace a model already in --output-dir")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Reject impossible settings before anything is loaded or written."""
-    rules = [
-        (args.batch_size >= 1, "--batch-size must be at least 1"),
-        (args.epochs >= 1, "--epochs must be at least 1"),
-        (args.lr > 0, "--lr must be positive"),
-        (0 < args.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
-        *sampling_rules(args.top_k, args.top_p),
-        (args.max_input_length >= 2, "--max-input-length must be at least 2 tokens"),
-        (args.max_output_length >= 1, "--max-output-length must be at least 1"),
-        (args.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
-        (args.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-        (args.sample_every >= 0, "--sample-every must be 0 (off) or more"),
-        (args.eval_style_samples >= 1, "--eval-style-samples must be at least 1"),
-        (args.save_interval >= 1, "--save-interval must be at least 1"),
-        (args.save_steps >= 0 and args.keep_last >= 0, "--save-steps and --keep-last must be 0 (off) or more"),
-        (args.log_every >= 1, "--log-every must be 1 or more"),
-        (not (args.resume and args.resume_from), "--resume takes the newest checkpoint, --resume-from one: use one"),
-        (args.eps > 0, "--eps must be positive"),
-        (args.weight_decay >= 0 and args.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must not be negative"),
-        (not Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file; pass a folder path"),
-        (not (args.qlora and args.load_in_8bit), "--qlora (4-bit) and --load-in-8bit exclude each other; pick one"),
-        (args.rank_lora >= 1, "--rank-lora must be at least 1, e.g. 16"),
-        (args.alpha_lora > 0, "--alpha-lora must be positive, e.g. 16"),
-        (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-        (args.dropout is None or 0 <= args.dropout < 1, "--dropout must be in [0, 1), e.g. 0.1 or 0"),
-        (not (uses_adapters(args) and args.from_scratch), "LoRA freezes the base model: drop --from-scratch"),
-        (
-            args.eval_steps >= 0 and args.early_stopping_patience >= 0,
-            "--eval-steps and --early-stopping-patience must be 0 (off) or more",
-        ),
-        (args.early_stopping_threshold >= 0, "--early-stopping-threshold must be 0 or more (nats per token)"),
-        (
-            args.max_copied_8grams is None or args.eval_style,
-            "--max-copied-8grams needs --eval-style (it reads the copy rate of the samples that measures)",
-        ),
-        (
-            args.max_copied_8grams is None or 0 <= args.max_copied_8grams <= 1,
-            "--max-copied-8grams is a share in [0, 1], e.g. 0.01 for 1%",
-        ),
-        ("none" not in args.report_to or args.report_to == ["none"], "--report-to none goes alone"),
-    ]
-    require(rules)
-    for tracker in set(args.report_to) - {"none"}:
-        if importlib.util.find_spec(tracker) is None:
-            raise UserError(
-                f"--report-to {tracker} needs the {tracker} package: pip install {tracker}, or leave it out"
-            )
-    output = Path(args.output_dir)
-    if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
-        raise UserError(f"--output-dir {output} already holds files; pass --overwrite-output-dir or another folder")

@@ -8,7 +8,6 @@ multi-process distribution: the same code runs on a CPU, one GPU or many.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -18,8 +17,10 @@ from typing import Any
 
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import TorchDynamoPlugin, set_seed
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from austen_gpt.cli import (
     CliError,
@@ -28,7 +29,7 @@ from austen_gpt.cli import (
 from austen_gpt.data.batches import batch_loader, epoch_batches, validation_loader
 from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs, text_chars
 from austen_gpt.data.tokens import tokenize_cached, unpredicted_token
-from austen_gpt.flags import REPO, data_path, uses_adapters
+from austen_gpt.flags import REPO, data_path
 from austen_gpt.models import chunked_loss, lean_layers, loading
 from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
 from austen_gpt.models.device import compute_dtype, resolve_precision
@@ -36,13 +37,20 @@ from austen_gpt.models.evaluation import held_out_metrics
 from austen_gpt.models.lean_layers import fused_activations, recomputes_attention
 from austen_gpt.models.lora import adapted_layers, parameter_counts
 from austen_gpt.models.saving import EXPORT_NOTE, copy_model_folder, save_model_folder
-from austen_gpt.sampling.generation import SamplingSettings, model_positions, sample_texts, window_note
+from austen_gpt.sampling.generation import model_positions, sample_texts, window_note
+from austen_gpt.settings import DataSettings, SamplingSettings, flat_settings
 from austen_gpt.style.probe import StyleProbe
 from austen_gpt.training import checkpoints, distributed
 from austen_gpt.training.checkpoints import continue_from_weights
 from austen_gpt.training.distributed import StopSignals, parallelism
 from austen_gpt.training.logs import NOT_SETTINGS, RunLog, tracker_settings, write_run_file
-from austen_gpt.training.state import judge_validation
+from austen_gpt.training.settings import (
+    OptimizationSettings,
+    TrainingSamplesSettings,
+    TrainSettings,
+    check_settings,
+)
+from austen_gpt.training.state import TrainingState, judge_validation
 from austen_gpt.training.step import (
     StepMeter,
     ends_step,
@@ -54,9 +62,6 @@ from austen_gpt.training.step import (
     skips_on_device,
 )
 
-# torch, transformers and accelerate are imported inside the functions that use them, after the flags
-# are parsed, so that `--help` and flag errors answer at once.
-
 BEST_NOTE = "best.json"  # beside the model in <check-dir>/best/: its step, epoch and validation numbers
 
 
@@ -64,22 +69,34 @@ BEST_NOTE = "best.json"  # beside the model in <check-dir>/best/: its step, epoc
 class Run:
     """The objects of one training run, made by set_up()."""
 
-    args: argparse.Namespace
-    accelerator: Any
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    tokenizer: Any
-    train_loader: Any
-    val_loader: Any
+    settings: TrainSettings
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepare()d: wrapped under DDP, FSDP or DeepSpeed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: PreTrainedTokenizerBase
+    train_loader: DataLoader
+    val_loader: DataLoader
     val_chars: int  # characters of the validation paragraphs, for bits per character
-    sampling: Any  # generation.SamplingSettings of the periodic samples
-    style_probe: Any  # style.StyleProbe with --eval-style, else None
+    sampling: SamplingSettings  # of the periodic samples
+    style_probe: StyleProbe | None  # with --eval-style
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
     skips_on_device: bool  # a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)
 
 
-def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
+def train(settings: TrainSettings, resume_cmd: str = "python train.py --resume") -> int:
+    """Train as `settings` say: train.py's job, callable from a notebook. Ctrl-C or SIGTERM stops after the
+    current step with a checkpoint, and `resume_cmd` is the way on that is printed then. Returns 0, or the exit
+    code of the signal (130 for Ctrl-C, 143 for SIGTERM)."""
+    check_settings(settings)
+    stop = StopSignals()
+    try:
+        return train_loop(settings, stop, resume_cmd)
+    finally:
+        stop.restore()
+
+
+def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> int:
     """Forward, backward, clip, step, schedule; samples, validation and checkpoints on their schedules.
 
     Between log points the host never waits for the device: losses, token counts and the non-finite
@@ -88,12 +105,12 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     the numbers are read, logged, and checked; the processes agree on a stop signal there too.
     """
 
-    run, state = set_up(args)
-    accelerator, model = run.accelerator, run.model
-    n_batches, accumulate, early_stop = len(run.train_loader), args.grad_accum_steps, False
+    run, state = set_up(settings)
+    accelerator, model, opt = run.accelerator, run.model, settings.optimization
+    n_batches, accumulate, early_stop = len(run.train_loader), opt.grad_accum_steps, False
     model.train()
-    with RunLog(Path(args.check_dir) / "logs", state.global_step, accelerator, vars(args)) as log:
-        for epoch in range(state.epoch, args.epochs):
+    with RunLog(logs_folder(settings), state.global_step, accelerator, flat_settings(settings)) as log:
+        for epoch in range(state.epoch, opt.epochs):
             batches = epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
             targets = run.train_loader.batch_sampler.window_targets(accumulate)  # host integers, for each batch
             bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
@@ -107,9 +124,9 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                 if not step_now:
                     continue
                 skip = skip_flag(run, state, meter, targets_in_window)
-                lr = optimizer_step(model, run.optimizer, run.scheduler, accelerator, args.max_grad_norm, skip)
+                lr = optimizer_step(model, run.optimizer, run.scheduler, accelerator, opt.max_grad_norm, skip)
                 state.global_step += 1
-                log_now, sample, evaluate, checkpoint = scheduled(args, state, n_batches)
+                log_now, sample, evaluate, checkpoint = scheduled(settings, state, n_batches)
                 if not log_now:
                     continue  # the device runs ahead: nothing was read from it
                 log_step(run, state, log, bar, meter, lr)  # the log point
@@ -117,10 +134,7 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
                     log_samples(run, state, log)
                 if evaluate:
                     early_stop = validate(run, state, log)
-                stopping = stop.agree(accelerator)
-                if stopping or checkpoint:
-                    save(run, state, f"Step_{state.global_step}")
-                if stopping:
+                if save_or_stop(run, state, stop, checkpoint, f"Step_{state.global_step}"):
                     return stopped(run, state, stop, resume_cmd)
                 if early_stop:
                     break
@@ -129,10 +143,8 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             if state.last_validation_step != state.global_step:  # not yet validated at this step
                 early_stop = validate(run, state, log)
-            stopping = stop.agree(accelerator)
-            if state.epoch % args.save_interval == 0 or state.epoch == args.epochs or stopping:
-                save(run, state, f"Epoch_{state.epoch}")
-            if stopping:
+            due = state.epoch % settings.checkpoints.save_interval == 0 or state.epoch == opt.epochs
+            if save_or_stop(run, state, stop, due, f"Epoch_{state.epoch}"):
                 return stopped(run, state, stop, resume_cmd)
             if early_stop:
                 break
@@ -140,67 +152,36 @@ def train(args: argparse.Namespace, stop: StopSignals, resume_cmd: str) -> int:
     return 0
 
 
-# ---- set-up ---------------------------------------------------------------------------------------------
+# ---- set-up: each step can fail on bad input, and does so before any training or write -----------------
 
 
-def set_up(args: argparse.Namespace):
+def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
     """(Run, TrainingState): data, model, optimizer and schedule, restored from a checkpoint if resuming."""
 
-    process_state = distributed.start_processes()
-    resume = checkpoints.plan_resume(args, process_state.num_processes, process_state.print)
-    paragraphs = load_paragraphs(data_path(args.data), args.text_column, args.data_config, args.data_split)
-    train_paragraphs, val_paragraphs = split_paragraphs(paragraphs, args.train_size, args.seed)
-    precision = resolve_precision(args.precision)
-    tokenizer = loading.load_tokenizer(str(resume.checkpoint or args.model))
-    # The same random weights (--from-scratch, new LoRA adapters) in every process: DDP and DeepSpeed
-    # would copy the first process's, FSDP2 would keep each process's own shard of different ones.
-    set_seed(args.seed)
-    model = loading.load_trainable_model(args, resume.checkpoint, precision)
-    if args.dropout is not None and (note := loading.set_dropout(model, args.dropout)):
-        process_state.print(f"warning: {note}")
-    if process_state.num_processes > 1:
-        set_seed(args.seed + process_state.process_index)  # then each process its own dropout masks
-    check_lengths(args, model, tokenizer)
-    # Sampling defaults in every saved model, so that pipeline("text-generation") samples as inference.py does.
-    model.generation_config.update(
-        do_sample=True, top_k=args.top_k, top_p=args.top_p, pad_token_id=tokenizer.pad_token_id
-    )
-    with process_state.main_process_first():  # the first process fills the token cache, the others read it
-        train_loader, val_loader = make_loaders(args, tokenizer, train_paragraphs, val_paragraphs)
-    total_steps = math.ceil(len(train_loader) / args.grad_accum_steps) * args.epochs
-    checkpoints.refuse_overwrites(args, resume, total_steps)
-    record_trained_positions(model, train_loader.dataset, args.from_scratch, uses_adapters(args))
-
-    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs
-    dynamo = TorchDynamoPlugin(backend="inductor" if args.compile else "no")
-    trackers = tracker_settings(args.report_to, Path(args.check_dir) / "logs", resume.state.global_step)
-    # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
-    # are not prepare()d, as they already hold this process's share of the data.
-    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo, **trackers)
-    distributed.refuse_unsupported(accelerator, args, resume.checkpoint)
-    distributed.configure_deepspeed(accelerator, args)
+    processes = distributed.start_processes()
+    resume = checkpoints.plan_resume(settings, processes.num_processes, processes.print)
+    train_paragraphs, val_paragraphs = split_data(settings.data)
+    precision = resolve_precision(settings.optimization.precision)
+    tokenizer = loading.load_tokenizer(str(resume.checkpoint or settings.model.model))
+    model = trainable_model(settings, resume.checkpoint, precision, processes, tokenizer.pad_token_id)
+    check_lengths(settings, model, tokenizer)
+    with processes.main_process_first():  # the first process fills the token cache, the others read it
+        train_loader, val_loader = make_loaders(settings, tokenizer, train_paragraphs, val_paragraphs)
+    opt = settings.optimization
+    total_steps = math.ceil(len(train_loader) / opt.grad_accum_steps) * opt.epochs
+    checkpoints.refuse_overwrites(settings, resume, total_steps)
+    record_trained_positions(model, train_loader.dataset, settings.model.from_scratch, settings.model.adapters)
+    accelerator = make_accelerator(settings, precision, resume)
     sharded = distributed.optimizer_state_is_split(accelerator)
-    if args.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
-        chunked_loss.install(model)
-    if args.fused_activations:
-        lean_layers.fuse_activations(model)
-    if not (args.gradient_checkpointing or sharded):  # (they recompute, or wrap, the whole block themselves)
-        lean_layers.recompute_attention(model, accelerator.device)
-    optimizer = make_optimizer(model, args.lr, args.eps, args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if resume.checkpoint:  # the moments, steps and RNG; this run's flags then set eps, decay and the rate
-        checkpoints.restore_states(resume.tensors, accelerator, optimizer)
-        set_hyperparameters(optimizer, args.eps, args.weight_decay)
-    # The schedule these flags define, at the step to take next. Stepped by hand once per optimizer step, not
-    # prepare()d (Accelerate would step it once per process), so --warmup-steps counts optimizer steps.
-    step = resume.state.global_step
-    scheduler = linear_schedule(optimizer, args.lr, args.warmup_steps, total_steps, step)
+    install_lean_layers(model, opt, accelerator.device, sharded)
+    model, optimizer, scheduler = optimizer_and_schedule(model, opt, accelerator, resume, total_steps)
     if resume.checkpoint:
         accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
     if accelerator.is_main_process:
-        write_run_file(Path(args.check_dir) / "logs", vars(args), resolved_settings(accelerator))
+        write_run_file(logs_folder(settings), flat_settings(settings), resolved_settings(accelerator))
+    samples = settings.samples
     run = Run(
-        args=args,
+        settings=settings,
         accelerator=accelerator,
         model=model,
         optimizer=optimizer,
@@ -209,7 +190,7 @@ def set_up(args: argparse.Namespace):
         train_loader=train_loader,
         val_loader=val_loader,
         val_chars=text_chars(val_paragraphs),
-        sampling=SamplingSettings(max_length=args.max_output_length, top_k=args.top_k, top_p=args.top_p),
+        sampling=SamplingSettings(max_length=samples.max_output_length, top_k=samples.top_k, top_p=samples.top_p),
         style_probe=None,
         sharded=sharded,
         skips_on_device=skips_on_device(optimizer) and not sharded,
@@ -217,22 +198,97 @@ def set_up(args: argparse.Namespace):
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
     if note := window_note(accelerator.unwrap_model(model)):  # samples during training keep to the trained positions
         accelerator.print(note)
-    for warning in questionable_settings(args, len(train_loader), total_steps):
+    for warning in questionable_settings(settings, len(train_loader), total_steps):
         accelerator.print(f"warning: {warning}")
-    if args.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
-        probe = StyleProbe(train_paragraphs, val_paragraphs, args.eval_style_samples, args.top_k, args.top_p, REPO)
-        if probe.classifier is None:
-            accelerator.print(
-                "warning: --eval-style logs no P(author): its classifier needs a passage (about 75 words) or more "
-                "of validation text"
-            )
-        if probe.two_sample is None:
-            accelerator.print(
-                "warning: --eval-style logs no distinguishability: it needs --eval-style-samples 10 or more and "
-                f"{3 * args.eval_style_samples * probe.TOKENS:,} words of validation text"
-            )
-        run.style_probe = probe
+    if samples.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
+        run.style_probe = style_probe(samples, settings.data.seed, train_paragraphs, val_paragraphs, accelerator.print)
     return run, resume.state
+
+
+def split_data(data: DataSettings) -> tuple[list[str], list[str]]:
+    """(training, validation) paragraphs."""
+    paragraphs = load_paragraphs(data_path(data.data), data.text_column, data.data_config, data.data_split)
+    return split_paragraphs(paragraphs, data.train_size, data.seed)
+
+
+def trainable_model(
+    settings: TrainSettings, checkpoint: Path | None, precision: str, processes: PartialState, pad_token_id: int
+) -> torch.nn.Module:
+    """The model (or base and adapters) with the run's dropout and sampling defaults, seeded alike in every
+    process: DDP and DeepSpeed would copy the first process's new weights, FSDP2 would keep each process's own
+    shard of different ones. Each process then gets its own stream, for its own dropout masks."""
+    set_seed(settings.data.seed)
+    gradient_checkpointing = settings.optimization.gradient_checkpointing
+    model = loading.load_trainable_model(settings.model, checkpoint, precision, gradient_checkpointing)
+    if settings.model.dropout is not None and (note := loading.set_dropout(model, settings.model.dropout)):
+        processes.print(f"warning: {note}")
+    if processes.num_processes > 1:
+        set_seed(settings.data.seed + processes.process_index)
+    # Sampling defaults in every saved model, so that pipeline("text-generation") samples as inference.py does.
+    samples = settings.samples
+    model.generation_config.update(do_sample=True, top_k=samples.top_k, top_p=samples.top_p, pad_token_id=pad_token_id)
+    return model
+
+
+def make_accelerator(settings: TrainSettings, precision: str, resume: checkpoints.Resume) -> Accelerator:
+    """The Accelerator of this run's precision, compilation and trackers, refusing what the loop does not do
+    under the distribution it was launched with (FSDP, DeepSpeed)."""
+    torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs
+    opt = settings.optimization
+    dynamo = TorchDynamoPlugin(backend="inductor" if opt.compile else "no")
+    trackers = tracker_settings(settings.validation.report_to, logs_folder(settings), resume.state.global_step)
+    # Accumulation is written out in the loop (the last window of an epoch may be short); the loaders
+    # are not prepare()d, as they already hold this process's share of the data.
+    accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo, **trackers)
+    distributed.refuse_unsupported(accelerator, resume.checkpoint, settings.model.load_in_8bit, opt.grad_accum_steps)
+    distributed.configure_deepspeed(accelerator, opt.batch_size, opt.max_grad_norm)
+    return accelerator
+
+
+def install_lean_layers(model, opt: OptimizationSettings, device: torch.device, sharded: bool) -> None:
+    """The chunked loss, fused GELU and recomputed attention, as asked and where they apply."""
+    if opt.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
+        chunked_loss.install(model)
+    if opt.fused_activations:
+        lean_layers.fuse_activations(model)
+    if not (opt.gradient_checkpointing or sharded):  # (they recompute, or wrap, the whole block themselves)
+        lean_layers.recompute_attention(model, device)
+
+
+def optimizer_and_schedule(model, opt: OptimizationSettings, accelerator, resume: checkpoints.Resume, total_steps: int):
+    """(model, optimizer, scheduler) as prepare()d, restored from the checkpoint if resuming; the schedule these
+    settings define, at the step to take next."""
+    optimizer = make_optimizer(model, opt.lr, opt.eps, opt.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume.checkpoint:  # the moments, steps and RNG; this run's settings then set eps, decay and the rate
+        checkpoints.restore_states(resume.tensors, accelerator, optimizer)
+        set_hyperparameters(optimizer, opt.eps, opt.weight_decay)
+    # Stepped by hand once per optimizer step, not prepare()d (Accelerate would step it once per process), so
+    # --warmup-steps counts optimizer steps.
+    scheduler = linear_schedule(optimizer, opt.lr, opt.warmup_steps, total_steps, resume.state.global_step)
+    return model, optimizer, scheduler
+
+
+def style_probe(
+    samples: TrainingSamplesSettings, seed: int, train: list[str], val: list[str], print_line
+) -> StyleProbe:
+    """--eval-style's measures, saying which of them this much validation text cannot give."""
+    probe = StyleProbe(train, val, samples.eval_style_samples, samples.top_k, samples.top_p, REPO)
+    if probe.classifier is None:
+        print_line(
+            "warning: --eval-style logs no P(author): its classifier needs a passage (about 75 words) or more "
+            "of validation text"
+        )
+    if probe.two_sample is None:
+        print_line(
+            "warning: --eval-style logs no distinguishability: it needs --eval-style-samples 10 or more and "
+            f"{3 * samples.eval_style_samples * probe.TOKENS:,} words of validation text"
+        )
+    return probe
+
+
+def logs_folder(settings: TrainSettings) -> Path:
+    return Path(settings.checkpoints.check_dir) / "logs"
 
 
 def record_trained_positions(model, examples: list[list[int]], from_scratch: bool, adapters: bool) -> None:
@@ -272,50 +328,52 @@ def describe_resume(resume, n_batches: int, lr: float) -> str:
     )
 
 
-def check_lengths(args: argparse.Namespace, model, tokenizer) -> None:
+def check_lengths(settings: TrainSettings, model, tokenizer) -> None:
     """Examples and sample prompts must fit the model's context (a prompt that does not would fail mid-run)."""
 
-    positions = model_positions(model)
-    if args.max_input_length > positions:
-        raise UserError(f"--max-input-length {args.max_input_length} exceeds the model's {positions} positions")
-    for prompt in args.sample_prompts:
-        if len(tokenizer(prompt)["input_ids"]) + 1 >= min(args.max_output_length, positions):
+    positions, length, samples = model_positions(model), settings.data.max_input_length, settings.samples
+    if length > positions:
+        raise UserError(f"--max-input-length {length} exceeds the model's {positions} positions")
+    for prompt in samples.sample_prompts:
+        if len(tokenizer(prompt)["input_ids"]) + 1 >= min(samples.max_output_length, positions):
             raise UserError(f"--sample-prompts {prompt!r} leaves no room within --max-output-length; shorten it")
 
 
-def make_loaders(args: argparse.Namespace, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
+def make_loaders(settings: TrainSettings, tokenizer, train_paragraphs: list[str], val_paragraphs: list[str]):
     """This process's training batches (packed or padded, reshuffled per epoch) and validation batches."""
 
-    cache = Path(args.data_cache).expanduser() if args.data_cache else None
-    examples = tokenize_cached(tokenizer, train_paragraphs, args.max_input_length, args.packing, cache)
+    data, batch_size = settings.data, settings.optimization.batch_size
+    cache = Path(data.data_cache).expanduser() if data.data_cache else None
+    examples = tokenize_cached(tokenizer, train_paragraphs, data.max_input_length, data.packing, cache)
     unpredicted = unpredicted_token(tokenizer)
-    train_loader = batch_loader(examples, args.batch_size, tokenizer.pad_token_id, args.seed, unpredicted)
-    val_loader = validation_loader(tokenizer, val_paragraphs, args.max_input_length, args.batch_size, cache)
+    train_loader = batch_loader(examples, batch_size, tokenizer.pad_token_id, data.seed, unpredicted)
+    val_loader = validation_loader(tokenizer, val_paragraphs, data.max_input_length, batch_size, cache)
     return train_loader, val_loader
 
 
 def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     """The start-of-run summary: data, model, trainable share, memory, device, batch and schedule."""
 
-    args, accelerator = run.args, run.accelerator
+    settings, accelerator = run.settings, run.accelerator
+    data, opt = settings.data, settings.optimization
     trainable, total = parameter_counts(run.model)
     model = accelerator.unwrap_model(run.model)
-    adapters = f" + LoRA on {' '.join(adapted_layers(model))}" if uses_adapters(args) else ""
+    adapters = f" + LoRA on {' '.join(adapted_layers(model))}" if settings.model.adapters else ""
     footprint = model.get_memory_footprint() / 2**20
-    effective_batch = args.batch_size * args.grad_accum_steps * accelerator.num_processes
+    effective_batch = opt.batch_size * opt.grad_accum_steps * accelerator.num_processes
     distributed = f"{accelerator.num_processes} processes"
     if accelerator.num_processes > 1:
         distributed += f", {parallelism(accelerator)}"
     return (
         f"data: {n_train:,} training / {n_val:,} validation paragraphs\n"
         f"examples: {len(run.train_loader.dataset):,} training / {len(run.val_loader.dataset):,} validation of "
-        f"<= {args.max_input_length} tokens ({'packed' if args.packing else 'one paragraph each'})\n"
-        f"model: {args.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
+        f"<= {data.max_input_length} tokens ({'packed' if data.packing else 'one paragraph each'})\n"
+        f"model: {settings.model.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}, {hot_path(run.model, accelerator)}\n"
-        f"batches: {effective_batch} examples per optimizer step ({args.batch_size} x {args.grad_accum_steps} "
-        f"accumulated x {distributed}), {total_steps // args.epochs} steps per epoch, {total_steps} in all\n"
-        f"schedule: AdamW lr {args.lr:g}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0 at "
+        f"batches: {effective_batch} examples per optimizer step ({opt.batch_size} x {opt.grad_accum_steps} "
+        f"accumulated x {distributed}), {total_steps // opt.epochs} steps per epoch, {total_steps} in all\n"
+        f"schedule: AdamW lr {opt.lr:g}, linear warm-up over {opt.warmup_steps} steps, then linear decay to 0 at "
         f"step {total_steps}"
     )
 
@@ -334,26 +392,26 @@ def hot_path(model, accelerator) -> str:
     return loss + (", attention with dropout recomputed in backward" if recomputes_attention(model) else "")
 
 
-def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, total_steps: int) -> list[str]:
+def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total_steps: int) -> list[str]:
     """Settings that are allowed but that cannot do what they say in this run."""
-    warnings = []
-    if args.warmup_steps > total_steps:
-        peak = args.lr * total_steps / args.warmup_steps
+    opt, val, warnings = settings.optimization, settings.validation, []
+    if opt.warmup_steps > total_steps:
+        peak = opt.lr * total_steps / opt.warmup_steps
         warnings.append(
-            f"--warmup-steps {args.warmup_steps} is longer than the whole run ({total_steps} steps): the learning "
-            f"rate never reaches --lr {args.lr:g} (it peaks at {peak:.2g})"
+            f"--warmup-steps {opt.warmup_steps} is longer than the whole run ({total_steps} steps): the learning "
+            f"rate never reaches --lr {opt.lr:g} (it peaks at {peak:.2g})"
         )
-    if args.eval_steps > total_steps:
+    if val.eval_steps > total_steps:
         warnings.append(
-            f"--eval-steps {args.eval_steps} is more than the run's {total_steps} steps: it validates at epoch ends"
+            f"--eval-steps {val.eval_steps} is more than the run's {total_steps} steps: it validates at epoch ends"
         )
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
-    epoch_ends = {steps_per_epoch * e for e in range(1, args.epochs + 1)}
-    every = set(range(args.eval_steps, total_steps + 1, args.eval_steps)) if args.eval_steps else set()
+    steps_per_epoch = math.ceil(batches_per_epoch / opt.grad_accum_steps)
+    epoch_ends = {steps_per_epoch * e for e in range(1, opt.epochs + 1)}
+    every = set(range(val.eval_steps, total_steps + 1, val.eval_steps)) if val.eval_steps else set()
     validations = len(epoch_ends | every)
-    if args.early_stopping_patience >= validations:
+    if val.early_stopping_patience >= validations:
         warnings.append(
-            f"--early-stopping-patience {args.early_stopping_patience} can never stop this run: it validates "
+            f"--early-stopping-patience {val.early_stopping_patience} can never stop this run: it validates "
             f"{validations} times (validate more often with --eval-steps)"
         )
     return warnings
@@ -365,17 +423,19 @@ def questionable_settings(args: argparse.Namespace, batches_per_epoch: int, tota
 def progress_bar(run: Run, batches, epoch: int, skip: int):
     from tqdm.auto import tqdm
 
-    description, disable = f"epoch {epoch + 1}/{run.args.epochs}", not run.accelerator.is_main_process
+    epochs, disable = run.settings.optimization.epochs, not run.accelerator.is_main_process
+    description = f"epoch {epoch + 1}/{epochs}"
     return tqdm(batches, description, total=len(run.train_loader), initial=skip, disable=disable)
 
 
-def scheduled(args: argparse.Namespace, state, n_batches: int) -> tuple[bool, bool, bool, bool]:
+def scheduled(settings: TrainSettings, state, n_batches: int) -> tuple[bool, bool, bool, bool]:
     """(a log point, a sample, a validation, a checkpoint) after this step. Samples, validations and
     checkpoints need the host anyway, so each is a log point too, as is an epoch's last step."""
-    step = state.global_step
-    sample, evaluate, checkpoint = (due(n, step) for n in (args.sample_every, args.eval_steps, args.save_steps))
+    step, val = state.global_step, settings.validation
+    every = (settings.samples.sample_every, val.eval_steps, settings.checkpoints.save_steps)
+    sample, evaluate, checkpoint = (due(n, step) for n in every)
     last = state.batches_in_epoch == n_batches
-    return due(args.log_every, step) or sample or evaluate or checkpoint or last, sample, evaluate, checkpoint
+    return due(val.log_every, step) or sample or evaluate or checkpoint or last, sample, evaluate, checkpoint
 
 
 def due(every: int, step: int) -> bool:
@@ -409,8 +469,8 @@ def log_samples(run: Run, state, log) -> None:
     """One sample per --sample-prompts, printed and logged; seeded by the step, so a resumed run repeats them."""
     from tqdm.auto import tqdm
 
-    model, prompts = run.accelerator.unwrap_model(run.model), run.args.sample_prompts
-    texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.args.seed + state.global_step)
+    model, prompts = run.accelerator.unwrap_model(run.model), run.settings.samples.sample_prompts
+    texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.settings.data.seed + state.global_step)
     if run.accelerator.is_main_process:
         tqdm.write("\n".join(f"[step {state.global_step}] {text}" for text in texts))
     log.samples(state.global_step, state.current_epoch, prompts, texts)
@@ -420,18 +480,18 @@ def validate(run: Run, state, log) -> bool:
     """Validation loss, perplexity and bits per character (with --eval-style, the style probe's measures);
     a new best model goes to <check-dir>/best/. Returns whether early stopping ends the run here."""
 
-    args, accelerator = run.args, run.accelerator
+    settings, accelerator, val = run.settings, run.accelerator, run.settings.validation
     metrics = held_out_metrics(run.model, run.val_loader, accelerator, run.val_chars)
     if run.style_probe:  # seeded by the step: a resumed run draws the same samples
         model = accelerator.unwrap_model(run.model)
-        metrics.update(run.style_probe(model, run.tokenizer, args.seed + state.global_step))
-    verdict = judge_validation(state, metrics, args.early_stopping_threshold, args.max_copied_8grams)
+        metrics.update(run.style_probe(model, run.tokenizer, settings.data.seed + state.global_step))
+    verdict = judge_validation(state, metrics, val.early_stopping_threshold, val.max_copied_8grams)
     log.metrics(state.global_step, state.current_epoch, **metrics, val_best_loss=state.best_val_loss)
-    accelerator.print(describe_validation(state, metrics, verdict, args.max_copied_8grams))
+    accelerator.print(describe_validation(state, metrics, verdict, val.max_copied_8grams))
     if verdict == "best":
         save_best(run, state)
     log.curves(state.best_step)
-    patience = args.early_stopping_patience
+    patience = val.early_stopping_patience
     return bool(patience) and state.validations_without_improvement >= patience
 
 
@@ -466,31 +526,41 @@ def save_best(run: Run, state) -> None:
     if accelerator.is_main_process:
         note = {BEST_NOTE: {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics}}
         model = accelerator.unwrap_model(run.model)
-        save_model_folder(best_folder(run.args), model, run.tokenizer, replace=True, notes=note, state_dict=weights)
+        save_model_folder(best_folder(run.settings), model, run.tokenizer, replace=True, notes=note, state_dict=weights)
 
 
-def best_folder(args: argparse.Namespace) -> Path:
-    return Path(args.check_dir) / "best"
+def best_folder(settings: TrainSettings) -> Path:
+    return Path(settings.checkpoints.check_dir) / "best"
 
 
 def save(run: Run, state, name: str) -> None:
     """A checkpoint of this exact moment: weights (or adapters), optimizer (not under FSDP or DeepSpeed),
     schedule, RNG, position. With --keep-last, older Step_N checkpoints go once this one checks out."""
 
-    accelerator, folder, started = run.accelerator, Path(run.args.check_dir) / name, time.perf_counter()
+    accelerator, out, started = run.accelerator, run.settings.checkpoints, time.perf_counter()
+    folder = Path(out.check_dir) / name
     # On every process: each sends its RNG state; under FSDP the weights are gathered from the shards.
     tensors = checkpoints.capture_states(accelerator, run.optimizer, run.scheduler, include_optimizer=not run.sharded)
     weights = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:
-        model, progress = accelerator.unwrap_model(run.model), state.to_json(run.args, accelerator.num_processes)
+        model = accelerator.unwrap_model(run.model)
+        progress = state.to_json(flat_settings(run.settings), accelerator.num_processes)
         checkpoints.save_checkpoint(folder, model, run.tokenizer, tensors, progress, weights)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         accelerator.print(f"saved {folder} ({size:,.1f} MiB in {time.perf_counter() - started:.2f} s)")
-        if name.startswith("Step_") and run.args.keep_last:
-            deleted = checkpoints.prune_step_checkpoints(Path(run.args.check_dir), run.args.keep_last, folder)
+        if name.startswith("Step_") and out.keep_last:
+            deleted = checkpoints.prune_step_checkpoints(Path(out.check_dir), out.keep_last, folder)
             if deleted:
-                accelerator.print(f"deleted {', '.join(deleted)} (--keep-last {run.args.keep_last})")
+                accelerator.print(f"deleted {', '.join(deleted)} (--keep-last {out.keep_last})")
     state.last_checkpoint = folder
+
+
+def save_or_stop(run: Run, state, stop: StopSignals, due: bool, name: str) -> bool:
+    """The processes agree on a stop signal; the checkpoint `name` is saved if `due` or stopping. True: stop now."""
+    stopping = stop.agree(run.accelerator)
+    if stopping or due:
+        save(run, state, name)
+    return stopping
 
 
 def stopped(run: Run, state, stop: StopSignals, resume_cmd: str) -> int:
@@ -512,39 +582,39 @@ def non_finite_loss(run: Run, state, step: int, loss: float) -> str:
 def write_final_model(run: Run, state, stopped_early: bool) -> None:
     """The final model (or adapters) in --output-dir: the best one with --load-best-at-end, else the last."""
 
-    accelerator, args = run.accelerator, run.args
+    accelerator, settings, val = run.accelerator, run.settings, run.settings.validation
     if stopped_early:
         accelerator.print(
-            f"early stopping at step {state.global_step}: {args.early_stopping_patience} validations in a row without "
+            f"early stopping at step {state.global_step}: {val.early_stopping_patience} validations in a row without "
             f"a new best model (best: validation loss {state.best_val_loss:.4f} at step {state.best_step})"
         )
-    best = best_folder(args) / BEST_NOTE
+    best = best_folder(settings) / BEST_NOTE
     best_step = json.loads(best.read_text())["step"] if best.is_file() else None
-    use_best = args.load_best_at_end and state.best_step is not None and best_step == state.best_step
-    if args.load_best_at_end and state.best_step is not None and not use_best:
+    use_best = val.load_best_at_end and state.best_step is not None and best_step == state.best_step
+    if val.load_best_at_end and state.best_step is not None and not use_best:
         accelerator.print(
             f"warning: {best.parent} does not hold the best model (step {state.best_step}): moved or deleted? "
             "Exporting the last step's model instead"
         )
     last = state.last_point()
     exported = {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics} if use_best else last
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}  # as run.yaml has them
-    note = {"exported": "best" if use_best else "last", **exported, "last_step": last, "settings": settings}
+    recorded = {k: v for k, v in flat_settings(settings).items() if k not in NOT_SETTINGS}  # as run.yaml has them
+    note = {"exported": "best" if use_best else "last", **exported, "last_step": last, "settings": recorded}
     notes = {EXPORT_NOTE: note}
     # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.
     weights = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:
-        output = Path(args.output_dir)
+        output = Path(settings.checkpoints.output_dir)
         if use_best:
-            copy_model_folder(best_folder(args), output, leave_out={BEST_NOTE}, notes=notes)
+            copy_model_folder(best_folder(settings), output, leave_out={BEST_NOTE}, notes=notes)
         else:
             model = accelerator.unwrap_model(run.model)
             save_model_folder(output, model, run.tokenizer, replace=True, notes=notes, state_dict=weights)
-        accelerator.print(describe_export(args, exported, last, use_best))
+        accelerator.print(describe_export(settings.checkpoints.output_dir, exported, last, use_best))
     accelerator.wait_for_everyone()  # a process leaving while the first still saves can hang its shutdown
 
 
-def describe_export(args: argparse.Namespace, exported: dict, last: dict, use_best: bool) -> str:
+def describe_export(output_dir: str, exported: dict, last: dict, use_best: bool) -> str:
     def numbers(point: dict) -> str:
         if "val_loss" not in point:
             return "not validated"
@@ -552,7 +622,7 @@ def describe_export(args: argparse.Namespace, exported: dict, last: dict, use_be
 
     which = "the best model" if use_best else "the last step's model"
     return (
-        f"final model in {args.output_dir}: {which}, from step {exported['step']} (epoch {exported['epoch']}), "
+        f"final model in {output_dir}: {which}, from step {exported['step']} (epoch {exported['epoch']}), "
         f"{numbers(exported)}; the last step, {last['step']}: {numbers(last)}\n"
-        f'sample from it: python inference.py --model-path {args.output_dir} --prompt "..."'
+        f'sample from it: python inference.py --model-path {output_dir} --prompt "..."'
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,10 +61,12 @@ class TrainingState:
         """The run's last step and its numbers, as the final model's note records them."""
         return {"step": self.global_step, "epoch": self.current_epoch, **self.metrics}
 
-    def to_json(self, args: argparse.Namespace, processes: int) -> dict[str, Any]:
+    def to_json(self, settings: dict[str, Any], processes: int) -> dict[str, Any]:
+        """trainer_state.json: the position, the metrics and the run's settings by their flag names (under
+        "args", as checkpoints have always stored them)."""
         state = {key: value for key, value in asdict(self).items() if key != "last_checkpoint"}
         state["best_val_loss"] = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no inf
-        return {"format_version": FORMAT_VERSION, **state, "processes": processes, "args": vars(args)}
+        return {"format_version": FORMAT_VERSION, **state, "processes": processes, "args": settings}
 
     @classmethod
     def from_json(cls, saved: dict[str, Any], checkpoint: Path) -> TrainingState:
