@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = sampling_settings(args)
     check_settings(settings, args.n_return_seqs)
     require([(not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one")])
-
+    quiet_libraries()
+    # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
     from austen_gpt.sampling import records, session
     from austen_gpt.sampling.generation import (
         fresh_seed,
@@ -130,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     output = records.check_output(args.output) if args.output else None
     prompts = read_prompts(args.prompts_file, "--prompts-file") if args.prompts_file else [args.prompt]
     at_terminal = session.check_stdin(sys.stdin) if args.interactive else False
-    quiet_libraries()
 
     from austen_gpt.models.loading import load_tokenizer
     from austen_gpt.sampling.loading import load_for_sampling

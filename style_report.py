@@ -27,30 +27,29 @@ Output: <out>/report.md (table and verdict first, then samples), report.json and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from austen_gpt.cli import ArgumentParser, UserError, add_flag, quiet_libraries, require, run_cli
-from austen_gpt.flags import REPO, add_sampling_flags, add_split_flags, data_path, sampling_rules
-from austen_gpt.style.two_sample import TwoSampleTest
+from austen_gpt.cli import ArgumentParser, add_flag, quiet_libraries, run_cli
+from austen_gpt.flags import add_sampling_flags, add_split_flags
+from austen_gpt.settings import DataSettings, SamplingSettings, from_flags
+from austen_gpt.style.settings import ReferenceSettings, ReportSettings, check_report_settings
 
-MIN_TEXTS = TwoSampleTest.MIN_TEXTS
-N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
+DEFAULTS = ReportSettings()  # the flags' defaults are the settings' own
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(run_files=True, description=__doc__)
-    add_flag(p, "--models", nargs="+", default=[], help="model folders, Hub ids or adapter folders")
+    add_flag(p, "--models", nargs="+", default=DEFAULTS.models, help="model folders, Hub ids or adapter folders")
     add_flag(p, "--names", nargs="+", default=None, help="a label per model in the report; without it, the paths")
     add_flag(
         p,
         "--texts",
         nargs="+",
-        default=[],
+        default=DEFAULTS.texts,
         metavar="NAME=FILE",
         help="a row for text written elsewhere (a prompted chat model, a human pastiche): FILE is a .jsonl with a "
         "'text' field or a .txt with samples separated by blank lines; measured like the models, bar perplexity",
     )
-    add_flag(p, "--out", default="reports/style", help="report folder (report.md, report.json, style.png)")
+    add_flag(p, "--out", default=DEFAULTS.out, help="report folder (report.md, report.json, style.png)")
     add_flag(p, "--overwrite", action="store_true", help="replace the files of an existing report in --out")
     add_flag(
         p,
@@ -60,32 +59,42 @@ def build_parser() -> ArgumentParser:
         "(same --split-seed): the untrained baseline",
     )
     sampling = p.add_argument_group("sampling")
-    add_flag(sampling, "--prompts", default=str(REPO / "data/eval_prompts.txt"), help="prompt file, one per line")
+    add_flag(sampling, "--prompts", default=DEFAULTS.prompts, help="prompt file, one per line")
     add_flag(
         sampling,
         "--n-samples",
         type=int,
-        default=N_SAMPLES,
+        default=DEFAULTS.n_samples,
         help="samples per model, cycling through the prompts (and passages per reference row)",
     )
-    add_flag(sampling, "--max-new-tokens", type=int, default=200, help="tokens generated per sample")
+    tokens = DEFAULTS.sampling.max_new_tokens
+    add_flag(sampling, "--max-new-tokens", type=int, default=tokens, help="tokens generated per sample")
     add_sampling_flags(sampling)
-    add_flag(sampling, "--seed", type=int, default=42, help="sampling seed: the same seed gives the same report")
-    add_flag(sampling, "--show-samples", type=int, default=3, help="samples per model printed in report.md")
+    add_flag(
+        sampling, "--seed", type=int, default=DEFAULTS.seed, help="sampling seed: the same seed gives the same report"
+    )
+    add_flag(
+        sampling,
+        "--show-samples",
+        type=int,
+        default=DEFAULTS.show_samples,
+        help="samples per model printed in report.md",
+    )
     data = p.add_argument_group("data (as train.py)")
     add_split_flags(data, ("--split-seed",), "split_seed", "train.py's --split-seed of the fine-tuned model")
-    add_flag(data, "--max-input-length", type=int, default=100, help="tokens per validation example, as trained")
-    add_flag(data, "--batch-size", type=int, default=16, help="validation batch size")
-    text = p.add_argument_group("style references")
-    add_flag(text, "--author-novels", default=str(REPO / "data/austen"), help="folder of the author's novels (.txt)")
-    add_flag(text, "--contrast-novels", default=str(REPO / "data/contrast"), help="folder of other authors' novels")
-    add_flag(text, "--ngram", type=int, default=8, help="word n-gram length of the copying measure")
-    add_flag(text, "--mfw", type=int, default=150, help="most frequent words in Burrows' Delta")
+    length = DEFAULTS.data.max_input_length
+    add_flag(data, "--max-input-length", type=int, default=length, help="tokens per validation example, as trained")
+    add_flag(data, "--batch-size", type=int, default=DEFAULTS.batch_size, help="validation batch size")
+    text, refs = p.add_argument_group("style references"), DEFAULTS.references
+    add_flag(text, "--author-novels", default=refs.author_novels, help="folder of the author's novels (.txt)")
+    add_flag(text, "--contrast-novels", default=refs.contrast_novels, help="folder of other authors' novels")
+    add_flag(text, "--ngram", type=int, default=refs.ngram, help="word n-gram length of the copying measure")
+    add_flag(text, "--mfw", type=int, default=refs.mfw, help="most frequent words in Burrows' Delta")
     add_flag(
         text,
         "--draws",
         type=int,
-        default=5,
+        default=refs.draws,
         help="fresh draws of real author passages for the two-sample test; its spread is across them",
     )
     return p
@@ -95,79 +104,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> list[str]:
-    """Fail fast on bad input; returns the prompts."""
-    require(
-        [
-            (args.models or args.texts, "give --models, --texts or both: the report needs something to measure"),
-            (args.n_samples >= MIN_TEXTS, f"--n-samples must be at least {MIN_TEXTS} (five folds of two or more)"),
-            (args.draws >= 1, "--draws must be at least 1"),
-            (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-            (args.ngram >= 2 and args.mfw >= 10, "--ngram must be at least 2 and --mfw at least 10"),
-            (0 < args.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
-            (args.names is None or len(args.names) == len(args.models), "give one --names label per --models entry"),
-            *sampling_rules(args.top_k, args.top_p, args.temperature),
-        ]
+def report_settings(args: argparse.Namespace) -> ReportSettings:
+    """The parsed flags as the report's settings (the report's --split-seed is train.py's seed of the split)."""
+    sampling = DEFAULTS.sampling
+    return ReportSettings(
+        **{name: getattr(args, name) for name in ("models", "names", "texts", "out", "overwrite", "from_scratch")},
+        prompts=args.prompts,
+        n_samples=args.n_samples,
+        sampling=SamplingSettings(
+            max_new_tokens=args.max_new_tokens,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            paragraphs=sampling.paragraphs,
+        ),
+        seed=args.seed,
+        show_samples=args.show_samples,
+        data=from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed})),
+        batch_size=args.batch_size,
+        references=from_flags(ReferenceSettings, args),
     )
-    for model in args.models:  # a path-like name that does not exist is a typo, not a Hub id
-        if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-            raise UserError(f"--models {model}: no such folder; give a model folder, adapter folder or Hub id")
-    for spec in args.texts:
-        name, _, file = spec.partition("=")
-        if not name or not file:
-            raise UserError(f"--texts {spec}: write NAME=FILE, e.g. --texts chat=samples.jsonl")
-        if Path(file).suffix.lower() not in (".jsonl", ".txt") or not Path(file).is_file():
-            raise UserError(f"--texts {spec}: {file} is not a .jsonl or .txt file; give an existing file of samples")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {out} already holds a report; choose another folder or pass --overwrite")
-    from austen_gpt.sampling.generation import read_prompts
 
-    return read_prompts(args.prompts)
+
+def given_split_settings(given_dests: set[str]) -> set[str]:
+    """The split settings the command line gives, by DataSettings' names."""
+    return {"seed" if dest == "split_seed" else dest for dest in given_dests}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    prompts = check_args(args)
-    # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
-    from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
-    from austen_gpt.style.report import (
-        build_references,
-        read_texts,
-        reference_texts,
-        sample_models,
-        style_metrics,
-        take_split_from_runs,
-        write_report,
-    )
-
-    texts = read_texts(args.texts)
-    for line in take_split_from_runs(args, parser.given_dests(argv)):
-        print(line, flush=True)
+    settings = report_settings(parser.parse_args(argv))
+    check_report_settings(settings)
     quiet_libraries()
-    paragraphs = load_paragraphs(data_path(args.data), args.text_column, args.data_config, args.data_split)
-    train, val = split_paragraphs(paragraphs, args.train_size, args.split_seed)
-    sampled = sample_models(args, prompts, val)
-    # the classifiers read passages as long as the first row's texts
-    first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))
-    passage_words = max(20, round(sum(len(t.split()) for t in first) / len(first)))
-    print(f"fitting the style classifiers on {passage_words}-word passages ...", flush=True)
-    refs = build_references(args, train, val, passage_words)
-    rows = []
-    for row, samples in sampled:
-        print(f"{row['name']}: measuring ...", flush=True)
-        rows.append({**row, **style_metrics([s["text"] for s in samples], refs, [s["prompt"] for s in samples])})
-    for spec, (name, row_texts) in zip(args.texts, texts.items(), strict=True):
-        print(f"{name}: measuring ...", flush=True)
-        rows.append({"name": name, "texts": spec.partition("=")[2], **style_metrics(row_texts, refs)})
-    references = [
-        {"name": name, **style_metrics(ref_texts, refs)}
-        for name, ref_texts in reference_texts(refs, args.n_samples, passage_words, args.seed).items()
-    ]
-    samples = {row["name"]: row_samples for row, row_samples in sampled}
-    write_report(Path(args.out), args, rows, references, refs, samples)
-    print(f"report: {Path(args.out) / 'report.md'}")
+    # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
+    from austen_gpt.style.report import run_report, take_split_from_runs
+
+    given = given_split_settings(parser.given_dests(argv))
+    settings.data, lines = take_split_from_runs(settings.data, settings.models, given)
+    print("\n".join(lines), flush=True)
+    print(f"report: {run_report(settings)}")
     return 0
 
 

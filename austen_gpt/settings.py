@@ -107,13 +107,16 @@ class SamplingSettings:
 
 
 def from_flags(cls: type[Settings], flags: argparse.Namespace) -> Settings:
-    """A settings dataclass filled from parsed flags: each field from the flag of its name, and a field that is
-    itself a settings dataclass from its own fields."""
+    """A settings dataclass filled from parsed flags: each field from the flag of its name (a field that no flag
+    sets keeps its default), and a field that is itself a settings dataclass from its own fields."""
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        values[f.name] = from_flags(kind, flags) if dataclasses.is_dataclass(kind) else getattr(flags, f.name)
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = from_flags(kind, flags)
+        elif hasattr(flags, f.name):
+            values[f.name] = getattr(flags, f.name)
     return cls(**values)
 
 

@@ -9,7 +9,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "austen_gpt"
 # from the bottom up; a module may import its own layer and those below
-LAYERS = ["cli", "flags", "data", "models", "sampling", "style", "training"]
+LAYERS = ["cli", "settings", "flags", "data", "models", "sampling", "style", "training"]
 SCRIPTS = ["train.py", "inference.py", "dataset.py", "style_report.py", "export.py", "bench.py", "utils.py"]
 
 

@@ -30,7 +30,7 @@ from austen_gpt.style.text import (
     repetition_rate,
     words,
 )
-from style_report import parse_args
+from style_report import parse_args, report_settings
 
 pytestmark = pytest.mark.xdist_group("style")  # one worker builds the references (half a minute) for all
 
@@ -42,9 +42,9 @@ def refs():
     """style_report.py's references on the real data: the split, the classifier (validated), Delta, copying."""
     from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
 
-    args = parse_args(["--models", "unused"])
-    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
-    return build_references(args, train, val, PASSAGE_WORDS)
+    settings = report_settings(parse_args(["--models", "unused"]))
+    train, val = split_paragraphs(load_paragraphs(settings.data.data), settings.data.train_size, settings.data.seed)
+    return build_references(settings.references, settings.seed, train, val, PASSAGE_WORDS)
 
 
 def held_out(refs) -> tuple[list[str], list[str]]:
@@ -210,12 +210,14 @@ def test_the_classifier_fits_no_held_out_paragraph_of_a_folder_of_novels(tmp_pat
     raw_openings(REPO / "data/austen", tmp_path / "novels", 150)
     raw_openings(REPO / "data/contrast", tmp_path / "contrast", 150)
     args = ["--models", "unused", "--data", str(tmp_path / "novels"), "--author-novels", str(tmp_path / "novels")]
-    args = parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
-    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+    settings = report_settings(
+        parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
+    )
+    train, val = split_paragraphs(load_paragraphs(settings.data.data), settings.data.train_size, settings.data.seed)
     assert sum("_" in p for p in val) >= 20  # held-out paragraphs with italics marks, as the folder spells them
     fitted, fit = [], AuthorClassifier.fit
     monkeypatch.setattr(AuthorClassifier, "fit", lambda author, *a, **k: fitted.append(author) or fit(author, *a))
-    refs = build_references(args, train, val, 40)
+    refs = build_references(settings.references, settings.seed, train, val, 40)
 
     def as_the_novels_spell_it(paragraphs: list[str]) -> set[str]:
         return {" ".join(p.replace("_", "").split()) for p in paragraphs}
@@ -239,10 +241,12 @@ def test_data_cut_into_other_paragraphs_than_the_novels_is_refused(tmp_path):
     joined = [f"{a} {b}" for a, b in zip(novels[::2], novels[1::2], strict=False)]
     (tmp_path / "joined.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in joined))
     args = ["--models", "unused", "--data", str(tmp_path / "joined.jsonl"), "--author-novels", str(tmp_path / "novels")]
-    args = parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
-    train, val = split_paragraphs(load_paragraphs(args.data), args.train_size, args.split_seed)
+    settings = report_settings(
+        parse_args(args + ["--contrast-novels", str(tmp_path / "contrast"), "--train-size", "0.6"])
+    )
+    train, val = split_paragraphs(load_paragraphs(settings.data.data), settings.data.train_size, settings.data.seed)
     with pytest.raises(UserError, match="hold the text of --data cut into other paragraphs"):
-        build_references(args, train, val, 40)
+        build_references(settings.references, settings.seed, train, val, 40)
 
 
 def test_the_two_sample_folds_keep_each_prompts_continuations_together():
@@ -349,13 +353,13 @@ def test_an_adapter_folder_is_measured_as_its_base_model(adapter_dir, tiny_model
     from austen_gpt.sampling.generation import generate_samples
     from austen_gpt.settings import SamplingSettings
 
-    args = parse_args(["--models", str(adapter_dir), "--max-input-length", "64"])
     settings = SamplingSettings(max_new_tokens=12, paragraphs=None)
     measured = []
     for path in (adapter_dir, tiny_model_dir):
-        model, tokenizer = load_scored_model(str(path), args)
+        model, tokenizer = load_scored_model(str(path))
         samples = generate_samples(model, tokenizer, ["Emma", "Mr Darcy"], 4, settings, seed=3)
-        measured.append((samples, held_out_perplexity(model, tokenizer, austen_paragraphs[:20], args)))
+        perplexity = held_out_perplexity(model, tokenizer, austen_paragraphs[:20], max_input_length=64, batch_size=16)
+        measured.append((samples, perplexity))
     (adapter_samples, adapter_loss), (base_samples, base_loss) = measured
     assert adapter_samples == base_samples
     assert adapter_loss["val_perplexity"] == pytest.approx(base_loss["val_perplexity"], rel=1e-4)
@@ -516,10 +520,11 @@ def test_the_report_takes_the_split_from_the_models_run_unless_a_flag_says_other
         return str(folder)
 
     first, other = exported("first"), exported("other", seed=8)
-    args = parse_args(["--models", first, other, "--train-size", "0.7"])
-    lines = take_split_from_runs(args, given={"train_size", "models"})
-    assert (args.data, args.train_size, args.split_seed, args.max_input_length) == ("mine.jsonl", 0.7, 7, 64)
+    settings = report_settings(parse_args(["--models", first, other, "--train-size", "0.7"]))
+    data, lines = take_split_from_runs(settings.data, settings.models, given={"train_size", "models"})
+    assert (data.data, data.train_size, data.seed, data.max_input_length) == ("mine.jsonl", 0.7, 7, 64)
     assert lines[0].startswith("split: --data mine.jsonl --train-size 0.7 --split-seed 7") and first in lines[0]
     assert [line for line in lines[1:] if line.startswith(f"warning: {other} trained on another split")]
-    hub = parse_args(["--models", "gpt2"])
-    assert "from the flags" in take_split_from_runs(hub, given={"models"})[0] and hub.split_seed == 42
+    hub = report_settings(parse_args(["--models", "gpt2"]))
+    data, lines = take_split_from_runs(hub.data, hub.models, given={"models"})
+    assert "from the flags" in lines[0] and data.seed == 42

@@ -4,11 +4,10 @@ docs/style.md explains each measure)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,18 @@ from accelerate.utils import set_seed
 
 from austen_gpt.cli import UserError, flag_name
 from austen_gpt.data.batches import validation_loader
-from austen_gpt.data.paragraphs import load_paragraphs, text_chars
+from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs, text_chars
+from austen_gpt.flags import data_path
 from austen_gpt.models import lora
 from austen_gpt.models.device import default_device, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
 from austen_gpt.models.loading import has_weights, load_model, load_tokenizer
 from austen_gpt.models.saving import run_settings
-from austen_gpt.sampling.generation import generate_samples
+from austen_gpt.sampling.generation import generate_samples, read_prompts
 from austen_gpt.sampling.loading import load_for_sampling
-from austen_gpt.settings import SamplingSettings
+from austen_gpt.settings import DataSettings
 from austen_gpt.style import text
+from austen_gpt.style.settings import ReferenceSettings, ReportSettings
 from austen_gpt.style.two_sample import FOLDS, ProseFeatures, TwoSampleTest
 
 MIN_TEXTS = TwoSampleTest.MIN_TEXTS
@@ -107,14 +108,17 @@ def classifier_text(
     return fitting
 
 
-def build_references(args: argparse.Namespace, train: list[str], val: list[str], passage_words: int) -> References:
-    """The classifiers, Delta, copying and the two-sample test, from the split of --data and the novels."""
+def build_references(
+    settings: ReferenceSettings, seed: int, train: list[str], val: list[str], passage_words: int
+) -> References:
+    """The classifiers, Delta, copying and the two-sample test, from the split of --data and the novels; `seed`
+    deals the held-out text and draws the two-sample test's passages."""
     # a held-out paragraph whose words are also a training paragraph's ("Yes, sir.") is text the models trained on
     unseen = text.without({"held out": val}, train).get("held out", [])
-    held_out = dict(zip(HELD_OUT_SHARES, text.deal(unseen, list(HELD_OUT_SHARES.values()), args.seed), strict=True))
-    novels = text.load_novels(args.author_novels)
+    held_out = dict(zip(HELD_OUT_SHARES, text.deal(unseen, list(HELD_OUT_SHARES.values()), seed), strict=True))
+    novels = text.load_novels(settings.author_novels)
     author = classifier_text(novels, train, held_out, passage_words)
-    contrast = text.load_novels(args.contrast_novels)
+    contrast = text.load_novels(settings.contrast_novels)
     cut = {title: round(len(ps) * (1 - CONTRAST_HELD_OUT)) for title, ps in contrast.items()}
     contrast_train = {title: ps[: cut[title]] for title, ps in contrast.items()}
     contrast_held_out = {title: ps[cut[title] :] for title, ps in contrast.items()}
@@ -130,9 +134,9 @@ def build_references(args: argparse.Namespace, train: list[str], val: list[str],
         classifier_novels=author,
         classifier=classifier,
         # Delta's word frequencies are z-scored against the author's text less all of the held-out text
-        delta=text.Delta(text.without(novels, val) | contrast_train, all_names, n_words=args.mfw),
-        copying=text.Copying(train, author_names, n=args.ngram),
-        two_sample=TwoSampleTest(held_out["two-sample pool"], prose, all_names, args.draws, args.seed),
+        delta=text.Delta(text.without(novels, val) | contrast_train, all_names, n_words=settings.mfw),
+        copying=text.Copying(train, author_names, n=settings.ngram),
+        two_sample=TwoSampleTest(held_out["two-sample pool"], prose, all_names, settings.draws, seed),
     )
 
 
@@ -189,24 +193,25 @@ def style_metrics(texts: list[str], refs: References, prompts: list[str] | None 
     }
 
 
-def load_scored_model(path: str, args: argparse.Namespace):
-    """A model to evaluate and its tokenizer; with --from-scratch, a weightless config folder gets fresh weights."""
+def load_scored_model(path: str, from_scratch: bool = False, seed: int = 42):
+    """A model to evaluate and its tokenizer; with `from_scratch`, a weightless config folder gets the fresh
+    weights train.py draws with this (split) `seed`."""
 
     weightless = Path(path).is_dir() and not has_weights(Path(path)) and not lora.is_adapter_folder(path)
-    if args.from_scratch and weightless:
-        set_seed(args.split_seed)  # as train.py does before drawing the weights
+    if from_scratch and weightless:
+        set_seed(seed)  # as train.py does before drawing the weights
         model = load_model(path, from_scratch=True).to(default_device()).eval()
     else:
         model = load_for_sampling(path)
     return model, load_tokenizer(path)
 
 
-def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], args: argparse.Namespace) -> dict:
+def held_out_perplexity(model, tokenizer, val_paragraphs: list[str], max_input_length: int, batch_size: int) -> dict:
     """train.py's validation: one paragraph per example, loss per real token, bits per character."""
 
     # The precision train.py's --precision auto validates in (bf16 autocast where native), so the numbers match.
     accelerator = Accelerator(mixed_precision=resolve_precision("auto"))
-    loader = validation_loader(tokenizer, val_paragraphs, args.max_input_length, args.batch_size)
+    loader = validation_loader(tokenizer, val_paragraphs, max_input_length, batch_size)
     with accelerator.autocast():
         return held_out_metrics(model, loader, accelerator, text_chars(val_paragraphs))
 
@@ -274,8 +279,8 @@ def held_out_words(refs: References) -> dict[str, int]:
     return counts | {"classifier": sum(len(p.split()) for ps in refs.classifier_novels.values() for p in ps)}
 
 
-def markdown_report(args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples) -> str:
-    classifier = refs.classifier
+def markdown_report(settings: ReportSettings, rows: list[dict], references: list[dict], refs, samples) -> str:
+    sampling, data, classifier, measures = settings.sampling, settings.data, refs.classifier, settings.references
     accuracy = ", ".join(f"{title} {acc:.0%}" for title, acc in classifier.heldout_by_novel.items())
     reliability = "reliable" if classifier.reliable else "UNRELIABLE (below 90%): read P(author) with care"
     author = next(r for r in references if r["name"] == AUTHOR_ROW)
@@ -290,21 +295,22 @@ def markdown_report(args: argparse.Namespace, rows: list[dict], references: list
         "",
         *(f"- {verdict(row, author)}" for row in rows + references if row is not author),
         "",
-        f"Samples: {args.n_samples} per model, {args.max_new_tokens} new tokens each, top-k {args.top_k}, "
-        f"top-p {args.top_p}, temperature {args.temperature}, seed {args.seed}, prompts from {Path(args.prompts).name} "
-        f"in order. Held-out text: the validation paragraphs of {Path(args.data).name} (train-size {args.train_size}, "
-        f"seed {args.split_seed}), dealt three ways, disjoint and none of it trained on (words: {held_out}). "
-        f"Reference rows: {args.n_samples} passages of {classifier.passage_words} words (the samples' mean length); "
+        f"Samples: {settings.n_samples} per model, {sampling.max_new_tokens} new tokens each, top-k {sampling.top_k}, "
+        f"top-p {sampling.top_p}, temperature {sampling.temperature}, seed {settings.seed}, prompts from "
+        f"{Path(settings.prompts).name} in order. Held-out text: the validation paragraphs of {Path(data.data).name} "
+        f"(train-size {data.train_size}, seed {data.seed}), dealt three ways, disjoint and none of it trained on "
+        f"(words: {held_out}). Reference rows: {settings.n_samples} passages of {classifier.passage_words} words "
+        "(the samples' mean length); "
         f"the contrast row's come from the last {CONTRAST_HELD_OUT:.0%} of each novel.",
         "",
         f"- **Distinguishability**: can a classifier tell the row's texts from real author passages of the same "
         f"lengths? ROC AUC under {FOLDS}-fold cross-validation (a model's samples folded by prompt: each prompt's "
-        f"continuations in one fold), the mean over {args.draws} fresh draws of the "
+        f"continuations in one fold), the mean over {measures.draws} fresh draws of the "
         f"author's passages (from the {pool:,}-word two-sample pool), ± the standard deviation across draws. 0.5: "
         f"indistinguishable; 1.0: always told apart. The `{AUTHOR_ROW}` row is the floor: real author text against "
         "real author text. Features: word 1-2-grams and character 1-4-grams (TF-IDF), sentence and word lengths, "
         "punctuation per word, the share of word pairs and triples found in the contrast novels, and P(author).",
-        f"- **Copying**: word {args.ngram}-grams of the texts found verbatim in the training paragraphs; names are "
+        f"- **Copying**: word {measures.ngram}-grams of the texts found verbatim in the training paragraphs; names are "
         "character names derived from the training text. Copied text is indistinguishable too, so read the two "
         "together.",
         f"- **P(author)**: closer to the author than to the contrast authors? TF-IDF word 1-2-grams and character "
@@ -312,7 +318,7 @@ def markdown_report(args: argparse.Namespace, rows: list[dict], references: list
         f"names masked; it never saw the training text, so reciting that text earns nothing. Accuracy on whole "
         f"held-out novels: **{classifier.heldout_accuracy:.1%}** ({accuracy}): {reliability}. The `{AUTHOR_ROW}` "
         "row is its ceiling; a row above it uses the author's favourite words more than she does.",
-        f"- **Delta**: Burrows' Delta, cosine variant, over the {args.mfw} most frequent words (names excluded); "
+        f"- **Delta**: Burrows' Delta, cosine variant, over the {measures.mfw} most frequent words (names excluded); "
         "0 is the same profile, about 1 unrelated; lower to the author than to the contrast novels reads as her.",
         "- **Fluency**, per sample then averaged: distinct-n = distinct word n-grams over all n-grams; repetition = "
         "share of a sample's word 4-grams that already occurred in it.",
@@ -325,7 +331,7 @@ def markdown_report(args: argparse.Namespace, rows: list[dict], references: list
     parts += [f'- {row["name"]}: {row["longest_copied_run"]} words: "{row["longest_copied_passage"]}"' for row in rows]
     for name, model_samples in samples.items():
         parts += ["", f"## Samples: {name}", ""]
-        for sample in model_samples[: args.show_samples]:
+        for sample in model_samples[: settings.show_samples]:
             parts += [f"**{sample['prompt']}** {sample['text']}", "", "---", ""]
     return "\n".join(parts).rstrip("-\n ") + "\n"
 
@@ -358,9 +364,11 @@ def plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, args: argparse.Namespace, rows: list[dict], references: list[dict], refs, samples):
+def write_report(settings: ReportSettings, rows: list[dict], references: list[dict], refs, samples) -> Path:
+    """report.json, report.md and style.png in the report's folder; returns report.md's path."""
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key != "overwrite"}
+    recorded = {key: value for key, value in asdict(settings).items() if key != "overwrite"}
     classifier = refs.classifier
     classifier_summary = {
         "passage_words": classifier.passage_words,
@@ -370,71 +378,88 @@ def write_report(out: Path, args: argparse.Namespace, rows: list[dict], referenc
         "reliable": classifier.reliable,
     }
     report = {
-        "settings": settings,
+        "settings": recorded,
         "classifier": classifier_summary,
         "models": rows,
         "references": references,
         "samples": samples,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(args, rows, references, refs, samples))
+    (out / "report.md").write_text(markdown_report(settings, rows, references, refs, samples))
     plot(out / "style.png", rows + references)
+    return out / "report.md"
 
 
-def sample_models(args: argparse.Namespace, prompts: list[str], val_paragraphs: list[str]) -> list[tuple[dict, list]]:
+def sample_models(settings: ReportSettings, prompts: list[str], val_paragraphs: list[str]) -> list[tuple[dict, list]]:
     """(row with the held-out perplexity, samples) for every --models entry, one model in memory at a time."""
 
-    settings = SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        paragraphs=None,  # every sample as long as every other, for every model
-    )
-    sampled = []
-    for name, path in zip(args.names or args.models, args.models, strict=True):
-        print(f"{name}: sampling {args.n_samples} x {args.max_new_tokens} tokens ...", flush=True)
-        model, tokenizer = load_scored_model(path, args)
-        samples = generate_samples(model, tokenizer, prompts, args.n_samples, settings, args.seed)
-        row = {"name": name, "model": path, **held_out_perplexity(model, tokenizer, val_paragraphs, args)}
-        sampled.append((row, samples))
+    sampled, data = [], settings.data
+    for name, path in zip(settings.names or settings.models, settings.models, strict=True):
+        print(f"{name}: sampling {settings.n_samples} x {settings.sampling.max_new_tokens} tokens ...", flush=True)
+        model, tokenizer = load_scored_model(path, settings.from_scratch, data.seed)
+        samples = generate_samples(model, tokenizer, prompts, settings.n_samples, settings.sampling, settings.seed)
+        perplexity = held_out_perplexity(model, tokenizer, val_paragraphs, data.max_input_length, settings.batch_size)
+        sampled.append(({"name": name, "model": path, **perplexity}, samples))
         del model
     return sampled
 
 
-# the report's split settings, and the names train.py records them under
-SPLIT_SETTINGS = {
-    "data": "data",
-    "data_config": "data_config",
-    "data_split": "data_split",
-    "text_column": "text_column",
-    "train_size": "train_size",
-    "split_seed": "seed",
-    "max_input_length": "max_input_length",
-}
+SPLIT_SETTINGS = ("data", "data_config", "data_split", "text_column", "train_size", "seed", "max_input_length")
 
 
 def describe_split(settings: dict[str, Any]) -> str:
-    return " ".join(f"{flag_name(key)} {settings[key]}" for key in SPLIT_SETTINGS if settings.get(key) is not None)
+    """The split settings as the report's flags spell them (train.py's --seed is its --split-seed)."""
+    flags = {key: "--split-seed" if key == "seed" else flag_name(key) for key in SPLIT_SETTINGS}
+    return " ".join(f"{flags[key]} {settings[key]}" for key in SPLIT_SETTINGS if settings.get(key) is not None)
 
 
-def take_split_from_runs(args: argparse.Namespace, given: set[str]) -> list[str]:
-    """Set the split settings the command line leaves at their defaults to those the first --models folder's run
-    recorded, so that its held-out text is the text it never trained on; the lines that say where the split
-    comes from, and which models trained on another one."""
-    recorded = {path: run_settings(path) for path in args.models}
-    runs = {path: {k: s[v] for k, v in SPLIT_SETTINGS.items() if v in s} for path, s in recorded.items() if s}
+def take_split_from_runs(data: DataSettings, models: list[str], given: set[str]) -> tuple[DataSettings, list[str]]:
+    """The split settings with those not `given` on the command line (DataSettings' names) taken from what the
+    first of `models`' runs recorded, so that its held-out text is the text it never trained on; and the lines
+    that say where the split comes from, and which models trained on another one."""
+    recorded = {path: run_settings(path) for path in models}
+    runs = {path: {k: s[k] for k in SPLIT_SETTINGS if k in s} for path, s in recorded.items() if s}
     if not runs:
-        return [f"split: {describe_split(vars(args))} (from the flags: no --models folder records its run's settings)"]
+        return data, [
+            f"split: {describe_split(asdict(data))} (from the flags: no --models folder records its run's settings)"
+        ]
     source, split = next(iter(runs.items()))
-    for key, value in split.items():
-        if key not in given:
-            setattr(args, key, value)  # (an older run may not record them all: the flags fill the gaps)
-    lines = [f"split: {describe_split(vars(args))} (the run of {source}; flags given here override it)"]
+    # (an older run may not record them all: the flags fill the gaps)
+    data = replace(data, **{key: value for key, value in split.items() if key not in given})
+    lines = [f"split: {describe_split(asdict(data))} (the run of {source}; flags given here override it)"]
     lines += [
         f"warning: {path} trained on another split ({describe_split(other)}); its perplexity and copying are "
         "measured against this one"
         for path, other in runs.items()
-        if any(getattr(args, key) != value for key, value in other.items())
+        if any(getattr(data, key) != value for key, value in other.items())
     ]
-    return lines
+    return data, lines
+
+
+def run_report(settings: ReportSettings) -> Path:
+    """The whole report: sample and score every model, measure every text and the reference rows, write the
+    files; returns report.md's path. The split in `settings.data` is the one the models' held-out text comes from
+    (take_split_from_runs)."""
+    prompts, texts = read_prompts(settings.prompts), read_texts(settings.texts)
+    data = settings.data
+    paragraphs = load_paragraphs(data_path(data.data), data.text_column, data.data_config, data.data_split)
+    train, val = split_paragraphs(paragraphs, data.train_size, data.seed)
+    sampled = sample_models(settings, prompts, val)
+    # the classifiers read passages as long as the first row's texts
+    first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))
+    passage_words = max(20, round(sum(len(t.split()) for t in first) / len(first)))
+    print(f"fitting the style classifiers on {passage_words}-word passages ...", flush=True)
+    refs = build_references(settings.references, settings.seed, train, val, passage_words)
+    rows = []
+    for row, samples in sampled:
+        print(f"{row['name']}: measuring ...", flush=True)
+        rows.append({**row, **style_metrics([s["text"] for s in samples], refs, [s["prompt"] for s in samples])})
+    for spec, (name, row_texts) in zip(settings.texts, texts.items(), strict=True):
+        print(f"{name}: measuring ...", flush=True)
+        rows.append({"name": name, "texts": spec.partition("=")[2], **style_metrics(row_texts, refs)})
+    references = [
+        {"name": name, **style_metrics(ref_texts, refs)}
+        for name, ref_texts in reference_texts(refs, settings.n_samples, passage_words, settings.seed).items()
+    ]
+    samples = {row["name"]: row_samples for row, row_samples in sampled}
+    return write_report(settings, rows, references, refs, samples)

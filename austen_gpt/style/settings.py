@@ -1,0 +1,92 @@
+"""The style report's settings: what it measures, how the samples are drawn, which split holds the author's
+unseen text, and the references the texts are measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from austen_gpt.cli import UserError, require
+from austen_gpt.flags import REPO, sampling_rules
+from austen_gpt.settings import DataSettings, SamplingSettings
+from austen_gpt.style.two_sample import TwoSampleTest
+
+N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
+
+
+@dataclass
+class ReferenceSettings:
+    """The author's and the contrast novels, and the measures' own parameters."""
+
+    author_novels: str = str(REPO / "data/austen")
+    """A folder of the author's novels (.txt)."""
+    contrast_novels: str = str(REPO / "data/contrast")
+    """A folder of other authors' novels (.txt)."""
+    ngram: int = 8
+    """The word n-gram length of the copying measure."""
+    mfw: int = 150
+    """The most frequent words in Burrows' Delta."""
+    draws: int = 5
+    """Fresh draws of real author passages for the two-sample test; its spread is across them."""
+
+
+@dataclass
+class ReportSettings:
+    """One style report: its rows (models and texts), their samples, the split and the references."""
+
+    models: list[str] = field(default_factory=list)
+    """Model folders, Hub ids or adapter folders: a row each."""
+    names: list[str] | None = None
+    """A label per model; None: the paths."""
+    texts: list[str] = field(default_factory=list)
+    """NAME=FILE rows of text written elsewhere (.jsonl with a 'text' field, or .txt blocks)."""
+    out: str = "reports/style"
+    """The report folder (report.md, report.json, style.png)."""
+    overwrite: bool = False
+    """Replace the files of an existing report in out."""
+    from_scratch: bool = False
+    """A config folder without weights gets the random weights train.py --from-scratch starts from."""
+    prompts: str = str(REPO / "data/eval_prompts.txt")
+    """The prompt file, one per line, cycled in order."""
+    n_samples: int = N_SAMPLES
+    """Samples per model (and passages per reference row)."""
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_new_tokens=200, paragraphs=None))
+    """How the samples are drawn: every one exactly max_new_tokens long, running on past paragraph ends."""
+    seed: int = 42
+    """The sampling seed (and the references' draws): the same seed gives the same report."""
+    show_samples: int = 3
+    """Samples per model printed in report.md."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """train.py's data and split: its validation paragraphs are the author's unseen text."""
+    batch_size: int = 16
+    """The validation batch size of the held-out perplexity."""
+    references: ReferenceSettings = field(default_factory=ReferenceSettings)
+
+
+def check_report_settings(settings: ReportSettings) -> None:
+    """Fail fast on bad input, before any model loads (named by the report's flags)."""
+    s, sampling, refs, min_texts = settings, settings.sampling, settings.references, TwoSampleTest.MIN_TEXTS
+    require(
+        [
+            (s.models or s.texts, "give --models, --texts or both: the report needs something to measure"),
+            (s.n_samples >= min_texts, f"--n-samples must be at least {min_texts} (five folds of two or more)"),
+            (refs.draws >= 1, "--draws must be at least 1"),
+            (sampling.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (refs.ngram >= 2 and refs.mfw >= 10, "--ngram must be at least 2 and --mfw at least 10"),
+            (0 < s.data.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
+            (s.names is None or len(s.names) == len(s.models), "give one --names label per --models entry"),
+            *sampling_rules(sampling.top_k, sampling.top_p, sampling.temperature),
+        ]
+    )
+    for model in s.models:  # a path-like name that does not exist is a typo, not a Hub id
+        if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+            raise UserError(f"--models {model}: no such folder; give a model folder, adapter folder or Hub id")
+    for spec in s.texts:
+        name, _, file = spec.partition("=")
+        if not name or not file:
+            raise UserError(f"--texts {spec}: write NAME=FILE, e.g. --texts chat=samples.jsonl")
+        if Path(file).suffix.lower() not in (".jsonl", ".txt") or not Path(file).is_file():
+            raise UserError(f"--texts {spec}: {file} is not a .jsonl or .txt file; give an existing file of samples")
+    out = Path(s.out)
+    if out.exists() and any(out.iterdir()) and not s.overwrite:
+        raise UserError(f"--out {out} already holds a report; choose another folder or pass --overwrite")
