@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 from austen_gpt.cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
-from austen_gpt.flags import REPO
+from austen_gpt.flags import REPO, add_precision_flag
+from austen_gpt.settings import ModelSettings
 
 PRESETS = {  # GPT-2 sizes by name, so no Hub access is needed; anything else is a config folder
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
@@ -59,6 +60,7 @@ CONTENDERS = [  # the first 7 run by default
 ]  # fmt: skip
 MIXED_PRECISION = {"ours", "ours-unfused", "ours-unchunked", "ours-compile", "trainer-amp", "lora", "qlora"}
 MODEL_AS_BUILT = {"seed", "ours-unfused"}  # the model's own layers: no chunked loss, no lean_layers
+MODEL = ModelSettings()  # train.py's defaults for the adapters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--warmup", type=int, default=2, help="untimed steps first (allocator, kernels, caches)")
     add_flag(p, "--batch-size", type=int, default=8, help="examples per step")
     add_flag(p, "--block-size", type=int, default=100, help="tokens per example (the seed pads every one to it)")
-    add_flag(p, "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="precision of 'ours'")
-    add_flag(p, "--rank-lora", type=int, default=64, help="LoRA rank")
-    add_flag(p, "--targets-lora", nargs="+", default=["auto"], help="layers with adapters, as train.py's")
+    add_precision_flag(p, "precision of 'ours': ")
+    add_flag(p, "--rank-lora", type=int, default=MODEL.rank_lora, help="LoRA rank")
+    add_flag(p, "--targets-lora", nargs="+", default=MODEL.targets_lora, help="layers with adapters, as train.py's")
     add_flag(p, "--gen-samples", type=int, default=3, help="samples in the generation benchmark (0: skip it)")
     add_flag(p, "--gen-tokens", type=int, default=300, help="new tokens per sample in the generation benchmark")
     add_flag(

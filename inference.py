@@ -25,42 +25,40 @@ from austen_gpt.cli import (
     add_bool_flag,
     add_flag,
     add_original_qlora_flag,
+    add_setting,
     quiet_libraries,
     read_original_qlora_flag,
     require,
     run_cli,
 )
 from austen_gpt.flags import add_sampling_flags, sampling_rules
+from austen_gpt.settings import SamplingSettings, from_flags
+
+SAMPLING = SamplingSettings()  # the sampling flags' defaults and types
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(run_files=True, description=__doc__)
     add_flag(p, "--model-path", default="GPT2_fine_tuned_Austen", help="model or adapter folder, or a Hub id")
     add_flag(p, "--prompt", default="", help="text the samples continue; empty starts a fresh paragraph")
     add_flag(p, "--prompts-file", default=None, help="a text file of prompts, one per line (# comments), instead")
     add_bool_flag(p, "--interactive", help="load the model once, then read prompts and :commands (:help lists them)")
     add_flag(p, "--n-return-seqs", type=int, default=3, help="samples per prompt")
-    add_flag(p, "--max-length", type=int, default=300, help="tokens per sample with the prompt")
-    add_flag(
+    add_setting(p, "--max-length", SAMPLING, "tokens per sample with the prompt")
+    add_setting(
         p,
         "--max-new-tokens",
-        type=int,
-        default=None,
-        help="tokens after the prompt; overrides --max-length; more than the model's context slides the window",
+        SAMPLING,
+        "tokens after the prompt; overrides --max-length; more than the model's context slides the window",
     )
-    add_flag(p, "--paragraphs", type=int, default=1, help="stop a sample after this many paragraphs (end-of-text)")
+    add_setting(p, "--paragraphs", SAMPLING, "stop a sample after this many paragraphs (end-of-text)")
     add_sampling_flags(p)
-    add_flag(
-        p,
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="penalty on repeated tokens (not special ones); 1.0 is none",
-    )
-    add_bool_flag(
+    add_setting(p, "--repetition-penalty", SAMPLING, "penalty on repeated tokens (not special ones); 1.0 is none")
+    add_setting(
         p,
         "--static-cache",
-        help="a preallocated KV cache, which transformers compiles on CUDA (a compile at the start, then faster "
+        SAMPLING,
+        "a preallocated KV cache, which transformers compiles on CUDA (a compile at the start, then faster "
         "tokens where Python overhead dominates; bench.py measures it on a GPU)",
     )
     add_flag(p, "--seed", type=int, default=None, help="makes samples reproducible; without it one is drawn and kept")
@@ -74,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(p, "--base-model", default=None, help="base model of an adapter folder (default: its adapter_config.json)")
     add_bool_flag(p, "--load-in-4bit", help="quantize the (base) model to 4-bit NF4 with bitsandbytes")
     add_original_qlora_flag(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, parser: ArgumentParser | None = None) -> argparse.Namespace:
+    args = (parser or build_parser()).parse_args(argv)
     read_original_qlora_flag(args)
     return args
 
@@ -96,24 +98,10 @@ def check_settings(settings, n: int, prefix: str = "--") -> None:
     )
 
 
-def sampling_settings(args: argparse.Namespace):
-    from austen_gpt.settings import SamplingSettings
-
-    return SamplingSettings(
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty,
-        paragraphs=args.paragraphs,
-        static_cache=args.static_cache,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = sampling_settings(args)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    settings = from_flags(SamplingSettings, args)
     check_settings(settings, args.n_return_seqs)
     require([(not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one")])
     quiet_libraries()
@@ -133,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     at_terminal = session.check_stdin(sys.stdin) if args.interactive else False
 
     from austen_gpt.models.loading import load_tokenizer
-    from austen_gpt.sampling.loading import load_for_sampling
+    from austen_gpt.sampling.loading import load_for_sampling, sampling_of_run
 
     model = load_for_sampling(args.model_path, args.base_model, args.load_in_4bit)
+    settings, where = sampling_of_run(args.model_path, settings, parser.given_dests(argv))
+    print(where, file=sys.stderr)
     tokenizer = load_tokenizer(args.model_path)
     source = records.Source(args.model_path, args.base_model, args.load_in_4bit)
 

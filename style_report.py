@@ -27,6 +27,7 @@ Output: <out>/report.md (table and verdict first, then samples), report.json and
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from austen_gpt.cli import ArgumentParser, add_flag, quiet_libraries, run_cli
 from austen_gpt.flags import add_sampling_flags, add_split_flags
@@ -106,18 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def report_settings(args: argparse.Namespace) -> ReportSettings:
     """The parsed flags as the report's settings (the report's --split-seed is train.py's seed of the split)."""
-    sampling = DEFAULTS.sampling
     return ReportSettings(
         **{name: getattr(args, name) for name in ("models", "names", "texts", "out", "overwrite", "from_scratch")},
         prompts=args.prompts,
         n_samples=args.n_samples,
-        sampling=SamplingSettings(
-            max_new_tokens=args.max_new_tokens,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            paragraphs=sampling.paragraphs,
-        ),
+        sampling=replace(from_flags(SamplingSettings, args), paragraphs=DEFAULTS.sampling.paragraphs),
         seed=args.seed,
         show_samples=args.show_samples,
         data=from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed})),

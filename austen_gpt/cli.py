@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by train.py and inference.py.
+"""Command-line plumbing every script shares: one-line errors, the parser (run files, the original spellings),
+and flags made from the fields of typed settings.
 
 Kept free of heavy imports (torch, transformers) so that `--help` and argument errors answer at once.
 """
@@ -6,8 +7,12 @@ Kept free of heavy imports (torch, transformers) so that `--help` and argument e
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import logging
 import sys
+import textwrap
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +107,37 @@ def str2bool(value: str | bool) -> bool:
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """`--some-flag`, stored as `some_flag`."""
     parser.add_argument(name, dest=name[2:].replace("-", "_"), **kwargs)
+
+
+def add_setting(parser: argparse.ArgumentParser, name: str, settings: Any, help: str, **kwargs) -> None:
+    """`--some-flag` for the field `some_flag` of the settings object `settings`, which gives its default and
+    type: a bool field makes a switch, a list field takes one or more values, an `X | None` field an X."""
+    dest = name[2:].replace("-", "_")
+    kind, default = typing.get_type_hints(type(settings))[dest], getattr(settings, dest)
+    if kind is bool:
+        return add_bool_flag(parser, name, help, default)
+    if typing.get_origin(kind) is list:
+        kwargs.setdefault("nargs", "+")
+    kind = next(arg for arg in typing.get_args(kind) or (kind,) if arg is not type(None))
+    add_flag(parser, name, type=kind, default=default, help=help, **kwargs)
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: Any, *fields: str, **kwargs: dict[str, Any]) -> None:
+    """A flag for each of `fields` of the settings object `settings` (add_setting), its help the field's
+    docstring; `kwargs` maps a field to more add_argument options, e.g. report_to={"choices": [...]}."""
+    docs = field_docs(type(settings))
+    for dest in fields:
+        add_setting(parser, flag_name(dest), settings, docs[dest].replace("%", "%%"), **kwargs.get(dest, {}))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring}, the string under each field of a dataclass (as litgpt documents its settings)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:], strict=False)
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }
 
 
 def flag_name(dest: str) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 DEFAULT_DATA = "austen_dataset.pkl"  # the bundled Austen paragraphs, found from any working folder
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device computes it natively, fp16 on older GPUs
+DEFAULT_PRECISION = "auto"
 
 Settings = TypeVar("Settings")
 
@@ -26,25 +28,25 @@ class DataSettings:
     """The paragraphs and how they become examples."""
 
     data: str = DEFAULT_DATA
-    """A file (.pkl, .txt, .jsonl, .json, .csv, .parquet, .arrow, also .gz/.zst), a folder or a Hub dataset id."""
+    """a file (.pkl, .txt, .jsonl, .json, .csv, .parquet, .arrow, also .gz/.zst), a folder or a Hub dataset id"""
     data_config: str | None = None
-    """The configuration (subset) of a Hub dataset."""
+    """the configuration (subset) of a Hub dataset"""
     data_split: str | None = None
-    """The split of a Hub dataset or a saved DatasetDict; None: train."""
+    """the split of a Hub dataset or a saved DatasetDict; None: train"""
     text_column: str | None = None
-    """The column or field with the text; None: text, else sentence."""
+    """the column or field with the text; None: text, else sentence"""
     train_size: float = 0.9
-    """The share of paragraphs that train; the rest validate."""
+    """the share of paragraphs that train; the rest validate"""
     seed: int = 42
-    """Draws the split; in training also the data order and any new weights."""
+    """draws the split; in training also the data order and any new weights"""
     max_input_length: int = 100
-    """Tokens per example; longer paragraphs are cut in several."""
+    """tokens per example; longer paragraphs are cut in several"""
     data_cache: str = field(
         default_factory=lambda: os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "austen-gpt")
     )
-    """A folder of tokenized data, keyed by a hash of it; '' disables."""
+    """folder of tokenized data, keyed by a hash of it; '' disables"""
     packing: bool = True
-    """Pack paragraphs into full blocks (no padding) instead of one per example."""
+    """pack paragraphs into full blocks (no padding) instead of one per example"""
 
 
 @dataclass
@@ -52,25 +54,28 @@ class ModelSettings:
     """The model, and LoRA/QLoRA adapters on it."""
 
     model: str = "gpt2"
-    """A Hub id or local folder of the base model."""
+    """Hub id or local folder of the base model"""
     from_scratch: bool = False
-    """Random weights from the model's config instead of pretrained ones."""
+    """random weights from the --model config instead of pretrained ones"""
     lora: bool = False
-    """Train LoRA adapters on the frozen base model instead of all weights."""
+    """train LoRA adapters on the frozen base model instead of all weights"""
     qlora: bool = False
-    """LoRA on the base model quantized to 4-bit NF4 (bitsandbytes)."""
+    """LoRA on the base model quantized to 4-bit NF4 (bitsandbytes)"""
     load_in_8bit: bool = False
-    """LoRA on the base model quantized to 8-bit (bitsandbytes)."""
+    """LoRA on the base model quantized to 8-bit (bitsandbytes)"""
     rank_lora: int = 64
-    """The LoRA rank."""
+    """LoRA rank"""
     alpha_lora: int = 16
-    """LoRA alpha: the update is scaled by alpha/rank."""
+    """LoRA alpha (the update is scaled by alpha/rank)"""
     targets_lora: list[str] = field(default_factory=lambda: ["auto"])
-    """The layers that get adapters; auto: the attention projections; all-linear: every linear layer but the output."""
+    """layers that get adapters, e.g. q_proj v_proj; auto: the attention projections (GPT-2: c_attn, GPT-NeoX:
+    query_key_value, Llama/Qwen/Mistral/Gemma: q_proj k_proj v_proj o_proj); all-linear: every linear layer but
+    the output layer"""
     dropout: float | None = None
-    """Dropout of the embeddings, attention and residual stream; None: the model's own (0.1 for GPT-2)."""
+    """dropout of the model's embeddings, attention and residual stream (default: the model's own, 0.1 for GPT-2);
+    not the adapters' (--lora-dropout)"""
     lora_dropout: float = 0.05
-    """Dropout on the adapters' input."""
+    """dropout on the adapters' input"""
 
     @property
     def adapters(self) -> bool:
@@ -83,21 +88,21 @@ class SamplingSettings:
     """How a sample is drawn and how long it runs."""
 
     max_length: int = 300
-    """Prompt plus generated tokens, as the original project's --max_length."""
+    """prompt plus generated tokens, as the original project's --max_length"""
     max_new_tokens: int | None = None
-    """Generated tokens; overrides max_length when given."""
+    """generated tokens; overrides max_length when given"""
     top_k: int = 50
-    """Sample from the k likeliest tokens; 0 disables."""
+    """sample from the k likeliest tokens; 0 disables"""
     top_p: float = 0.95
-    """Nucleus sampling probability mass."""
+    """nucleus sampling probability mass"""
     temperature: float = 1.0
-    """Softmax temperature; lower is more conservative."""
+    """softmax temperature; lower is more conservative"""
     repetition_penalty: float = 1.0
-    """CTRL's penalty on tokens already in the text, special tokens aside; 1 disables."""
+    """CTRL's penalty on tokens already in the text, special tokens aside; 1 disables"""
     paragraphs: int | None = 1
-    """Stop after this many end-of-text tokens; None: write on to the full length."""
+    """stop after this many end-of-text tokens; None: write on to the full length"""
     static_cache: bool = False
-    """A preallocated KV cache, which transformers compiles on CUDA."""
+    """a preallocated KV cache, which transformers compiles on CUDA"""
 
     def new_tokens(self, prompt_tokens: int) -> int:
         return max(self.max_new_tokens or self.max_length - prompt_tokens, 1)

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, assert_user_error, run_in_process, run_script
 
 import inference
+from austen_gpt.cli import UserError
 from austen_gpt.training.flags import parse_args
 from train import main
 
@@ -222,7 +223,7 @@ def test_inference_prints_numbered_samples_reproducibly(tiny_model_dir, capsys):
     ]
     assert inference.main([*argv, "--seed", "1"]) == 0
     first = capsys.readouterr()
-    assert first.err == ""
+    assert first.err.startswith("settings: from the flags") and len(first.err.splitlines()) == 1  # no run record
     samples = [line for line in first.out.splitlines() if line]
     assert [s.split(". ", 1)[0] for s in samples] == ["1", "2", "3"]
     assert all(s.split(". ", 1)[1].startswith("Emma was") for s in samples)
@@ -317,3 +318,48 @@ def test_the_settings_a_command_line_or_its_run_file_gives_are_told_from_default
     run_file.write_text("train-size: 0.8\n")
     given = build_parser().given_dests(["--models", "m", "--config", str(run_file), "--split_seed", "3"])
     assert given == {"models", "config", "train_size", "split_seed"}
+
+
+# ---- typed settings ------------------------------------------------------------------------------------
+
+
+def test_the_flags_defaults_are_the_settings_defaults():
+    """One place for every default: train.py's flags read theirs from TrainSettings, the report's from
+    ReportSettings, so a notebook's settings and a bare command line train and score alike."""
+    from austen_gpt.settings import from_flags
+    from austen_gpt.style.settings import ReportSettings
+    from austen_gpt.training.settings import TrainSettings
+    from style_report import parse_args as report_args
+    from style_report import report_settings
+
+    assert from_flags(TrainSettings, parse_args([])) == TrainSettings()
+    assert report_settings(report_args([])) == ReportSettings()
+
+
+def test_train_runs_from_settings_without_a_command_line(tmp_path, tiny_config_dir, small_data, monkeypatch):
+    """A notebook's run: settings objects, no argv; it writes the model and a run file that repeats it."""
+    from austen_gpt.settings import DataSettings, ModelSettings, flat_settings
+    from austen_gpt.training.loop import train
+    from austen_gpt.training.settings import (
+        CheckpointSettings,
+        OptimizationSettings,
+        TrainingSamplesSettings,
+        TrainSettings,
+        ValidationSettings,
+    )
+
+    monkeypatch.chdir(tmp_path)
+    settings = TrainSettings(
+        data=DataSettings(data=str(small_data), max_input_length=32, data_cache=""),
+        model=ModelSettings(str(tiny_config_dir), from_scratch=True),
+        optimization=OptimizationSettings(epochs=1, batch_size=16, precision="fp32", warmup_steps=0, lr=3e-3),
+        samples=TrainingSamplesSettings(sample_every=0),
+        validation=ValidationSettings(report_to=["none"]),
+        checkpoints=CheckpointSettings(check_dir="run", output_dir="out"),
+    )
+    assert train(settings) == 0
+    assert (tmp_path / "out/model.safetensors").is_file()
+    again = parse_args(["--config", str(tmp_path / "run/logs/run.yaml")])
+    assert {**vars(again), "config": None} == {**vars(parse_args([])), **flat_settings(settings), "config": None}
+    with pytest.raises(UserError, match="--batch-size must be at least 1"):  # checked as the flags are
+        train(TrainSettings(optimization=OptimizationSettings(batch_size=0)))

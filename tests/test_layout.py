@@ -29,11 +29,15 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
+def package_files() -> dict[str, Path]:
+    return {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
 def package_imports() -> dict[str, set[str]]:
     """{module: the package's modules it imports}."""
     return {
-        module_name(path): {m for m in imported_modules(path) if m.startswith("austen_gpt.")}
-        for path in PACKAGE.rglob("*.py")
+        module: {m for m in imported_modules(path) if m.startswith("austen_gpt.")}
+        for module, path in package_files().items()
     }
 
 
@@ -75,3 +79,14 @@ def test_no_test_file_imports_another():
     tests = {path.stem for path in (REPO / "tests").glob("test_*.py")}
     for path in (REPO / "tests").glob("*.py"):
         assert not imported_modules(path) & tests, f"{path.name} imports another test file"
+
+
+# the modules that turn flags into settings; the rest of the package takes settings or plain values
+FLAG_MODULES = {"austen_gpt.cli", "austen_gpt.settings", "austen_gpt.flags", "austen_gpt.training.flags"}
+
+
+def test_library_code_never_takes_the_scripts_namespace():
+    """Only the flag modules know argparse: a library function that took a Namespace could read any flag, and
+    could not be called without faking a command line."""
+    readers = {module for module, path in package_files().items() if "argparse" in imported_modules(path)}
+    assert readers <= FLAG_MODULES, sorted(readers - FLAG_MODULES)

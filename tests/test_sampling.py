@@ -3,6 +3,7 @@ calls, the files it keeps, the interactive session (piped and at a terminal), an
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -164,7 +165,7 @@ def test_a_repetition_penalty_does_not_lengthen_paragraphs():
 def sample(tiny_model_dir, capsys, *argv: str) -> str:
     assert inference.main(["--model-path", str(tiny_model_dir), "--max-new-tokens", "15", *argv]) == 0
     out = capsys.readouterr()
-    assert out.err == ""
+    assert [line for line in out.err.splitlines() if not line.startswith("settings: from the flags")] == []
     return out.out
 
 
@@ -389,3 +390,20 @@ def test_the_notebook_api_loads_and_samples_repeatably(tiny_model_dir):
     first = sample(model, tokenizer, "Emma was", n=2, seed=3, max_new_tokens=8)
     assert len(first) == 2 and all(text.startswith("Emma was") for text in first)
     assert sample(model, tokenizer, "Emma was", n=2, seed=3, max_new_tokens=8) == first
+
+
+def test_inference_samples_as_the_models_run_did_unless_a_flag_says_otherwise(tmp_path):
+    """A folder a run of ours wrote records how its model samples (train.py's --top-k, --top-p); inference.py
+    takes those unless its own flags are given, and says where its settings come from; a folder with no record
+    (a Hub model) keeps the flags'."""
+    from austen_gpt.sampling.loading import sampling_of_run
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "training_metrics.json").write_text(json.dumps({"settings": {"top_k": 7, "top_p": 0.5}}))
+    settings, line = sampling_of_run(str(export), SamplingSettings(), given=set())
+    assert (settings.top_k, settings.top_p) == (7, 0.5) and "--top-k 7 --top-p 0.5 as the run" in line
+    settings, _ = sampling_of_run(str(export), SamplingSettings(top_k=3), given={"top_k"})
+    assert (settings.top_k, settings.top_p) == (3, 0.5)
+    settings, line = sampling_of_run(str(tmp_path), SamplingSettings(), given=set())
+    assert settings == SamplingSettings() and line.startswith("settings: from the flags")

@@ -17,6 +17,8 @@ from typing import Any
 from austen_gpt.cli import UserError
 from austen_gpt.data import sources
 from austen_gpt.data.sources import TEXT_FIELDS
+from austen_gpt.flags import data_path
+from austen_gpt.settings import DataSettings
 
 DATA_SUFFIXES = (".pkl", ".txt", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
 COMPRESSED = (".gz", ".zst")  # around any of the formats above but .parquet and .arrow
@@ -253,6 +255,12 @@ def split_paragraphs(paragraphs: list[str], train_size: float, seed: int) -> tup
             "use a value further from 0/1 or more data"
         )
     return [paragraphs[i] for i in sorted(order[:n_train])], [paragraphs[i] for i in sorted(order[n_train:])]
+
+
+def load_split(data: DataSettings) -> tuple[list[str], list[str]]:
+    """(training, validation) paragraphs of `data`, split as train.py splits them."""
+    paragraphs = load_paragraphs(data_path(data.data), data.text_column, data.data_config, data.data_split)
+    return split_paragraphs(paragraphs, data.train_size, data.seed)
 
 
 def text_chars(paragraphs: list[str]) -> int:

@@ -15,13 +15,13 @@ The first damaged file is named in one line, with the problem and what to do.
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import peft.peft_model
 import torch
 import transformers.modeling_utils
 from safetensors import safe_open
@@ -165,7 +165,9 @@ class Manifest:
             save_file(tensors, filename, metadata=metadata)
             self._add_safetensors(Path(filename), tensors)
 
-        modules = [m for m in (transformers.modeling_utils, peft.peft_model) if hasattr(m, "safe_save_file")]
+        # peft saves only once something imported it (it is imported lazily: models/lora.py)
+        peft_model = sys.modules.get("peft.peft_model")
+        modules = [m for m in (transformers.modeling_utils, peft_model) if hasattr(m, "safe_save_file")]
         saved = [m.safe_save_file for m in modules]
         for module in modules:
             module.safe_save_file = checksummed_save_file

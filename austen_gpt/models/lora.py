@@ -2,6 +2,9 @@
 
 GPT-2's token embedding is tied to its output layer and this project adds no tokens, so adapters never
 touch the embedding: they stay a few MB and the merged model keeps its tied embedding.
+
+peft is imported inside the functions that make or load adapters: with the bitsandbytes it loads it takes
+about 1.5 s, which a full fine-tune and sampling from a plain model never pay.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
@@ -120,6 +121,8 @@ def auto_lora_targets(model_type: str, layers: list[str]) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", *output]
     if "qkv_proj" in layers:
         return ["qkv_proj", *output]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS  # costly
+
     peft_default = [name for name in PEFT_TARGETS.get(model_type, []) if name in layers]
     if peft_default:
         return peft_default
@@ -131,6 +134,7 @@ def auto_lora_targets(model_type: str, layers: list[str]) -> list[str]:
 
 def add_lora(model, rank: int, alpha: int, dropout: float, targets: list[str], quantized: bool, base_name: str):
     """Freeze the base model and attach fresh LoRA adapters to the `targets` layers (see resolve_lora_targets)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # costly: see the top
 
     targets = resolve_lora_targets(model, targets)
     if quantized:
@@ -156,6 +160,7 @@ def adapted_layers(model) -> list[str]:
 
 def load_lora(model, adapter_dir: Path, quantized: bool, trainable: bool):
     """Attach the adapters saved in `adapter_dir` (a checkpoint or a final adapter folder)."""
+    from peft import PeftConfig, PeftModel, prepare_model_for_kbit_training  # costly: see the top
 
     check_folder(Path(adapter_dir), "copy the adapter folder again, or train it anew")
     if quantized and trainable:
@@ -187,6 +192,7 @@ def parameter_counts(model) -> tuple[int, int]:
 
 def adapter_size(config: Any, rank: int, targets: list[str]) -> tuple[int, int]:
     """(adapter bytes, base model bytes) in fp32 safetensors, from a config alone (no weights are made)."""
+    from peft import LoraConfig, get_peft_model  # costly: see the top
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model_state_dict
 
 from austen_gpt.cli import CliError, UserError
 from austen_gpt.models.integrity import MANIFEST_FILE
@@ -107,6 +106,8 @@ def weights_bytes(model, state_dict: dict[str, torch.Tensor] | None) -> int:
     """About what save_weights writes: the model's tensors, or a PEFT model's adapters only."""
     weights = model.state_dict() if state_dict is None else state_dict
     if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict  # a PEFT model: peft is loaded already (models/lora.py)
+
         weights = get_peft_model_state_dict(model, state_dict=weights)
     return tensor_bytes(weights)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
-from austen_gpt.cli import UserError
+from austen_gpt.cli import UserError, flag_name
 from austen_gpt.models import lora
 from austen_gpt.models.device import compute_dtype, default_device, resolve_precision
 from austen_gpt.models.loading import load_model
+from austen_gpt.models.saving import run_settings
 from austen_gpt.sampling.generation import window_note
+from austen_gpt.settings import SamplingSettings
+
+RUN_SAMPLING = ("top_k", "top_p")  # what train.py records of how its model samples (its samples during training)
 
 # ----------------------------------------------------------------------------------------------
 # A model to sample from
@@ -36,3 +41,18 @@ def load_for_sampling(path: str, base_model: str | None = None, load_in_4bit: bo
     if note := window_note(model):
         print(note, file=sys.stderr)
     return (model if load_in_4bit else model.to(device)).eval()
+
+
+def sampling_of_run(path: str, settings: SamplingSettings, given: set[str]) -> tuple[SamplingSettings, str]:
+    """`settings` with the sampling settings not `given` on the command line taken from the run that trained the
+    model in `path`, as train.py records them; and a line that says where they come from."""
+    recorded = run_settings(path) or {}
+    taken = {key: recorded[key] for key in RUN_SAMPLING if key in recorded and key not in given}
+    if not recorded:
+        return (
+            settings,
+            f"settings: from the flags ({path} records no run of this project's: a Hub model or an older one)",
+        )
+    settings = replace(settings, **taken)
+    spelled = " ".join(f"{flag_name(key)} {getattr(settings, key)}" for key in RUN_SAMPLING)
+    return settings, f"settings: {spelled} as the run that trained {path} sampled (flags given here override them)"

@@ -16,8 +16,7 @@ from accelerate.utils import set_seed
 
 from austen_gpt.cli import UserError, flag_name
 from austen_gpt.data.batches import validation_loader
-from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs, text_chars
-from austen_gpt.flags import data_path
+from austen_gpt.data.paragraphs import load_paragraphs, load_split, text_chars
 from austen_gpt.models import lora
 from austen_gpt.models.device import default_device, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
@@ -441,9 +440,7 @@ def run_report(settings: ReportSettings) -> Path:
     files; returns report.md's path. The split in `settings.data` is the one the models' held-out text comes from
     (take_split_from_runs)."""
     prompts, texts = read_prompts(settings.prompts), read_texts(settings.texts)
-    data = settings.data
-    paragraphs = load_paragraphs(data_path(data.data), data.text_column, data.data_config, data.data_split)
-    train, val = split_paragraphs(paragraphs, data.train_size, data.seed)
+    train, val = load_split(settings.data)
     sampled = sample_models(settings, prompts, val)
     # the classifiers read passages as long as the first row's texts
     first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))

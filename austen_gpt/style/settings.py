@@ -19,15 +19,15 @@ class ReferenceSettings:
     """The author's and the contrast novels, and the measures' own parameters."""
 
     author_novels: str = str(REPO / "data/austen")
-    """A folder of the author's novels (.txt)."""
+    """a folder of the author's novels (.txt)"""
     contrast_novels: str = str(REPO / "data/contrast")
-    """A folder of other authors' novels (.txt)."""
+    """a folder of other authors' novels (.txt)"""
     ngram: int = 8
-    """The word n-gram length of the copying measure."""
+    """the word n-gram length of the copying measure"""
     mfw: int = 150
-    """The most frequent words in Burrows' Delta."""
+    """the most frequent words in Burrows' Delta"""
     draws: int = 5
-    """Fresh draws of real author passages for the two-sample test; its spread is across them."""
+    """fresh draws of real author passages for the two-sample test; its spread is across them"""
 
 
 @dataclass
@@ -35,31 +35,31 @@ class ReportSettings:
     """One style report: its rows (models and texts), their samples, the split and the references."""
 
     models: list[str] = field(default_factory=list)
-    """Model folders, Hub ids or adapter folders: a row each."""
+    """model folders, Hub ids or adapter folders: a row each"""
     names: list[str] | None = None
-    """A label per model; None: the paths."""
+    """a label per model; None: the paths"""
     texts: list[str] = field(default_factory=list)
-    """NAME=FILE rows of text written elsewhere (.jsonl with a 'text' field, or .txt blocks)."""
+    """NAME=FILE rows of text written elsewhere (.jsonl with a 'text' field, or .txt blocks)"""
     out: str = "reports/style"
-    """The report folder (report.md, report.json, style.png)."""
+    """the report folder (report.md, report.json, style.png)"""
     overwrite: bool = False
-    """Replace the files of an existing report in out."""
+    """replace the files of an existing report in out"""
     from_scratch: bool = False
-    """A config folder without weights gets the random weights train.py --from-scratch starts from."""
+    """a config folder without weights gets the random weights train.py --from-scratch starts from"""
     prompts: str = str(REPO / "data/eval_prompts.txt")
-    """The prompt file, one per line, cycled in order."""
+    """the prompt file, one per line, cycled in order"""
     n_samples: int = N_SAMPLES
-    """Samples per model (and passages per reference row)."""
+    """samples per model (and passages per reference row)"""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_new_tokens=200, paragraphs=None))
-    """How the samples are drawn: every one exactly max_new_tokens long, running on past paragraph ends."""
+    """how the samples are drawn: every one exactly max_new_tokens long, running on past paragraph ends"""
     seed: int = 42
-    """The sampling seed (and the references' draws): the same seed gives the same report."""
+    """the sampling seed (and the references' draws): the same seed gives the same report"""
     show_samples: int = 3
-    """Samples per model printed in report.md."""
+    """samples per model printed in report.md"""
     data: DataSettings = field(default_factory=DataSettings)
-    """train.py's data and split: its validation paragraphs are the author's unseen text."""
+    """train.py's data and split: its validation paragraphs are the author's unseen text"""
     batch_size: int = 16
-    """The validation batch size of the held-out perplexity."""
+    """the validation batch size of the held-out perplexity"""
     references: ReferenceSettings = field(default_factory=ReferenceSettings)
 
 

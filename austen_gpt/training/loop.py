@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from austen_gpt.cli import (
     UserError,
 )
 from austen_gpt.data.batches import batch_loader, epoch_batches, validation_loader
-from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs, text_chars
+from austen_gpt.data.paragraphs import load_split, text_chars
 from austen_gpt.data.tokens import tokenize_cached, unpredicted_token
-from austen_gpt.flags import REPO, data_path
+from austen_gpt.flags import REPO
 from austen_gpt.models import chunked_loss, lean_layers, loading
 from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
 from austen_gpt.models.device import compute_dtype, resolve_precision
@@ -38,7 +39,7 @@ from austen_gpt.models.lean_layers import fused_activations, recomputes_attentio
 from austen_gpt.models.lora import adapted_layers, parameter_counts
 from austen_gpt.models.saving import EXPORT_NOTE, copy_model_folder, save_model_folder
 from austen_gpt.sampling.generation import model_positions, sample_texts, window_note
-from austen_gpt.settings import DataSettings, SamplingSettings, flat_settings
+from austen_gpt.settings import SamplingSettings, flat_settings
 from austen_gpt.style.probe import StyleProbe
 from austen_gpt.training import checkpoints, distributed
 from austen_gpt.training.checkpoints import continue_from_weights
@@ -78,10 +79,19 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     val_chars: int  # characters of the validation paragraphs, for bits per character
-    sampling: SamplingSettings  # of the periodic samples
-    style_probe: StyleProbe | None  # with --eval-style
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
-    skips_on_device: bool  # a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)
+    style_probe: StyleProbe | None = None  # with --eval-style
+
+    @cached_property
+    def sampling(self) -> SamplingSettings:
+        """How the periodic samples are drawn."""
+        samples = self.settings.samples
+        return SamplingSettings(max_length=samples.max_output_length, top_k=samples.top_k, top_p=samples.top_p)
+
+    @cached_property
+    def skips_steps_on_device(self) -> bool:
+        """Whether a step with a non-finite loss is skipped on the device (fused AdamW, not sharded)."""
+        return skips_on_device(self.optimizer) and not self.sharded
 
 
 def train(settings: TrainSettings, resume_cmd: str = "python train.py --resume") -> int:
@@ -160,7 +170,7 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
 
     processes = distributed.start_processes()
     resume = checkpoints.plan_resume(settings, processes.num_processes, processes.print)
-    train_paragraphs, val_paragraphs = split_data(settings.data)
+    train_paragraphs, val_paragraphs = load_split(settings.data)
     precision = resolve_precision(settings.optimization.precision)
     tokenizer = loading.load_tokenizer(str(resume.checkpoint or settings.model.model))
     model = trainable_model(settings, resume.checkpoint, precision, processes, tokenizer.pad_token_id)
@@ -179,36 +189,20 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
         accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
     if accelerator.is_main_process:
         write_run_file(logs_folder(settings), flat_settings(settings), resolved_settings(accelerator))
-    samples = settings.samples
+    val_chars = text_chars(val_paragraphs)
     run = Run(
-        settings=settings,
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        tokenizer=tokenizer,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        val_chars=text_chars(val_paragraphs),
-        sampling=SamplingSettings(max_length=samples.max_output_length, top_k=samples.top_k, top_p=samples.top_p),
-        style_probe=None,
-        sharded=sharded,
-        skips_on_device=skips_on_device(optimizer) and not sharded,
+        settings, accelerator, model, optimizer, scheduler, tokenizer, train_loader, val_loader, val_chars, sharded
     )
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
     if note := window_note(accelerator.unwrap_model(model)):  # samples during training keep to the trained positions
         accelerator.print(note)
     for warning in questionable_settings(settings, len(train_loader), total_steps):
         accelerator.print(f"warning: {warning}")
-    if samples.eval_style:  # on every process: under FSDP each forward gathers the sharded weights
+    if (
+        samples := settings.samples
+    ).eval_style:  # on every process: under FSDP each forward gathers the sharded weights
         run.style_probe = style_probe(samples, settings.data.seed, train_paragraphs, val_paragraphs, accelerator.print)
     return run, resume.state
-
-
-def split_data(data: DataSettings) -> tuple[list[str], list[str]]:
-    """(training, validation) paragraphs."""
-    paragraphs = load_paragraphs(data_path(data.data), data.text_column, data.data_config, data.data_split)
-    return split_paragraphs(paragraphs, data.train_size, data.seed)
 
 
 def trainable_model(
@@ -457,7 +451,7 @@ def skip_flag(run: Run, state, meter, targets: int):
     """The step's flag for the optimizer, on the device: 1.0 if its loss was not finite. An optimizer that
     cannot skip a step on the device gets none: the host reads the flag first (and waits for the device)."""
     flag = meter.end_step(state.global_step + 1, targets)
-    if run.skips_on_device:
+    if run.skips_steps_on_device:
         return flag
     failed_step, failed_loss = (number.item() for number in (meter.first_failed_step, meter.failed_loss))
     if failed_step:

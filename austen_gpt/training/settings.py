@@ -18,7 +18,7 @@ from pathlib import Path
 
 from austen_gpt.cli import UserError, require
 from austen_gpt.flags import sampling_rules
-from austen_gpt.settings import DataSettings, ModelSettings, SamplingSettings
+from austen_gpt.settings import DEFAULT_PRECISION, PRECISIONS, DataSettings, ModelSettings, SamplingSettings
 
 DEFAULT_PROMPTS = ["", '"I cannot think," said she,', "The ball at"]
 
@@ -28,31 +28,35 @@ class OptimizationSettings:
     """Optimizer, schedule, precision and the step's implementation."""
 
     epochs: int = 4
-    """Passes over the training paragraphs."""
+    """passes over the training paragraphs"""
     batch_size: int = 8
-    """Examples per batch and device."""
+    """examples per batch and device"""
     grad_accum_steps: int = 1
-    """Batches accumulated into one optimizer step."""
+    """batches accumulated into one optimizer step"""
     lr: float = 5e-4
-    """The peak learning rate of AdamW."""
+    """peak learning rate of AdamW"""
     eps: float = 1e-8
-    """AdamW's epsilon."""
+    """AdamW epsilon"""
     weight_decay: float = 0.0
-    """AdamW's weight decay (never on biases and LayerNorms)."""
+    """AdamW weight decay (never on biases and LayerNorms)"""
     warmup_steps: int = 100
-    """Linear warm-up steps, then linear decay to 0."""
+    """linear warm-up steps, then linear decay to 0"""
     max_grad_norm: float = 1.0
-    """The gradient clipping norm; 0 disables."""
-    precision: str = "auto"
-    """auto, fp32, bf16 or fp16; auto: bf16 where the device supports it, fp16 on older GPUs, else fp32."""
+    """gradient clipping norm; 0 disables"""
+    precision: str = DEFAULT_PRECISION
+    """auto, fp32, bf16 or fp16; auto: bf16 where the device supports it, fp16 on older GPUs, else fp32"""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, more time."""
+    """recompute activations in backward: less memory, more time"""
     chunked_loss: bool = True
-    """The output layer and the loss 1,024 tokens at a time: the logits of a whole batch never exist."""
+    """compute the output layer and the loss 1,024 tokens at a time, their gradients in the same pass: the logits of
+    a whole batch never exist (much less memory with a large vocabulary). Not under FSDP or DeepSpeed, nor where
+    the logits are more than a bias-free projection (checked at the start)"""
     fused_activations: bool = True
-    """GPT-2's tanh GELU as PyTorch's one fused kernel."""
+    """run GPT-2's (and Phi's) tanh GELU, written in transformers as 7 elementwise operations that each keep their
+    output for backward, as PyTorch's one fused kernel: the same function within rounding, less memory and time.
+    Saved models are unchanged"""
     compile: bool = False
-    """torch.compile the model (inductor)."""
+    """torch.compile the model (inductor); pays a compile time at start"""
 
 
 @dataclass
@@ -60,19 +64,22 @@ class TrainingSamplesSettings:
     """Samples and style measures during training."""
 
     sample_every: int = 100
-    """Print and log samples every N optimizer steps; 0 disables."""
+    """print and log samples every N steps; 0 disables"""
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    """Their prompts; '' starts a paragraph."""
+    """their prompts; '' starts a paragraph"""
     max_output_length: int = 200
-    """Tokens per sample, prompt included."""
+    """tokens per sample, prompt included"""
     top_k: int = SamplingSettings.top_k
-    """Sample from the k likeliest tokens; 0 disables."""
+    """sample from the k likeliest tokens; 0 disables"""
     top_p: float = SamplingSettings.top_p
-    """Nucleus sampling probability mass."""
+    """nucleus sampling probability mass"""
     eval_style: bool = False
-    """At each validation, sample continuations of data/eval_prompts.txt and log their style measures."""
+    """at each validation, sample continuations of data/eval_prompts.txt and log how much they read like the author
+    (a classifier fitted on half of the held-out text against data/contrast novels), how well a classifier tells
+    them from the other half (distinguishability), the share of copied word 8-grams and character names per 1,000
+    words (style_report.py gives the full report)"""
     eval_style_samples: int = 24
-    """Samples of eval_style, 100 tokens each (10 or more for its two-sample test)."""
+    """samples of --eval-style, 100 tokens each (10 or more for its two-sample test)"""
 
 
 @dataclass
@@ -80,19 +87,22 @@ class ValidationSettings:
     """When to validate, which model to keep, when to stop, where the numbers go."""
 
     log_every: int = 10
-    """Read the loss from the device and log it every N optimizer steps (the host never waits in between)."""
+    """every N optimizer steps (and at each sample, validation, checkpoint and epoch end): read the loss from the
+    device, log its mean since the last time, update the progress bar, check for a non-finite loss and a stop
+    signal. In between the host never waits for the device"""
     eval_steps: int = 0
-    """Also validate every N optimizer steps; 0: at epoch ends only."""
+    """also validate every N optimizer steps; 0: epoch ends only"""
     load_best_at_end: bool = True
-    """Export the best validated model; False: the last step's."""
+    """export the best validated model (<check-dir>/best/) to --output-dir; False: the last step's model"""
     early_stopping_patience: int = 0
-    """Stop after K validations in a row without a new best model; 0: never."""
+    """stop after K validations in a row without a new best model; 0: never"""
     early_stopping_threshold: float = 0.0
-    """A new best must lower the validation loss by more than this (nats per token)."""
+    """a new best must lower the validation loss by more than this (nats per token)"""
     max_copied_8grams: float | None = None
-    """With eval_style: a point whose samples copy more than this share of their word 8-grams is never the best."""
+    """with --eval-style: a validation point whose samples copy more than this share of their word 8-grams from the
+    training text never becomes the best model (e.g. 0.01 for 1%)"""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Trackers that also get the metrics: tensorboard, wandb, mlflow or none."""
+    """trackers that also get the metrics (logs/metrics.jsonl is always written)"""
 
 
 @dataclass
@@ -100,21 +110,22 @@ class CheckpointSettings:
     """Checkpoints, resume and the final model."""
 
     check_dir: str = "Checkpoints"
-    """The folder of the Epoch_N and Step_N checkpoints, best/ and the run's logs."""
+    """folder of the Epoch_N checkpoints and the run logs"""
     save_interval: int = 1
-    """Checkpoint every N epochs (the last epoch always)."""
+    """checkpoint every N epochs (the last epoch always)"""
     save_steps: int = 0
-    """Also checkpoint every N optimizer steps (Step_N); 0: off."""
+    """also checkpoint every N optimizer steps (Step_N); 0: off"""
     keep_last: int = 0
-    """Keep only the newest K Step_N checkpoints; 0 keeps all."""
+    """keep only the newest K Step_N checkpoints, deleting older ones once a new one checks out against its manifest;
+    0 keeps all"""
     resume: bool = False
-    """Continue from the newest complete checkpoint in check_dir, if any."""
+    """continue from the newest complete checkpoint in --check-dir (if any)"""
     resume_from: str | None = None
-    """Continue from this checkpoint: a name in check_dir (Epoch_2, Step_300) or a path."""
+    """continue from this checkpoint: a name in --check-dir (Epoch_2, Step_300) or a path"""
     output_dir: str = "GPT2_fine_tuned_Austen"
-    """Where the final model and tokenizer go."""
+    """where the final model and tokenizer go"""
     overwrite_output_dir: bool = False
-    """Replace a model already in output_dir."""
+    """replace a model already in --output-dir"""
 
 
 @dataclass
@@ -150,7 +161,7 @@ def check_settings(s: TrainSettings) -> None:
         (not (out.resume and out.resume_from), "--resume takes the newest checkpoint, --resume-from one: use one"),
         (opt.eps > 0, "--eps must be positive"),
         (opt.weight_decay >= 0 and opt.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must not be negative"),
-        (opt.precision in ("auto", "fp32", "bf16", "fp16"), "--precision is one of auto, fp32, bf16, fp16"),
+        (opt.precision in PRECISIONS, f"--precision is one of {', '.join(PRECISIONS)}"),
         (not Path(out.output_dir).is_file(), f"--output-dir {out.output_dir} is a file; pass a folder path"),
         (not (model.qlora and model.load_in_8bit), "--qlora (4-bit) and --load-in-8bit exclude each other; pick one"),
         (model.rank_lora >= 1, "--rank-lora must be at least 1, e.g. 16"),
