@@ -92,6 +92,22 @@ def parallelism(accelerator) -> str:
     return "DDP"
 
 
+def unwrapped(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside any DDP, FSDP, DeepSpeed or torch.compile wrapper. Where there is none, the model itself
+    without asking accelerate: its unwrap_model imports DeepSpeed (about 2 s) wherever that is installed."""
+    if accelerator.distributed_type == DistributedType.NO and not hasattr(model, "_orig_mod"):
+        return model
+    return accelerator.unwrap_model(model)
+
+
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, gathered from FSDP shards or DeepSpeed partitions (a collective call: on every
+    process); in one process, the model's own (see `unwrapped`)."""
+    if accelerator.distributed_type == DistributedType.NO:
+        return unwrapped(accelerator, model).state_dict()
+    return accelerator.get_state_dict(model)
+
+
 def optimizer_state_is_split(accelerator) -> bool:
     """FSDP and DeepSpeed hold each process's part of the optimizer state only (DDP: all of it on each)."""
 

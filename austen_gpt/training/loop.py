@@ -43,7 +43,7 @@ from austen_gpt.settings import SamplingSettings, flat_settings
 from austen_gpt.style.probe import StyleProbe
 from austen_gpt.training import checkpoints, distributed
 from austen_gpt.training.checkpoints import continue_from_weights
-from austen_gpt.training.distributed import StopSignals, parallelism
+from austen_gpt.training.distributed import StopSignals, full_state_dict, parallelism, unwrapped
 from austen_gpt.training.logs import NOT_SETTINGS, RunLog, tracker_settings, write_run_file
 from austen_gpt.training.settings import (
     OptimizationSettings,
@@ -194,7 +194,7 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
         settings, accelerator, model, optimizer, scheduler, tokenizer, train_loader, val_loader, val_chars, sharded
     )
     accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
-    if note := window_note(accelerator.unwrap_model(model)):  # samples during training keep to the trained positions
+    if note := window_note(unwrapped(accelerator, model)):  # samples during training keep to the trained positions
         accelerator.print(note)
     for warning in questionable_settings(settings, len(train_loader), total_steps):
         accelerator.print(f"warning: {warning}")
@@ -351,7 +351,7 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     settings, accelerator = run.settings, run.accelerator
     data, opt = settings.data, settings.optimization
     trainable, total = parameter_counts(run.model)
-    model = accelerator.unwrap_model(run.model)
+    model = unwrapped(accelerator, run.model)
     adapters = f" + LoRA on {' '.join(adapted_layers(model))}" if settings.model.adapters else ""
     footprint = model.get_memory_footprint() / 2**20
     effective_batch = opt.batch_size * opt.grad_accum_steps * accelerator.num_processes
@@ -463,7 +463,7 @@ def log_samples(run: Run, state, log) -> None:
     """One sample per --sample-prompts, printed and logged; seeded by the step, so a resumed run repeats them."""
     from tqdm.auto import tqdm
 
-    model, prompts = run.accelerator.unwrap_model(run.model), run.settings.samples.sample_prompts
+    model, prompts = unwrapped(run.accelerator, run.model), run.settings.samples.sample_prompts
     texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.settings.data.seed + state.global_step)
     if run.accelerator.is_main_process:
         tqdm.write("\n".join(f"[step {state.global_step}] {text}" for text in texts))
@@ -477,7 +477,7 @@ def validate(run: Run, state, log) -> bool:
     settings, accelerator, val = run.settings, run.accelerator, run.settings.validation
     metrics = held_out_metrics(run.model, run.val_loader, accelerator, run.val_chars)
     if run.style_probe:  # seeded by the step: a resumed run draws the same samples
-        model = accelerator.unwrap_model(run.model)
+        model = unwrapped(accelerator, run.model)
         metrics.update(run.style_probe(model, run.tokenizer, settings.data.seed + state.global_step))
     verdict = judge_validation(state, metrics, val.early_stopping_threshold, val.max_copied_8grams)
     log.metrics(state.global_step, state.current_epoch, **metrics, val_best_loss=state.best_val_loss)
@@ -516,10 +516,10 @@ def save_best(run: Run, state) -> None:
     """This validation point's model as <check-dir>/best/, replacing the previous best (atomically)."""
 
     accelerator = run.accelerator
-    weights = accelerator.get_state_dict(run.model)  # on every process: under FSDP, gathered from the shards
+    weights = full_state_dict(accelerator, run.model)  # on every process: under FSDP, gathered from the shards
     if accelerator.is_main_process:
         note = {BEST_NOTE: {"step": state.best_step, "epoch": state.best_epoch, **state.best_metrics}}
-        model = accelerator.unwrap_model(run.model)
+        model = unwrapped(accelerator, run.model)
         save_model_folder(best_folder(run.settings), model, run.tokenizer, replace=True, notes=note, state_dict=weights)
 
 
@@ -535,9 +535,9 @@ def save(run: Run, state, name: str) -> None:
     folder = Path(out.check_dir) / name
     # On every process: each sends its RNG state; under FSDP the weights are gathered from the shards.
     tensors = checkpoints.capture_states(accelerator, run.optimizer, run.scheduler, include_optimizer=not run.sharded)
-    weights = accelerator.get_state_dict(run.model)
+    weights = full_state_dict(accelerator, run.model)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run.model)
+        model = unwrapped(accelerator, run.model)
         progress = state.to_json(flat_settings(run.settings), accelerator.num_processes)
         checkpoints.save_checkpoint(folder, model, run.tokenizer, tensors, progress, weights)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
@@ -596,13 +596,13 @@ def write_final_model(run: Run, state, stopped_early: bool) -> None:
     note = {"exported": "best" if use_best else "last", **exported, "last_step": last, "settings": recorded}
     notes = {EXPORT_NOTE: note}
     # On every process whatever the choice (under FSDP a collective gather), so no process can wait alone.
-    weights = accelerator.get_state_dict(run.model)
+    weights = full_state_dict(accelerator, run.model)
     if accelerator.is_main_process:
         output = Path(settings.checkpoints.output_dir)
         if use_best:
             copy_model_folder(best_folder(settings), output, leave_out={BEST_NOTE}, notes=notes)
         else:
-            model = accelerator.unwrap_model(run.model)
+            model = unwrapped(accelerator, run.model)
             save_model_folder(output, model, run.tokenizer, replace=True, notes=notes, state_dict=weights)
         accelerator.print(describe_export(settings.checkpoints.output_dir, exported, last, use_best))
     accelerator.wait_for_everyone()  # a process leaving while the first still saves can hang its shutdown
