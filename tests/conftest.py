@@ -30,6 +30,22 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup`, the tests of one `xdist_group` run on one worker and share its module fixtures.
+    pytest-xdist marks them by a suffix to the test's id, which it writes where pytest 8 kept it (`_nodeid`);
+    pytest 9 keeps it in `_id`, so the suffix is written here too (once: a fixed xdist's is kept)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id  # pytest 9's id type; private, hence only here
+
+    for item in items:
+        groups = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        )
+        if groups and hasattr(item, "_id") and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
+
+
 def script_env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the repo's scripts run in under test: offline, the repo importable."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}

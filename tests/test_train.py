@@ -21,6 +21,9 @@ def train(tmp: Path, model: Path, data: Path, *extra: str):
     return run_script("train.py", *train_args(tmp, model, data, *COMMON, *extra), cwd=tmp)
 
 
+pytestmark = pytest.mark.xdist_group("trained")  # one worker trains the shared run (half a minute) for all
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, gpt2_tiny_model_dir, small_data) -> Path:
     """One uninterrupted 2-epoch run with GPT-2's tokenizer, as fine-tuning GPT-2 does, shared by the tests below."""
