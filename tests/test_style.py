@@ -32,7 +32,8 @@ from austen_gpt.style.text import (
 )
 from style_report import parse_args, report_settings
 
-pytestmark = pytest.mark.xdist_group("style")  # one worker builds the references (half a minute) for all
+# the tests that read `refs` run on one worker, which builds the references (half a minute) once for all of them
+shares_refs = pytest.mark.xdist_group("style")
 
 PASSAGE_WORDS = 130  # about what 200 sampled tokens come to
 
@@ -55,12 +56,14 @@ def held_out(refs) -> tuple[list[str], list[str]]:
     return passages(austen, PASSAGE_WORDS), passages(contrast, PASSAGE_WORDS)
 
 
+@shares_refs
 def test_the_classifier_recognizes_austen_in_novels_it_never_saw(refs):
     classifier = refs.classifier
     assert classifier.heldout_accuracy >= 0.9 and classifier.reliable, classifier.heldout_by_novel
     assert len(classifier.heldout_by_novel) == 9  # every novel was held out once
 
 
+@shares_refs
 def test_held_out_austen_scores_high_and_held_out_contrast_low(refs):
     """Thresholds 0.65 and 0.35 (0.8 and 0.2 while the classifier was fit on the 640,000 words of the training
     text): fit on its 46,000-word share of the held-out text, it is as accurate on novels it never saw (93%)
@@ -70,6 +73,7 @@ def test_held_out_austen_scores_high_and_held_out_contrast_low(refs):
     assert sum(refs.classifier.p_author(contrast)) / len(contrast) < 0.35
 
 
+@shares_refs
 def test_delta_puts_held_out_austen_closer_to_austen_than_the_contrast_novels(refs):
     austen, contrast = held_out(refs)
     assert refs.delta.distance(austen, refs.train_paragraphs) < refs.delta.distance(contrast, refs.train_paragraphs)
@@ -77,6 +81,7 @@ def test_delta_puts_held_out_austen_closer_to_austen_than_the_contrast_novels(re
         assert refs.delta.distance(austen, refs.train_paragraphs) < refs.delta.distance(austen, contrast_novel)
 
 
+@shares_refs
 def test_character_names_come_from_the_text(refs):
     names = refs.copying.names
     assert {"elizabeth", "darcy", "emma", "knightley", "elinor", "marianne", "wentworth"} <= names
@@ -85,6 +90,7 @@ def test_character_names_come_from_the_text(refs):
     assert not names & {"rose", "hope", "will"}
 
 
+@shares_refs
 def test_a_copied_sample_scores_full_copying_and_a_shuffled_one_none(refs):
     copied = " ".join(refs.train_paragraphs[100:103])
     n_words = len(words(copied))
@@ -96,6 +102,7 @@ def test_a_copied_sample_scores_full_copying_and_a_shuffled_one_none(refs):
     assert refs.copying.longest_run(["no such words anywhere in her novels at all today"]) == (0, "")
 
 
+@shares_refs
 def test_names_rate_counts_names_per_thousand_words(refs):
     assert refs.copying.names_per_1000_words(["Elizabeth said to Darcy that the weather was very fine"]) == 200
     assert refs.copying.names_per_1000_words(["the weather was fine"]) == 0
@@ -116,6 +123,7 @@ def two_sample_test(refs):
     return TwoSampleTest(refs.held_out["two-sample pool"], prose, refs.classifier.names, draws=3, seed=0)
 
 
+@shares_refs
 def test_the_two_sample_test_passes_real_austen_and_tells_contrast_and_shuffled_words_apart(refs, two_sample_test):
     austen = author_passages(refs, 24, PASSAGE_WORDS)  # never among the passages drawn to compare
     shuffled = [" ".join(random.Random(i).sample(p.split(), len(p.split()))) for i, p in enumerate(austen)]
@@ -131,6 +139,7 @@ def test_the_two_sample_test_passes_real_austen_and_tells_contrast_and_shuffled_
     assert p_shuffled > 0.6 and p_shuffled > p_austen - 0.1, (p_shuffled, p_austen)
 
 
+@shares_refs
 def test_the_two_sample_test_is_reproducible_and_refuses_what_it_cannot_test(refs, two_sample_test):
     from austen_gpt.style.two_sample import TwoSampleTest
 
@@ -150,6 +159,7 @@ def keys(paragraphs) -> set[str]:
     return {paragraph_key(p) for p in paragraphs}
 
 
+@shares_refs
 def test_the_held_out_text_is_dealt_three_ways_none_of_it_trained_on(refs):
     """The classifier's fitting text, the two-sample pool and the author row: disjoint, and none of them training
     text, so a model that recites its training text gains nothing on any measure fit or drawn from them."""
@@ -170,6 +180,7 @@ def test_the_held_out_text_is_dealt_three_ways_none_of_it_trained_on(refs):
         assert abs(words[part] / total - share) < 0.01, words
 
 
+@shares_refs
 def test_training_text_scores_no_higher_p_author_than_the_author_row(refs):
     """A model that recites its training text scores P(author) like real held-out text, not above it: the
     classifier never saw that text. It does score its own fitting text higher, which is why that text must be
@@ -304,6 +315,7 @@ def continuations(paragraphs: list[str], prompts: list[str], n_words: int, at_mo
 
 
 @pytest.mark.slow
+@shares_refs
 def test_folds_by_prompt_keep_the_floor_and_pass_austens_own_continuations(refs, two_sample_test, austen_paragraphs):
     """Folded by prompt, the real-vs-real floor stays where it was, and Austen's own continuations of the prompts
     (what follows a paragraph or sentence of hers that opens with a prompt's words, as a model's 4 samples a
@@ -366,6 +378,7 @@ def test_an_adapter_folder_is_measured_as_its_base_model(adapter_dir, tiny_model
 
 
 @pytest.mark.slow
+@shares_refs
 def test_eval_style_measures_distinguishability_from_the_held_out_paragraphs(refs, tiny_model_dir):
     """--eval-style's probe: a random tiny model's samples are told apart from held-out Austen at once."""
     from transformers import AutoModelForCausalLM

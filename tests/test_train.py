@@ -21,7 +21,8 @@ def train(tmp: Path, model: Path, data: Path, *extra: str):
     return run_script("train.py", *train_args(tmp, model, data, *COMMON, *extra), cwd=tmp)
 
 
-pytestmark = pytest.mark.xdist_group("trained")  # one worker trains the shared run (half a minute) for all
+# the tests that read `trained` run on one worker, which trains the shared run (half a minute) once for all of them
+shares_the_run = pytest.mark.xdist_group("trained")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@shares_the_run
 def test_loss_falls(trained):
     metrics = read_jsonl(trained / "Checkpoints/logs/metrics.jsonl")
     train_losses = [m["train_loss"] for m in metrics if "train_loss" in m]
@@ -52,6 +54,7 @@ def test_loss_falls(trained):
     assert steps == [10, 20, 21, 30, 40, 42]  # every --log-every 10 steps, and at each epoch's last step
 
 
+@shares_the_run
 def test_checkpoint_layout_and_safe_loading(trained):
     from austen_gpt.training.checkpoints import TRAINER_STATE, TRAINING_STATE
 
@@ -75,6 +78,7 @@ def test_checkpoint_layout_and_safe_loading(trained):
     assert list((trained / "Checkpoints/logs/austen-gpt").glob("events.out.tfevents.*"))  # TensorBoard
 
 
+@shares_the_run
 def test_samples_are_printed_and_logged(trained):
     samples = read_jsonl(trained / "Checkpoints/logs/samples.jsonl")
     assert samples and {s["prompt"] for s in samples} == {"", '"I cannot think," said she,', "The ball at"}
@@ -82,6 +86,7 @@ def test_samples_are_printed_and_logged(trained):
     assert "[step 10]" in (trained / "stdout.txt").read_text() or samples[0]["step"] == 10
 
 
+@shares_the_run
 def test_final_model_loads_with_plain_transformers_and_pipeline(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -96,6 +101,7 @@ def test_final_model_loads_with_plain_transformers_and_pipeline(trained):
 
 
 @pytest.mark.slow
+@shares_the_run
 def test_epoch_resume_equals_uninterrupted(trained, gpt2_tiny_model_dir, small_data, tmp_path):
     # The interrupted run: all it left behind is its epoch-1 checkpoint and the best model so far.
     for kept in ("Epoch_1", "best"):
@@ -121,6 +127,7 @@ def test_from_scratch_trains_a_config_only_folder_and_padded_mode_trains_too(tin
 
 
 @pytest.mark.slow
+@shares_the_run
 def test_gradient_checkpointing_changes_memory_not_results(trained, gpt2_tiny_model_dir, small_data, tmp_path):
     result = train(tmp_path, gpt2_tiny_model_dir, small_data, "--gradient-checkpointing")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -131,6 +138,7 @@ def test_gradient_checkpointing_changes_memory_not_results(trained, gpt2_tiny_mo
     assert all(torch.equal(with_checkpointing[k], without[k]) for k in without)
 
 
+@shares_the_run
 def test_the_run_file_repeats_the_run_with_its_requested_settings(trained, gpt2_tiny_model_dir, small_data):
     """<check-dir>/logs/run.yaml read back with --config gives the settings the run's own command line gave
     (as requested: `precision: auto` would stay auto); what this machine made of them is kept under
@@ -148,6 +156,7 @@ def test_the_run_file_repeats_the_run_with_its_requested_settings(trained, gpt2_
     assert {k: v for k, v in repeated.items() if k != "config"} == {k: v for k, v in asked.items() if k != "config"}
 
 
+@shares_the_run
 def test_the_final_model_records_its_runs_settings(trained):
     """The export's training_metrics.json carries the run's settings (as run.yaml has them), which the style
     report reads the split from."""
