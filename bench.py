@@ -61,6 +61,7 @@ CONTENDERS = [  # the first 7 run by default
 MIXED_PRECISION = {"ours", "ours-unfused", "ours-unchunked", "ours-compile", "trainer-amp", "lora", "qlora"}
 MODEL_AS_BUILT = {"seed", "ours-unfused"}  # the model's own layers: no chunked loss, no lean_layers
 MODEL = ModelSettings()  # train.py's defaults for the adapters
+QUICK_PARAGRAPHS = 400  # --quick prepares these first paragraphs of the corpus, enough for its few batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "A100 bf16): adds MFU, achieved FLOP/s over it, to the table",
     )
     add_bool_flag(p, "--profile", help="also profile one step of each of our loops (torch.profiler): where time goes")
-    add_bool_flag(p, "--quick", help="smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples, 20 new tokens")
+    add_bool_flag(
+        p,
+        "--quick",
+        help=f"smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples, 20 new tokens, the corpus' first "
+        f"{QUICK_PARAGRAPHS} paragraphs prepared, the matmul peak probed on small matrices",
+    )
     add_flag(p, "--json", default=None, help="also write the results as JSON here")
     add_flag(p, "--markdown", default=None, help="also write the table as Markdown here")
     add_flag(p, "--one", default=None, help=argparse.SUPPRESS)  # internal: measure one contender, print JSON
@@ -144,20 +150,25 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
     return lora.add_lora(model, args.rank_lora, 16, 0.05, args.targets_lora, quantized=True, base_name="-")
 
 
-def prepare_examples(mode: str, tokenizer, block: int) -> tuple[list, float, float | None]:
-    """(examples, cold seconds, cached seconds) for the whole corpus, from reading austen_dataset.pkl to token
-    blocks, each contender its own way; ours again from the cache its cold run filled (others have none)."""
+def prepare_examples(mode: str, tokenizer, block: int, quick: bool = False) -> tuple[list, float, float | None]:
+    """(examples, cold seconds, cached seconds) for the whole corpus (its first QUICK_PARAGRAPHS for a --quick
+    smoke run), from reading austen_dataset.pkl to token blocks, each contender its own way; ours again from
+    the cache its cold run filled (others have none)."""
     from austen_gpt.data.paragraphs import load_paragraphs
     from austen_gpt.data.tokens import tokenize_cached
 
+    def read_corpus() -> list[str]:
+        paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
+        return paragraphs[:QUICK_PARAGRAPHS] if quick else paragraphs
+
     started = time.perf_counter()
-    paragraphs = load_paragraphs(REPO / "austen_dataset.pkl")
+    paragraphs = read_corpus()
     if mode not in ("seed", "trainer-collator"):
         with tempfile.TemporaryDirectory() as cache:
             examples = tokenize_cached(tokenizer, paragraphs, block, True, Path(cache))
             cold = time.perf_counter() - started
             started = time.perf_counter()
-            tokenize_cached(tokenizer, load_paragraphs(REPO / "austen_dataset.pkl"), block, True, Path(cache))
+            tokenize_cached(tokenizer, read_corpus(), block, True, Path(cache))
             return examples, cold, time.perf_counter() - started
     if mode == "seed":  # one paragraph at a time in Python, padded to the block, overflow kept
         eot = tokenizer.eos_token
@@ -315,14 +326,15 @@ def train_with_trainer(model, batches: list[dict], workdir: Path, precision: str
     return timer.seconds
 
 
-def matmul_peak(precision: str, device) -> float:
-    """FLOP/s of the best of several large square matmuls at `precision`, on this device, now."""
+def matmul_peak(precision: str, device, quick: bool = False) -> float:
+    """FLOP/s of the best of several large square matmuls at `precision`, on this device, now (on small ones
+    for a --quick smoke run)."""
     import torch
 
     from austen_gpt.models.device import compute_dtype
 
     dtype = compute_dtype(precision)
-    n = 4096 if torch.cuda.is_available() else 2048
+    n = 512 if quick else 4096 if torch.cuda.is_available() else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(10):
@@ -346,13 +358,13 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     own_precision = resolve_precision(args.precision) if mode in MIXED_PRECISION else "no"
     device = PartialState().device
     tokenizer = load_tokenizer(str(REPO / "configs/gpt2-tiny"))  # the GPT-2 tokenizer
-    examples, prep_seconds, cached_seconds = prepare_examples(mode, tokenizer, args.block_size)
+    examples, prep_seconds, cached_seconds = prepare_examples(mode, tokenizer, args.block_size, args.quick)
     profile = args.profile and not mode.startswith("trainer")
     n = args.warmup + args.steps + profile
     if len(examples) < n * args.batch_size:
         raise UserError(f"the corpus has too few examples for {n} steps of {args.batch_size}")
     batches = batches_for(mode, examples, n, args, tokenizer)
-    peak = matmul_peak(own_precision, device)  # again after training: the best of both (a shared machine varies)
+    peak = matmul_peak(own_precision, device, args.quick)  # again after training: the best of both (shared machine)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak memory is training's alone
     with tempfile.TemporaryDirectory() as workdir:
@@ -370,7 +382,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     # layer) plus attention scores and values (nanoGPT's estimate_mfu); position embeddings excluded.
     weights = total - config.n_positions * config.n_embd
     flops_per_token = 6 * weights + 12 * config.n_layer * config.n_embd * args.block_size
-    peak = max(peak, matmul_peak(own_precision, device))
+    peak = max(peak, matmul_peak(own_precision, device, args.quick))
     on_cuda = torch.cuda.is_available()
     memory = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -468,7 +480,8 @@ def results_table(results: list[dict], args: argparse.Namespace) -> str:
     mfu_heading = f"MFU ({args.card_peak_tflops:g} TFLOP/s peak) | " if mfu else ""
     lines = [
         f"{args.model_config}, batches of {args.batch_size} x {args.block_size} tokens on {base['device']}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up",
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+        + (f"; data prep of the corpus' first {QUICK_PARAGRAPHS} paragraphs" if args.quick else ""),
         "",
         f"| contender | precision | data prep (s) | from cache (s) | useful tokens/s | vs {base['mode']} "
         f"| FLOP/s share of matmul peak | {mfu_heading}{base['memory_kind']} (MiB) | trainable params |",

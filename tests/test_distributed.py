@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 COMMON = ["--max-input-length", "64", "--sample-every", "0", "--lr", "1e-3"]
 # bf16 rounding or dropout masks would differ by design
 EXACT = ["--precision", "fp32", "--dropout", "0", "--epochs", "1"]
+# The launches run on one worker, one after another: they share the one-process runs (a module fixture), and
+# two launches at once would put four processes, waiting on each other's collectives, on two cores.
+launches = pytest.mark.xdist_group("processes")
 
 
 def launch(launcher: list[str], *args: str, cwd: Path, env: dict[str, str], while_running=None):
@@ -121,6 +124,7 @@ def one_process(tmp_path_factory, tiny_model_dir, small_data):
 
 
 @pytest.mark.slow
+@launches
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data, one_process):
     one, two = one_process(*ACCUMULATED), tmp_path / "two"
     args = train_args(two, tiny_model_dir, small_data, *ACCUMULATED, "--batch-size", "4")
@@ -140,6 +144,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
 
 
 @pytest.mark.slow
+@launches
 def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path, gpt2_tiny_model_dir, small_data):
     """Dropout on: each process draws its own masks, and its random state is in the checkpoint. GPT-2's
     50,257-token output layer makes each step slow enough for the signal to land mid-run."""
@@ -172,6 +177,7 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes_exactly(tmp_path,
 
 
 @pytest.mark.slow
+@launches
 @pytest.mark.parametrize("mode", ["--lora", "--qlora"])
 def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_dir, small_data, one_process):
     one, two = one_process(mode, "True", *LORA), tmp_path / "two"
@@ -184,6 +190,7 @@ def test_adapters_in_two_processes_equal_one_process(mode, tmp_path, tiny_model_
 
 
 @pytest.mark.slow
+@launches
 def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path, tiny_model_dir, small_data):
     settings = [*COMMON, "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--save-steps", "1"]
     result = torchrun(*train_args(tmp_path, tiny_model_dir, small_data, *settings), cwd=tmp_path)
@@ -194,6 +201,7 @@ def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
+@launches
 def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
     """configs/accelerate/deepspeed_zero2.yaml as shipped, on DeepSpeed's CPU accelerator: gradients and
     optimizer state split over two processes, the same weights as one process with the same global batch."""
@@ -216,6 +224,7 @@ def test_deepspeed_zero2_config_trains_like_one_process(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
+@launches
 def test_fsdp_config_trains_like_one_process(tmp_path, tiny_model_dir, small_data, one_process):
     """configs/accelerate/fsdp.yaml as shipped (FSDP2, a GPT2Block per unit, full state dict) on CPU processes."""
     fsdp, config = tmp_path / "fsdp", "configs/accelerate/fsdp.yaml"
