@@ -124,7 +124,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, compute: torch.dtype):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_weight = None  # fp32, from the first chunk's product: no pass to zero a vocabulary-sized tensor
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute)
@@ -137,11 +137,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad = log_probs.exp_()  # the softmax, in the log-probabilities' memory
                 grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))  # minus one-hot
-                grad = grad.mul_(valid[:, None]).to(compute)
+                # masked and cast to the compute dtype in one pass
+                out = grad if compute == grad.dtype else torch.empty_like(grad, dtype=compute)
+                grad = torch.mul(grad, valid[:, None], out=out)
                 if want_hidden:
                     grad_hidden[start : start + CHUNK_TOKENS] = grad @ w
                 if want_weight:
-                    grad_weight += grad.T @ h
+                    part = grad.T @ h
+                    grad_weight = part.to(torch.float32) if grad_weight is None else grad_weight.add_(part)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -151,6 +154,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        if grad_weight is not None:  # scaled in place: a vocabulary-sized tensor, and backward runs once
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
