@@ -10,7 +10,8 @@ Contenders, each in its own fresh process (so its peak memory is its own), on th
 random weights (the FLOPs are the real ones) and the same Austen paragraphs:
   ours              this project: one batched tokenizer call, packed blocks, --precision (auto: bf16 where native),
                     the output layer and loss in chunks (chunked_loss.py), the GELU fused and, on a CPU,
-                    attention with dropout recomputed in backward (lean_layers.py)
+                    attention with dropout recomputed in backward and, in bf16, dropout masks from random
+                    bits (lean_layers.py)
   ours-unfused      the same loop on the model as transformers builds it: its own output layer, GELU and
                     attention, and a whole-batch fp32 log-softmax
   ours-fp32         ours in fp32
@@ -239,16 +240,16 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     from accelerate import Accelerator
     from accelerate.utils import TorchDynamoPlugin
 
-    from austen_gpt.models import chunked_loss, lean_layers
+    from austen_gpt.models.device import compute_dtype
+    from austen_gpt.training.loop import install_lean_layers
+    from austen_gpt.training.settings import OptimizationSettings
     from austen_gpt.training.step import forward_backward, make_optimizer
 
     dynamo = TorchDynamoPlugin(backend="inductor" if mode == "ours-compile" else "no")
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
-    if mode not in MODEL_AS_BUILT:  # as train.py does by default
-        lean_layers.fuse_activations(model)
-        lean_layers.recompute_attention(model, accelerator.device)
-        if mode != "ours-unchunked":
-            chunked_loss.install(model)
+    if mode not in MODEL_AS_BUILT:  # as train.py does with its default settings
+        settings = OptimizationSettings(chunked_loss=mode != "ours-unchunked")
+        install_lean_layers(model, settings, accelerator.device, compute_dtype(precision), sharded=False)
     optimizer = make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

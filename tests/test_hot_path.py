@@ -308,6 +308,88 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     assert not lean_layers.recompute_attention(no_dropout, torch.device("cpu"))
 
 
+def test_dropout_masks_from_random_bits_drop_at_the_rate_and_keep_the_expectation():
+    """Each of the four 16-bit lanes of a random word (the sign bit included) is kept at 1 - p; the kept values
+    are scaled so that the mean is kept; backward uses the forward's mask."""
+    from austen_gpt.models.lean_layers import drawn_dropout, keep_mask
+
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([1000, 1000]), 0.1, torch.device("cpu"))
+    assert keep.dtype == torch.bool and scale == pytest.approx(1 / 0.9, rel=1e-4)
+    for lane in range(4):  # the random words' lanes, element i in lane i % 4
+        assert keep.flatten()[lane::4].float().mean().item() == pytest.approx(0.9, abs=0.003)
+    assert keep_mask(torch.Size([5]), 0.0, torch.device("cpu"))[0].all()
+
+    x = torch.full((400, 1000), 3.0, dtype=torch.bfloat16, requires_grad=True)
+    y = drawn_dropout(x, 0.25)
+    assert y.dtype == torch.bfloat16 and y.float().mean().item() == pytest.approx(3.0, rel=0.01)
+    assert set(y.unique().tolist()) == {0.0, 4.0}
+    y.float().sum().backward()
+    assert torch.equal(x.grad == 0, y == 0) and x.grad.max().item() == pytest.approx(4 / 3, rel=1e-2)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_the_written_out_attention_is_pytorchs_without_dropout(architecture):
+    """At rate 0 the attention written out for the masks (causal, or a padding mask; Llama's grouped heads)
+    equals transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from austen_gpt.models.lean_layers import attention_with_drawn_dropout
+
+    model = tiny_model(architecture)
+    module = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
+    torch.manual_seed(0)
+    groups = getattr(module, "num_key_value_groups", 1)
+    query = torch.randn(2, 4, 9, 16)
+    key, value = torch.randn(2, 4 // groups, 9, 16), torch.randn(2, 4 // groups, 9, 16)
+    padding = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril_()
+    padding[1, :, :, 6:] = False
+    for mask in (None, padding):
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=0.25)
+        written, _ = attention_with_drawn_dropout(module, query, key, value, mask, dropout=0.0, scaling=0.25)
+        assert torch.allclose(written, expected, atol=1e-5), mask is None
+
+
+def test_in_bf16_on_the_cpu_dropout_draws_masks_from_random_bits_and_attention_is_still_recomputed_exactly(
+    monkeypatch,
+):
+    """bf16 on a CPU: GPT-2's dropout layers draw their masks from random bits (fp32 keeps the model's own), the
+    loss is about the same as with the model's own dropout, and recomputing the attention in backward changes
+    no bit."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import lean_layers
+
+    settings = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=512, bos_token_id=0, eos_token_id=0)
+    batch = collate([list(range(1, 300)), list(range(50, 120))], pad_id=0)  # long enough to recompute
+    cpu = torch.device("cpu")
+
+    draws, keep_mask = [], lean_layers.keep_mask
+    monkeypatch.setattr(lean_layers, "keep_mask", lambda *a: draws.append(a[0]) or keep_mask(*a))
+
+    def loss_and_gradients_of(draw: bool):
+        draws.clear()
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(**settings)).train()
+        assert lean_layers.recompute_attention(model, cpu)
+        if draw:  # embeddings; attention, output and MLP in each block
+            assert lean_layers.draw_masks(model, cpu, torch.bfloat16) == 1 + 3 * 2 == lean_layers.draws_masks(model)
+        torch.manual_seed(1)
+        return loss_and_gradients(model, batch, "bf16")
+
+    assert lean_layers.draw_masks(GPT2LMHeadModel(GPT2Config(**settings)), cpu, torch.float32) == 0
+    own, _ = loss_and_gradients_of(draw=False)
+    assert not draws
+    drawn, grads = loss_and_gradients_of(draw=True)
+    attention = [shape for shape in draws if len(shape) == 4]  # batch x heads x tokens x tokens
+    assert len(draws) == 1 + 3 * 2 + 2 and len(attention) == 2 * 2  # the attention's drawn again in backward
+    assert drawn.item() == pytest.approx(own.item(), rel=0.02) and not torch.equal(drawn, own)  # other masks
+    monkeypatch.setattr(lean_layers, "RECOMPUTE_FROM_TOKENS", 10**6)  # the attention kept for backward
+    kept, kept_grads = loss_and_gradients_of(draw=True)
+    assert torch.equal(drawn, kept) and all(torch.equal(g, kept_grads[k]) for k, g in grads.items())
+
+
 # ---- on CUDA (the GPU check, scripts/gpu_check.sh, runs these; skipped elsewhere) --------------------------
 
 

@@ -13,17 +13,27 @@
   the result is bitwise the same. Only from RECOMPUTE_FROM_TOKENS tokens on: the scores grow with the square
   of the length, and at 100 tokens they are small while drawing the dropout masks again costs about 8% of a
   step. On a GPU the fused kernels take dropout and keep no scores: nothing to do.
+* Dropout masks from random bits, on a CPU in bf16. `bernoulli_`, which nn.Dropout and the attention kernel
+  use, draws one random number per element (about 6 ns each on a CPU): at 8 x 512 tokens GPT-2's attention
+  masks alone are 300 million elements a step, a fifth of the step. Here one 64-bit random word gives four
+  16-bit lanes, each kept where it is at or above the dropout rate's threshold: 5x cheaper. The rate is
+  rounded to 1/65,536 (0.1 becomes 0.100006) and the kept values scaled by the exact inverse of the kept
+  share, so the expectation is unchanged. The attention with dropout is then written out (PyTorch's CPU
+  attention takes no mask), in bf16 where PyTorch's would compute in fp32. Under fp32 the model's own
+  dropout runs, so an fp32 run is bitwise as before.
 
 docs/benchmarks.md has the side-by-side numbers. The config saved with the model is unchanged.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 SAME_AS_TANH_GELU = (NewGELUActivation, FastGELUActivation)
@@ -51,12 +61,112 @@ def fused_activations(model: torch.nn.Module) -> int:
 
 def sdpa_recomputed_with_dropout(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention; in training with dropout on long sequences, recomputed in backward rather
-    than kept. (Query: batch x heads x tokens x head size.)"""
+    than kept, and with masks drawn from random bits where the model's dropout layers are (draws_masks).
+    (Query: batch x heads x tokens x head size.)"""
+    attention = sdpa_attention_forward
+    dropout = kwargs.get("dropout", 0.0)
+    if module.training and dropout > 0 and getattr(module, DRAWS_MASKS, False) and _plain(kwargs):
+        attention = attention_with_drawn_dropout
     long = query.shape[2] >= RECOMPUTE_FROM_TOKENS
-    if long and module.training and torch.is_grad_enabled() and kwargs.get("dropout", 0.0) > 0:
+    if long and module.training and torch.is_grad_enabled() and dropout > 0:
         inputs = (module, query, key, value, attention_mask)
-        return checkpoint(sdpa_attention_forward, *inputs, use_reentrant=False, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return checkpoint(attention, *inputs, use_reentrant=False, **kwargs)
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def _plain(kwargs: dict) -> bool:
+    """Attention without the extras only transformers' own functions implement (soft-capping, position bias)."""
+    return kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+
+
+# ---- dropout masks from random bits ----------------------------------------------------------------------
+
+DRAWS_MASKS = "draws_dropout_masks"  # set by draw_masks() on every module of the model
+LANES = 2**16  # a mask element is one 16-bit lane of a random 64-bit word
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(where dropout at rate `p` keeps an element, the scale of the kept ones): each element kept with
+    probability 1 - p rounded to 1/65,536, and scaled by the exact inverse of that."""
+    dropped = round(p * LANES)
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    keep = words.view(torch.int16)[:n].view(shape) >= dropped - LANES // 2
+    return keep, LANES / (LANES - dropped)
+
+
+class MaskedScale(torch.autograd.Function):
+    """x x scale x keep, keeping only the boolean mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.mul(x, scale).mul_(keep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, ctx.scale).mul_(keep), None, None
+
+
+def drawn_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout at rate `p` in training, its mask from random bits."""
+    keep, scale = keep_mask(x.shape, p, x.device)
+    return MaskedScale.apply(x, keep, scale)
+
+
+class DrawnDropout(torch.nn.Dropout):
+    """nn.Dropout with its mask from random bits (still an nn.Dropout: setting the rate works as before)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drawn_dropout(x, self.p) if self.training and self.p > 0 else x
+
+
+def attention_with_drawn_dropout(
+    module, query, key, value, attention_mask, dropout: float, scaling: float | None = None, is_causal=None, **_
+):
+    """What PyTorch's attention computes with dropout, written out: softmax(q k^T x scale + mask) with dropout,
+    times v; all in the inputs' dtype (the softmax kernel computes in fp32 and rounds once: the probabilities
+    are what the bf16 matmul with v would read). Returns transformers' (output, None)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_length, k_length = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    elif is_causal and q_length > 1:
+        later = torch.ones(q_length, k_length, dtype=torch.bool, device=query.device).triu_(k_length - q_length + 1)
+        scores = scores.masked_fill(later, float("-inf"))
+    output = torch.matmul(drawn_dropout(torch.softmax(scores, dim=-1), dropout), value)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def draw_masks(model: torch.nn.Module, device: torch.device, compute: torch.dtype) -> int:
+    """On a CPU in bf16, have the model's dropout layers (not adapters') and its attention dropout draw their
+    masks from random bits; returns how many layers do."""
+    if device.type != "cpu" or compute != torch.bfloat16:
+        return 0
+    swaps = [
+        (parent, name, child)
+        for parent_name, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Dropout and "lora_dropout" not in parent_name
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, DrawnDropout(child.p))
+    for module in model.modules():  # the attention function reads it from the module that calls it
+        setattr(module, DRAWS_MASKS, True)
+    return len(swaps)
+
+
+def draws_masks(model: torch.nn.Module) -> int:
+    """How many of the model's dropout layers draw their masks from random bits."""
+    return sum(type(module) is DrawnDropout for module in model.modules())
 
 
 AttentionInterface.register(RECOMPUTED_ATTENTION, sdpa_recomputed_with_dropout)

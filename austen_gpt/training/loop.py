@@ -35,7 +35,7 @@ from austen_gpt.models import chunked_loss, lean_layers, loading
 from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
 from austen_gpt.models.device import compute_dtype, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
-from austen_gpt.models.lean_layers import fused_activations, recomputes_attention
+from austen_gpt.models.lean_layers import draws_masks, fused_activations, recomputes_attention
 from austen_gpt.models.lora import adapted_layers, parameter_counts
 from austen_gpt.models.saving import EXPORT_NOTE, copy_model_folder, save_model_folder
 from austen_gpt.sampling.generation import model_positions, sample_texts, window_note
@@ -183,7 +183,7 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
     record_trained_positions(model, train_loader.dataset, settings.model.from_scratch, settings.model.adapters)
     accelerator = make_accelerator(settings, precision, resume)
     sharded = distributed.optimizer_state_is_split(accelerator)
-    install_lean_layers(model, opt, accelerator.device, sharded)
+    install_lean_layers(model, opt, accelerator.device, compute_dtype(accelerator.mixed_precision), sharded)
     model, optimizer, scheduler = optimizer_and_schedule(model, opt, accelerator, resume, total_steps)
     if resume.checkpoint:
         accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
@@ -239,14 +239,18 @@ def make_accelerator(settings: TrainSettings, precision: str, resume: checkpoint
     return accelerator
 
 
-def install_lean_layers(model, opt: OptimizationSettings, device: torch.device, sharded: bool) -> None:
-    """The chunked loss, fused GELU and recomputed attention, as asked and where they apply."""
+def install_lean_layers(
+    model, opt: OptimizationSettings, device: torch.device, compute: torch.dtype, sharded: bool
+) -> None:
+    """The chunked loss, fused GELU, recomputed attention and dropout masks from random bits, as asked and
+    where they apply."""
     if opt.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
         chunked_loss.install(model)
     if opt.fused_activations:
         lean_layers.fuse_activations(model)
     if not (opt.gradient_checkpointing or sharded):  # (they recompute, or wrap, the whole block themselves)
         lean_layers.recompute_attention(model, device)
+    lean_layers.draw_masks(model, device, compute)
 
 
 def optimizer_and_schedule(model, opt: OptimizationSettings, accelerator, resume: checkpoints.Resume, total_steps: int):
@@ -381,9 +385,10 @@ def hot_path(model, accelerator) -> str:
         loss = "output layer and loss in Cut Cross-Entropy's kernel"
     else:
         loss = f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
-    fused = fused_activations(model)
+    fused, drawn = fused_activations(model), draws_masks(model)
     loss += f", {fused} activations in PyTorch's fused GELU" if fused else ""
-    return loss + (", attention with dropout recomputed in backward" if recomputes_attention(model) else "")
+    loss += ", attention with dropout recomputed in backward" if recomputes_attention(model) else ""
+    return loss + (f", {drawn} dropout layers' masks from random bits" if drawn else "")
 
 
 def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total_steps: int) -> list[str]:
