@@ -23,6 +23,14 @@ TOKENIZER_DIR = REPO / "configs" / "austen-tiny"
 GPT2_TOKENIZER_DIR = REPO / "configs" / "gpt2-tiny"
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
 os.environ["AUSTEN_GPT_CPU_BF16"] = "0"  # --precision auto is fp32 on every CPU: the same numbers and times
+
+# Tests of the bf16 path on a CPU run where the CPU computes bf16 natively (AVX512-BF16 or AMX), as users' do;
+# elsewhere PyTorch emulates bf16, a path --precision auto never takes there.
+_CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+on_native_bf16 = pytest.mark.skipif(
+    not any(flag in _CPU_FLAGS for flag in ("avx512_bf16", "amx_bf16")),
+    reason="this CPU has no native bf16 (AVX512-BF16 or AMX), where the bf16 path runs",
+)
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Under `pytest -n 2` each worker (and every training it starts) computes on one thread: two workers then
     # share the two cores without fighting over them, while each one's single-threaded start-up (imports,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import on_native_bf16, train_args
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,9 +51,10 @@ def allowed_in(reads: ScalarReads, function):
     return wrapper
 
 
-def test_no_host_waits_for_the_device_between_log_points(tmp_path, tiny_model_dir, small_data, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=on_native_bf16)])
+def test_no_host_waits_for_the_device_between_log_points(precision, tmp_path, tiny_model_dir, small_data, monkeypatch):
     """The whole training loop runs under the counter; set-up, log points, validation, checkpoints and the
-    export may read, the steps between them must not."""
+    export may read, the steps between them must not (in bf16 too: autocast, dropout masks from random bits)."""
     reads, log_points = ScalarReads(), []
     log_step = loop.log_step
     monkeypatch.setattr(
@@ -61,8 +62,12 @@ def test_no_host_waits_for_the_device_between_log_points(tmp_path, tiny_model_di
     )
     for name in ("set_up", "log_step", "validate", "save", "log_samples", "write_final_model"):
         monkeypatch.setattr(loop, name, allowed_in(reads, getattr(loop, name)))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process may have trained at another precision
     with reads:
-        assert main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS)) == 0
+        assert main(train_args(tmp_path, tiny_model_dir, small_data, *SETTINGS, "--precision", precision)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert log_points == [10, 20, 24]  # every 10 steps, and the epoch's last step
     assert reads.outside == []
 

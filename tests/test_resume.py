@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, logged_step, run_in_process, run_script, script_env, train_args
+from conftest import (
+    REPO,
+    assert_user_error,
+    logged_step,
+    on_native_bf16,
+    run_in_process,
+    run_script,
+    script_env,
+    train_args,
+)
 from safetensors.torch import load_file
 
 import train
@@ -34,8 +43,11 @@ MODES = {
     "lora": ["--lora", "--rank-lora", "8", "--targets-lora", "c_attn", "c_fc"],
     # validation every 4 steps, the best model kept, and an early stop before the last step
     "early stopping": "--eval-steps 4 --early-stopping-patience 1 --early-stopping-threshold 0.2".split(),
+    # bf16 autocast, and dropout masks drawn from random bits (lean_layers.py): their random state must resume
+    "bf16": ["--precision", "bf16"],
 }
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "early stopping": "model.safetensors"}
+WEIGHTS["bf16"] = WEIGHTS["full"]
 
 # Runs train.py in a child that SIGKILLs itself at a chosen moment: at the N-th forward pass
 # (KILL_AT_FORWARD, counting validation forwards too), or in the N-th checkpoint save, after the
@@ -126,6 +138,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, small_data):
             assert result.returncode == 0, result.stderr[-3000:]
             assert "12 steps per epoch" in result.stdout  # the kill moments below assume it
             assert ("early stopping at step 20" in result.stdout) == (mode == "early stopping")  # after the kills
+            assert ("dropout layers' masks from random bits" in result.stdout) == (mode == "bf16")
             runs[mode] = final_weights(tmp, mode), metric_steps(tmp), best_weights(tmp, mode)
         return runs[mode]
 
@@ -143,6 +156,7 @@ KILLS = {
 TRIALS = [("full", "inside gradient accumulation"), ("full", "in a save, before the rename")]
 TRIALS += [("lora", "inside gradient accumulation"), ("lora", "in a save, before the rename")]
 TRIALS += [("early stopping", "right after a save"), ("early stopping", "in epoch 2")]  # validation forwards count too
+TRIALS += [pytest.param("bf16", "inside gradient accumulation", marks=on_native_bf16)]
 
 
 @pytest.mark.slow
