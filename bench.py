@@ -241,7 +241,7 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     from accelerate.utils import TorchDynamoPlugin
 
     from austen_gpt.models.device import compute_dtype
-    from austen_gpt.training.loop import install_lean_layers
+    from austen_gpt.training import hot_path
     from austen_gpt.training.settings import OptimizationSettings
     from austen_gpt.training.step import forward_backward, make_optimizer
 
@@ -249,7 +249,9 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
     accelerator = Accelerator(mixed_precision=precision, dynamo_plugin=dynamo)
     if mode not in MODEL_AS_BUILT:  # as train.py does with its default settings
         settings = OptimizationSettings(chunked_loss=mode != "ours-unchunked")
-        install_lean_layers(model, settings, accelerator.device, compute_dtype(precision), sharded=False)
+        choices = hot_path.device_choices(accelerator.device, compute_dtype(precision), recorded=None)
+        max_tokens = max(batch["input_ids"].shape[1] for batch in batches)
+        hot_path.install_lean_layers(model, settings, choices, max_tokens, sharded=False)
     optimizer = make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

@@ -285,7 +285,7 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     def step(recompute: bool, batch: dict = batch):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(**settings)).train()
-        assert lean_layers.recompute_attention(model, torch.device("cpu")) if recompute else True
+        assert lean_layers.recompute_attention(model, from_tokens=256) if recompute else True
         kept = []
         torch.manual_seed(1)
         with torch.autograd.graph.saved_tensors_hooks(
@@ -307,10 +307,8 @@ def test_attention_with_dropout_is_recomputed_on_the_cpu_with_bitwise_the_same_r
     assert lean_layers.recomputes_attention(model)
     model.save_pretrained(tmp_path)
     assert "sdpa" not in (tmp_path / "config.json").read_text()  # saved models are as before
-    on_a_gpu = torch.device("meta")  # any device but the CPU
-    assert not lean_layers.recompute_attention(GPT2LMHeadModel(GPT2Config(**settings)), on_a_gpu)
     no_dropout = GPT2LMHeadModel(GPT2Config(**{**settings, "attn_pdrop": 0.0}))
-    assert not lean_layers.recompute_attention(no_dropout, torch.device("cpu"))
+    assert not lean_layers.recompute_attention(no_dropout, from_tokens=256)
 
 
 def test_dropout_masks_from_random_bits_drop_at_the_rate_and_keep_the_expectation():
@@ -368,7 +366,6 @@ def test_in_bf16_on_the_cpu_dropout_draws_masks_from_random_bits_and_attention_i
 
     settings = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=512, bos_token_id=0, eos_token_id=0)
     batch = collate([list(range(1, 300)), list(range(50, 120))], pad_id=0)  # long enough to recompute
-    cpu = torch.device("cpu")
 
     draws, keep_mask = [], lean_layers.keep_mask
     monkeypatch.setattr(lean_layers, "keep_mask", lambda *a: draws.append(a[0]) or keep_mask(*a))
@@ -377,20 +374,20 @@ def test_in_bf16_on_the_cpu_dropout_draws_masks_from_random_bits_and_attention_i
         draws.clear()
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(**settings)).train()
-        assert lean_layers.recompute_attention(model, cpu)
+        assert lean_layers.recompute_attention(model, from_tokens)
         if draw:  # embeddings; attention, output and MLP in each block
-            assert lean_layers.draw_masks(model, cpu, torch.bfloat16) == 1 + 3 * 2 == lean_layers.draws_masks(model)
+            assert lean_layers.draw_masks(model) == 1 + 3 * 2 == lean_layers.draws_masks(model)
         torch.manual_seed(1)
         return loss_and_gradients(model, batch, "bf16")
 
-    assert lean_layers.draw_masks(GPT2LMHeadModel(GPT2Config(**settings)), cpu, torch.float32) == 0
+    from_tokens = 256
     own, _ = loss_and_gradients_of(draw=False)
     assert not draws
     drawn, grads = loss_and_gradients_of(draw=True)
     attention = [shape for shape in draws if len(shape) == 4]  # batch x heads x tokens x tokens
     assert len(draws) == 1 + 3 * 2 + 2 and len(attention) == 2 * 2  # the attention's drawn again in backward
     assert drawn.item() == pytest.approx(own.item(), rel=0.02) and not torch.equal(drawn, own)  # other masks
-    monkeypatch.setattr(lean_layers, "RECOMPUTE_FROM_TOKENS", 10**6)  # the attention kept for backward
+    from_tokens = 10**6  # the attention kept for backward
     kept, kept_grads = loss_and_gradients_of(draw=True)
     assert torch.equal(drawn, kept) and all(torch.equal(g, kept_grads[k]) for k, g in grads.items())
 
@@ -428,3 +425,24 @@ def test_on_cuda_the_chunked_loss_has_the_same_value_and_gradients(kernel, monke
     assert loss == pytest.approx(expected_loss, rel=2e-2)
     for name, grad in grads.items():
         assert (grad - expected[name]).abs().max().item() <= 2e-2 * expected[name].abs().max().item() + 1e-6, name
+
+
+def test_the_device_table_decides_the_lean_layers_and_a_recorded_row_wins():
+    from austen_gpt.training.hot_path import DeviceChoices, device_choices, record
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert device_choices(cpu, torch.bfloat16, None).drawn_masks  # bf16 on a CPU draws masks from random bits
+    assert not device_choices(cpu, torch.float32, None).drawn_masks  # fp32 keeps the model's own dropout
+    assert device_choices(gpu, torch.bfloat16, None) == DeviceChoices()  # GPUs: PyTorch's fused kernels
+    started = device_choices(cpu, torch.float32, None)
+    assert device_choices(cpu, torch.bfloat16, record(started)) == started  # a resumed run keeps its row
+    newer = {**record(started), "a_choice_of_later_code": True}
+    assert device_choices(cpu, torch.bfloat16, newer) == started
+
+
+def test_freed_memory_is_reused_on_glibc():
+    import platform
+
+    from austen_gpt.models.device import reuse_freed_memory
+
+    assert reuse_freed_memory() == (platform.libc_ver()[0] == "glibc")

@@ -176,6 +176,40 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, mode, moment, t
     assert metric_steps(tmp_path) == expected_steps  # every step logged once, none missing (and the same last one)
 
 
+# train.py under code whose table of device choices says otherwise for this CPU in fp32
+ANOTHER_TABLE = """
+import sys
+sys.argv[0] = "train.py"
+import torch
+import train
+from austen_gpt import cli
+from austen_gpt.training import hot_path
+hot_path.DEVICE_TABLE[("cpu", torch.float32)] = hot_path.DeviceChoices(8, drawn_masks=True)
+cli.run_cli(train.main)
+"""
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_device_choices_it_started_with(uninterrupted, tiny_model_dir, small_data, tmp_path):
+    """Resumed by code whose table would draw the dropout masks from random bits, the run keeps its checkpoint's
+    choices (the model's own dropout) and ends bitwise as if never interrupted."""
+    expected = uninterrupted("full")[0]
+    argv = arguments(tmp_path, tiny_model_dir, small_data, "full")
+    run_killer(tmp_path, argv, **KILLS["inside gradient accumulation"])
+    recorded = json.loads((tmp_path / "Checkpoints/Step_3" / TRAINER_STATE).read_text())["device_choices"]
+    assert recorded == {
+        "recompute_attention_from_tokens": 256,
+        "drawn_masks": False,
+        "reuse_freed_memory_below_tokens": 256,
+    }
+    command = [sys.executable, "-c", ANOTHER_TABLE, *argv, "--resume"]
+    resumed = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming with the run's own device choices" in resumed.stdout
+    assert "masks from random bits" not in resumed.stdout
+    assert_same_weights(final_weights(tmp_path, "full"), expected)
+
+
 def flip_one_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

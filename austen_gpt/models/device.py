@@ -54,3 +54,27 @@ def resolve_precision(precision: str) -> str:
 def compute_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype matmuls run in under an Accelerator's mixed_precision (also 4-bit layers' compute dtype)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters (malloc.h)
+KEEP_BELOW = 1 << 30  # bytes
+
+
+def reuse_freed_memory() -> bool:
+    """Have the C library keep freed memory for the next allocation rather than return it to the system;
+    returns whether it does (glibc only, as on most Linux systems).
+
+    glibc maps each allocation of more than 32 MB afresh and unmaps it when it is freed, so that every step's
+    large tensors (a chunk's logits, the embedding's gradient) are page-faulted in and zeroed by the kernel
+    again: on a CPU that took a tenth of a GPT-2 124M step. Raising both thresholds to 1 GiB serves them from
+    memory the process already holds, which is what jemalloc and tcmalloc, PyTorch's recommended allocators
+    for CPUs, do. The price is memory that stays with the process between steps: docs/benchmarks.md."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BELOW))

@@ -10,9 +10,9 @@
   batch x heads x tokens x tokens scores, probabilities and dropout mask in fp32 for backward: 3.6 GB for
   GPT-2 124M at 8 x 512 tokens. Here that attention is recomputed in backward instead (activation
   checkpointing of the attention alone, the dropout mask drawn again from the same saved random state), so
-  the result is bitwise the same. Only from RECOMPUTE_FROM_TOKENS tokens on: the scores grow with the square
-  of the length, and at 100 tokens they are small while drawing the dropout masks again costs about 8% of a
-  step. On a GPU the fused kernels take dropout and keep no scores: nothing to do.
+  the result is bitwise the same. Only from a length on (256 tokens on a CPU: austen_gpt/training/hot_path.py):
+  the scores grow with the square of the length, and at 100 tokens they are small while drawing the dropout
+  masks again costs about 8% of a step. On a GPU the fused kernels take dropout and keep no scores.
 * Dropout masks from random bits, on a CPU in bf16. `bernoulli_`, which nn.Dropout and the attention kernel
   use, draws one random number per element (about 6 ns each on a CPU): at 8 x 512 tokens GPT-2's attention
   masks alone are 300 million elements a step, a fifth of the step. Here one 64-bit random word gives four
@@ -38,7 +38,7 @@ from transformers.masking_utils import sdpa_mask
 
 SAME_AS_TANH_GELU = (NewGELUActivation, FastGELUActivation)
 RECOMPUTED_ATTENTION = "sdpa_recomputed_with_dropout"
-RECOMPUTE_FROM_TOKENS = 256
+RECOMPUTE_FROM = "recompute_attention_from_tokens"  # set by recompute_attention() on every module of the model
 
 
 def fuse_activations(model: torch.nn.Module) -> int:
@@ -67,7 +67,7 @@ def sdpa_recomputed_with_dropout(module, query, key, value, attention_mask, **kw
     dropout = kwargs.get("dropout", 0.0)
     if module.training and dropout > 0 and getattr(module, DRAWS_MASKS, False) and _plain(kwargs):
         attention = attention_with_drawn_dropout
-    long = query.shape[2] >= RECOMPUTE_FROM_TOKENS
+    long = query.shape[2] >= getattr(module, RECOMPUTE_FROM, math.inf)
     if long and module.training and torch.is_grad_enabled() and dropout > 0:
         inputs = (module, query, key, value, attention_mask)
         return checkpoint(attention, *inputs, use_reentrant=False, **kwargs)
@@ -146,11 +146,9 @@ def attention_with_drawn_dropout(
     return output.transpose(1, 2).contiguous(), None
 
 
-def draw_masks(model: torch.nn.Module, device: torch.device, compute: torch.dtype) -> int:
-    """On a CPU in bf16, have the model's dropout layers (not adapters') and its attention dropout draw their
-    masks from random bits; returns how many layers do."""
-    if device.type != "cpu" or compute != torch.bfloat16:
-        return 0
+def draw_masks(model: torch.nn.Module) -> int:
+    """Have the model's dropout layers (not adapters') and its attention dropout draw their masks from random
+    bits; returns how many layers do."""
     swaps = [
         (parent, name, child)
         for parent_name, parent in model.named_modules()
@@ -173,15 +171,17 @@ AttentionInterface.register(RECOMPUTED_ATTENTION, sdpa_recomputed_with_dropout)
 AttentionMaskInterface.register(RECOMPUTED_ATTENTION, sdpa_mask)
 
 
-def recompute_attention(model: torch.nn.Module, device: torch.device) -> bool:
-    """On a CPU, have a model whose SDPA attention has dropout recompute it in backward; returns whether it
-    does."""
+def recompute_attention(model: torch.nn.Module, from_tokens: int) -> bool:
+    """Have a model whose SDPA attention has dropout recompute it in backward on sequences of `from_tokens`
+    tokens or more; returns whether it does."""
     base = _transformers_model(model)
     config = base.config
     dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0
-    if device.type != "cpu" or config._attn_implementation != "sdpa" or not dropout > 0:
+    if config._attn_implementation != "sdpa" or not dropout > 0:
         return False
     base.set_attn_implementation(RECOMPUTED_ATTENTION)
+    for module in model.modules():  # the attention function reads it from the module that calls it
+        setattr(module, RECOMPUTE_FROM, from_tokens)
     return True
 
 

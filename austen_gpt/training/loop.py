@@ -31,17 +31,15 @@ from austen_gpt.data.batches import batch_loader, epoch_batches, validation_load
 from austen_gpt.data.paragraphs import load_split, text_chars
 from austen_gpt.data.tokens import tokenize_cached, unpredicted_token
 from austen_gpt.flags import REPO
-from austen_gpt.models import chunked_loss, lean_layers, loading
-from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
+from austen_gpt.models import loading
 from austen_gpt.models.device import compute_dtype, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
-from austen_gpt.models.lean_layers import draws_masks, fused_activations, recomputes_attention
 from austen_gpt.models.lora import adapted_layers, parameter_counts
 from austen_gpt.models.saving import EXPORT_NOTE, copy_model_folder, save_model_folder
 from austen_gpt.sampling.generation import model_positions, sample_texts, window_note
 from austen_gpt.settings import SamplingSettings, flat_settings
 from austen_gpt.style.probe import StyleProbe
-from austen_gpt.training import checkpoints, distributed
+from austen_gpt.training import checkpoints, distributed, hot_path
 from austen_gpt.training.checkpoints import continue_from_weights
 from austen_gpt.training.distributed import StopSignals, full_state_dict, parallelism, unwrapped
 from austen_gpt.training.logs import NOT_SETTINGS, RunLog, tracker_settings, write_run_file
@@ -183,12 +181,18 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
     record_trained_positions(model, train_loader.dataset, settings.model.from_scratch, settings.model.adapters)
     accelerator = make_accelerator(settings, precision, resume)
     sharded = distributed.optimizer_state_is_split(accelerator)
-    install_lean_layers(model, opt, accelerator.device, compute_dtype(accelerator.mixed_precision), sharded)
+    compute = compute_dtype(accelerator.mixed_precision)
+    choices = hot_path.device_choices(accelerator.device, compute, resume.state.device_choices)
+    if resume.state.device_choices is None:
+        resume.state.device_choices = hot_path.record(choices)
+    elif choices != hot_path.device_choices(accelerator.device, compute, None):
+        accelerator.print(f"resuming with the run's own device choices: {resume.state.device_choices}")
+    hot_path.install_lean_layers(model, opt, choices, settings.data.max_input_length, sharded)
     model, optimizer, scheduler = optimizer_and_schedule(model, opt, accelerator, resume, total_steps)
     if resume.checkpoint:
         accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
     if accelerator.is_main_process:
-        write_run_file(logs_folder(settings), flat_settings(settings), resolved_settings(accelerator))
+        write_run_file(logs_folder(settings), flat_settings(settings), resolved_settings(accelerator, choices))
     val_chars = text_chars(val_paragraphs)
     run = Run(
         settings, accelerator, model, optimizer, scheduler, tokenizer, train_loader, val_loader, val_chars, sharded
@@ -237,20 +241,6 @@ def make_accelerator(settings: TrainSettings, precision: str, resume: checkpoint
     distributed.refuse_unsupported(accelerator, resume.checkpoint, settings.model.load_in_8bit, opt.grad_accum_steps)
     distributed.configure_deepspeed(accelerator, opt.batch_size, opt.max_grad_norm)
     return accelerator
-
-
-def install_lean_layers(
-    model, opt: OptimizationSettings, device: torch.device, compute: torch.dtype, sharded: bool
-) -> None:
-    """The chunked loss, fused GELU, recomputed attention and dropout masks from random bits, as asked and
-    where they apply."""
-    if opt.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
-        chunked_loss.install(model)
-    if opt.fused_activations:
-        lean_layers.fuse_activations(model)
-    if not (opt.gradient_checkpointing or sharded):  # (they recompute, or wrap, the whole block themselves)
-        lean_layers.recompute_attention(model, device)
-    lean_layers.draw_masks(model, device, compute)
 
 
 def optimizer_and_schedule(model, opt: OptimizationSettings, accelerator, resume: checkpoints.Resume, total_steps: int):
@@ -302,10 +292,11 @@ def record_trained_positions(model, examples: list[list[int]], from_scratch: boo
     model.config.trained_positions = max(recorded or 0, longest)
 
 
-def resolved_settings(accelerator) -> dict[str, Any]:
+def resolved_settings(accelerator, choices: hot_path.DeviceChoices) -> dict[str, Any]:
     """What this machine made of the run's settings: for the record in run.yaml, never read back."""
     return {
         "precision": accelerator.mixed_precision,
+        "device_choices": hot_path.record(choices),
         "device": str(accelerator.device),
         "processes": accelerator.num_processes,
         "torch": str(torch.__version__),
@@ -362,33 +353,19 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     distributed = f"{accelerator.num_processes} processes"
     if accelerator.num_processes > 1:
         distributed += f", {parallelism(accelerator)}"
+    step_path = hot_path.describe(run.model, accelerator.device, compute_dtype(accelerator.mixed_precision))
     return (
         f"data: {n_train:,} training / {n_val:,} validation paragraphs\n"
         f"examples: {len(run.train_loader.dataset):,} training / {len(run.val_loader.dataset):,} validation of "
         f"<= {data.max_input_length} tokens ({'packed' if data.packing else 'one paragraph each'})\n"
         f"model: {settings.model.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}, {hot_path(run.model, accelerator)}\n"
+        f"mixed precision {accelerator.mixed_precision}, {step_path}\n"
         f"batches: {effective_batch} examples per optimizer step ({opt.batch_size} x {opt.grad_accum_steps} "
         f"accumulated x {distributed}), {total_steps // opt.epochs} steps per epoch, {total_steps} in all\n"
         f"schedule: AdamW lr {opt.lr:g}, linear warm-up over {opt.warmup_steps} steps, then linear decay to 0 at "
         f"step {total_steps}"
     )
-
-
-def hot_path(model, accelerator) -> str:
-    """How the output layer, the loss, the activations and attention run (chunked_loss.py, lean_layers.py)."""
-
-    if not chunked_head(model):
-        loss = "the model's own output layer and a whole-batch loss"
-    elif uses_fused_kernel(accelerator.device, compute_dtype(accelerator.mixed_precision)):
-        loss = "output layer and loss in Cut Cross-Entropy's kernel"
-    else:
-        loss = f"output layer and loss in chunks of {CHUNK_TOKENS:,} tokens"
-    fused, drawn = fused_activations(model), draws_masks(model)
-    loss += f", {fused} activations in PyTorch's fused GELU" if fused else ""
-    loss += ", attention with dropout recomputed in backward" if recomputes_attention(model) else ""
-    return loss + (f", {drawn} dropout layers' masks from random bits" if drawn else "")
 
 
 def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total_steps: int) -> list[str]:

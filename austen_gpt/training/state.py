@@ -50,6 +50,7 @@ class TrainingState:
     best_metrics: dict[str, float] = field(default_factory=dict)
     validations_without_improvement: int = 0  # early stopping's patience counter
     copy_guard_refusals: list[int] = field(default_factory=list)  # steps the copying guard kept from best/
+    device_choices: dict[str, Any] | None = None  # hot_path.DeviceChoices the run started with, kept on resume
     last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from (not saved)
 
     @property
