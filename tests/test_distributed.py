@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, logged_step, run_script, train_args
+from conftest import REPO, assert_user_error, logged_step, on_native_bf16, run_script, train_args
 from safetensors.torch import load_file
 
 COMMON = ["--max-input-length", "64", "--sample-every", "0", "--lr", "1e-3"]
@@ -141,6 +141,25 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
     samples = (two / "Checkpoints/logs/samples.jsonl").read_text().splitlines()
     assert len(samples) == len((one / "Checkpoints/logs/samples.jsonl").read_text().splitlines()) == 3
     assert double.stdout.count("[step 10]") == 3  # three prompts, printed once
+
+
+@pytest.mark.slow
+@launches
+@on_native_bf16
+def test_two_processes_in_bf16_equal_one_process_to_bf16_precision(tmp_path, tiny_model_dir, small_data, one_process):
+    """bf16 autocast on a CPU, with the lean layers bf16 gets there (dropout layers that draw their masks from
+    random bits, here at rate 0 so that the two runs can agree): each process's bf16 gradients are reduced
+    into one step, as one process would take it."""
+    in_bf16 = [*COMMON, "--precision", "bf16", "--dropout", "0", "--epochs", "1", "--packing", "False"]
+    one, two = one_process(*in_bf16), tmp_path / "two"
+    double = torchrun(*train_args(two, tiny_model_dir, small_data, *in_bf16, "--batch-size", "4"), cwd=tmp_path)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "mixed precision bf16" in double.stdout and "masks from random bits" in double.stdout
+    assert "8 examples per optimizer step (4 x 1 accumulated x 2 processes, DDP)" in double.stdout
+    # Adam turns a gradient's last bits into a whole step where it is near zero: weights agree to a few steps'
+    # size, the validation loss to bf16's last bits (1.2e-7 relative on the development CPU)
+    assert max_difference(weights(one / "out"), weights(two / "out")) < 1e-2
+    assert val_losses(one) == pytest.approx(val_losses(two), rel=1e-5)
 
 
 @pytest.mark.slow
