@@ -393,6 +393,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         "precision": {"no": "fp32"}.get(own_precision, own_precision),
         "data_prep_s": prep_seconds,
         "data_prep_cached_s": cached_seconds,
+        "first_step_s": seconds[0],  # with any compilation (--json)
         "useful_tokens_per_s": useful,
         "computed_tokens_per_s": computed,
         "flops_share_of_matmul_peak": computed * flops_per_token / peak,
