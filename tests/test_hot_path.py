@@ -446,3 +446,61 @@ def test_freed_memory_is_reused_on_glibc():
     from austen_gpt.models.device import reuse_freed_memory
 
     assert reuse_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_in_bf16_each_weight_is_cast_once_per_step_however_many_micro_batches():
+    """Two micro-batches in one accumulation window: each weight is cast to bf16 once (autocast's casts, and
+    the chunked loss's of the output layer), not once per micro-batch, and the accumulated gradients are
+    bitwise those of casting at every forward. After the weights change, they are cast again."""
+    from collections import Counter
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from austen_gpt.data.batches import collate
+    from austen_gpt.models import chunked_loss
+    from austen_gpt.training.step import CastsPerStep, forward_backward
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self, weights: dict[int, str]):
+            super().__init__()
+            self.weights, self.casts = weights, Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.weights:
+                self.casts[self.weights[args[0].data_ptr()]] += 1
+            return func(*args, **(kwargs or {}))
+
+    batches = [collate([list(range(1, 40)), list(range(7, 30))], pad_id=0), collate([list(range(3, 50))], pad_id=0)]
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+    def window(once_per_step: bool):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        torch.manual_seed(0)
+        dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64, **dropout))
+        assert chunked_loss.install(model)
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        model = accelerator.prepare(model)
+        casts = CastsPerStep(accelerator, sharded=False)
+        casts.enabled = once_per_step
+        counter = CountWeightCasts({p.data_ptr(): name for name, p in model.named_parameters() if p.dim() == 2})
+        with counter:
+            for i, batch in enumerate(batches):
+                casts.open()
+                forward_backward(model, batch, accelerator, targets, sync=i == len(batches) - 1)
+            casts.close()
+            with torch.no_grad():  # as an optimizer step would
+                model.transformer.wte.weight.add_(1e-3)
+            forward_backward(model, batches[0], accelerator, targets, sync=True)
+        return counter.casts, {name: p.grad for name, p in model.named_parameters()}
+
+    once, grads = window(once_per_step=True)
+    each, each_grads = window(once_per_step=False)
+    # attention and MLP weights, 4 a block (c_attn, c_proj, c_fc, mlp.c_proj), then one more forward
+    assert len(once) == 2 * 4 + 1 and once["transformer.wte.weight"] == 1 + 1
+    assert all(n == 1 + 1 for n in once.values()) and all(n == 2 + 1 for k, n in each.items() if "wte" not in k)
+    assert all(torch.equal(g, each_grads[k]) for k, g in grads.items())
+    AcceleratorState._reset_state(reset_partial_state=True)

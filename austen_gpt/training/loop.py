@@ -51,6 +51,7 @@ from austen_gpt.training.settings import (
 )
 from austen_gpt.training.state import TrainingState, judge_validation
 from austen_gpt.training.step import (
+    CastsPerStep,
     StepMeter,
     ends_step,
     forward_backward,
@@ -116,6 +117,7 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
     run, state = set_up(settings)
     accelerator, model, opt = run.accelerator, run.model, settings.optimization
     n_batches, accumulate, early_stop = len(run.train_loader), opt.grad_accum_steps, False
+    casts = CastsPerStep(accelerator, run.sharded)
     model.train()
     with RunLog(logs_folder(settings), state.global_step, accelerator, flat_settings(settings)) as log:
         for epoch in range(state.epoch, opt.epochs):
@@ -127,10 +129,12 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
                 state.batches_in_epoch += 1
                 targets_in_window = targets[state.batches_in_epoch - 1]
                 step_now = ends_step(state.batches_in_epoch, n_batches, accumulate)
+                casts.open()  # the weights' casts to bf16 serve the whole window
                 loss_sum = forward_backward(model, batch, accelerator, targets_in_window, sync=step_now)
                 meter.add(loss_sum, batch)
                 if not step_now:
                     continue
+                casts.close()  # before the optimizer changes the weights
                 skip = skip_flag(run, state, meter, targets_in_window)
                 lr = optimizer_step(model, run.optimizer, run.scheduler, accelerator, opt.max_grad_norm, skip)
                 state.global_step += 1

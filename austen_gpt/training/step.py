@@ -81,6 +81,31 @@ def forward_backward(model, batch: dict, accelerator, targets_in_window: int, sy
     return loss_sum.detach()
 
 
+class CastsPerStep:
+    """One autocast region around each accumulation window, so that each weight is cast to the compute dtype
+    once per optimizer step rather than at every micro-batch's forward.
+
+    Autocast keeps its casts of the weights until the outermost region ends; accelerate opens a region in
+    each forward, which would end there. Opened before the window's first forward (`open`) and ended before
+    the optimizer changes the weights (`close`), the casts of the first micro-batch serve the others, and
+    their gradients flow back to the weights as before. Not where the weights are sharded (FSDP, DeepSpeed),
+    which gather and free them at each forward; in fp32 there is nothing to cast."""
+
+    def __init__(self, accelerator, sharded: bool):
+        self.accelerator, self.region = accelerator, None
+        self.enabled = not sharded and accelerator.mixed_precision in ("bf16", "fp16")
+
+    def open(self) -> None:
+        if self.enabled and self.region is None:
+            self.region = self.accelerator.autocast()
+            self.region.__enter__()
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.__exit__(None, None, None)
+            self.region = None
+
+
 def skips_on_device(optimizer) -> bool:
     """Whether the optimizer can skip a step on the device, given a flag tensor (torch's fused Adam and
     AdamW read `found_inf`, as GradScaler sets it); others need the host to decide."""
