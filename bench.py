@@ -131,19 +131,21 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
     from transformers import AutoModelForCausalLM
 
     from austen_gpt.models import lora
+    from austen_gpt.models.device import compute_dtype
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(args.model_config))
     if mode not in ("lora", "qlora"):
         return model.to(device)
-    if mode == "lora":
-        return lora.add_lora(
+    if mode == "lora":  # as train.py loads it: the frozen base's matmul weights in the compute dtype
+        model = lora.add_lora(
             model.to(device), args.rank_lora, 16, 0.05, args.targets_lora, quantized=False, base_name="-"
         )
+        if (compute := compute_dtype(precision)) != torch.float32:
+            lora.frozen_matmul_weights_in(model, compute)
+        return model
     lora.require_bitsandbytes(device, "qlora")
     model.save_pretrained(workdir)
-    from austen_gpt.models.device import compute_dtype
-
     model = AutoModelForCausalLM.from_pretrained(
         workdir, quantization_config=lora.quantization_config(4, compute_dtype(precision)), device_map={"": device}
     )

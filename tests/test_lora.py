@@ -268,3 +268,53 @@ def test_adapter_whose_base_model_is_unavailable(tmp_path, tiny_model_dir):
         result = run_script(script, *argv, cwd=tmp_path)
         assert_user_error(result, "need their base model", "no-org/no-model", "--base-model")
     assert not (tmp_path / "m").exists()
+
+
+def test_in_bf16_the_frozen_base_is_stored_in_bf16_and_computes_bitwise_the_same(tiny_model_dir, tokenizer):
+    """Autocast casts the frozen base's matmul weights to bf16 at every forward; stored in bf16 they are not
+    cast at all and take half the memory, and loss and adapter gradients are bitwise the same."""
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.data.batches import collate
+
+    batch = collate([tokenizer("It is a truth universally acknowledged, that a single man")["input_ids"]], 0)
+
+    def adapters(stored_in_bf16: bool):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = lora.add_lora(base, 8, 16, 0.0, ["c_attn", "c_fc"], quantized=False, base_name=str(tiny_model_dir))
+        layers = lora.frozen_matmul_weights_in(model, torch.bfloat16) if stored_in_bf16 else 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_sum, _ = lm_loss_sum(model, batch)
+        loss_sum.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return model, layers, loss_sum, grads
+
+    stored, layers, loss, grads = adapters(stored_in_bf16=True)
+    cast, _, cast_loss, cast_grads = adapters(stored_in_bf16=False)
+    blocks = stored.config.n_layer
+    assert layers == 4 * blocks  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each block
+    assert stored.get_input_embeddings().weight.dtype == torch.float32  # and the output layer tied to it
+    assert torch.equal(loss, cast_loss) and grads.keys() == cast_grads.keys()
+    assert all(torch.equal(g, cast_grads[k]) for k, g in grads.items())
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)  # the adapters
+    from transformers.pytorch_utils import Conv1D
+
+    halved = sum(p.numel() * 2 for m in cast.modules() if isinstance(m, Conv1D) for p in m.parameters())
+    assert cast.get_memory_footprint() - stored.get_memory_footprint() == halved  # 4 bytes each, now 2
+
+
+@pytest.mark.slow
+def test_lora_trains_in_bf16_with_samples_and_validation(tiny_model_dir, small_data, tmp_path):
+    argv = [a if a != "fp32" else "bf16" for a in COMMON]
+    result = run_script(
+        "train.py",
+        *train_args(tmp_path, tiny_model_dir, small_data, "--lora", *argv, "--sample-every", "3", "--eval-steps", "6"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed precision bf16" in result.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "Checkpoints/logs/metrics.jsonl").read_text().splitlines()]
+    losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    assert losses[-1] < losses[0] - 0.05 and any("val_loss" in m for m in metrics)
+    assert len((tmp_path / "Checkpoints/logs/samples.jsonl").read_text().splitlines()) >= 3 * 5

@@ -59,7 +59,10 @@ def install(model) -> bool:
     tokens = torch.arange(4, device=head.weight.device)[None] % head.weight.shape[0]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    # A model whose frozen base is stored in bf16 (lora.frozen_matmul_weights_in) runs under autocast only.
+    stored = {p.dtype for p in model.parameters()}
+    low = next((dtype for dtype in (torch.bfloat16, torch.float16) if dtype in stored), None)
+    with torch.no_grad(), torch.autocast(head.weight.device.type, dtype=low, enabled=low is not None):
         expected = model(input_ids=tokens).logits
         replacement = HiddenStatesHead(head.weight)
         setattr(parent, name, replacement)

@@ -170,16 +170,20 @@ def load_adapter_model(settings: ModelSettings, checkpoint: Path | None, mixed_p
     if bits == 4:
         lora.keep_4bit_weights_trainable(model)
     if checkpoint:
-        return lora.load_lora(model, checkpoint, quantized=bool(bits), trainable=True)
-    return lora.add_lora(
-        model,
-        settings.rank_lora,
-        settings.alpha_lora,
-        settings.lora_dropout,
-        settings.targets_lora,
-        quantized=bool(bits),
-        base_name=settings.model,
-    )
+        model = lora.load_lora(model, checkpoint, quantized=bool(bits), trainable=True)
+    else:
+        model = lora.add_lora(
+            model,
+            settings.rank_lora,
+            settings.alpha_lora,
+            settings.lora_dropout,
+            settings.targets_lora,
+            quantized=bool(bits),
+            base_name=settings.model,
+        )
+    if not bits and (compute := compute_dtype(mixed_precision)) != torch.float32:
+        lora.frozen_matmul_weights_in(model, compute)
+    return model
 
 
 DROPOUT_CONFIG_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout", "dropout")

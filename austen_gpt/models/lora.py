@@ -153,6 +153,27 @@ def add_lora(model, rank: int, alpha: int, dropout: float, targets: list[str], q
     return model
 
 
+def frozen_matmul_weights_in(model, dtype: torch.dtype) -> int:
+    """Store the frozen base's matmul layers (Linear, GPT-2's Conv1D: weight and bias) in `dtype`, the
+    autocast dtype; returns how many. Autocast would cast them to it at every forward, so each matmul sees the
+    same values, bitwise, and the base takes half the memory. Embeddings (and an output layer tied to them)
+    and norms keep fp32, as autocast keeps them."""
+    embeddings = model.get_input_embeddings().weight
+    layers = [
+        module
+        for module in model.modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D))
+        and not module.weight.requires_grad
+        and module.weight.dtype == torch.float32
+        and module.weight is not embeddings
+    ]
+    for layer in layers:
+        for param in (layer.weight, layer.bias):
+            if param is not None and not param.requires_grad:
+                param.data = param.data.to(dtype)
+    return len(layers)
+
+
 def adapted_layers(model) -> list[str]:
     """The layer names a PEFT model's adapters sit on, as its adapter_config.json records them."""
     return sorted(model.peft_config["default"].target_modules)

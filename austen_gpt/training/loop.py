@@ -450,7 +450,8 @@ def log_samples(run: Run, state, log) -> None:
     from tqdm.auto import tqdm
 
     model, prompts = unwrapped(run.accelerator, run.model), run.settings.samples.sample_prompts
-    texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.settings.data.seed + state.global_step)
+    with run.accelerator.autocast():  # as training computes (PEFT's generate bypasses the wrapped forward)
+        texts = sample_texts(model, run.tokenizer, prompts, run.sampling, run.settings.data.seed + state.global_step)
     if run.accelerator.is_main_process:
         tqdm.write("\n".join(f"[step {state.global_step}] {text}" for text in texts))
     log.samples(state.global_step, state.current_epoch, prompts, texts)
@@ -464,7 +465,8 @@ def validate(run: Run, state, log) -> bool:
     metrics = held_out_metrics(run.model, run.val_loader, accelerator, run.val_chars)
     if run.style_probe:  # seeded by the step: a resumed run draws the same samples
         model = unwrapped(accelerator, run.model)
-        metrics.update(run.style_probe(model, run.tokenizer, settings.data.seed + state.global_step))
+        with accelerator.autocast():
+            metrics.update(run.style_probe(model, run.tokenizer, settings.data.seed + state.global_step))
     verdict = judge_validation(state, metrics, val.early_stopping_threshold, val.max_copied_8grams)
     log.metrics(state.global_step, state.current_epoch, **metrics, val_best_loss=state.best_val_loss)
     accelerator.print(describe_validation(state, metrics, verdict, val.max_copied_8grams))
