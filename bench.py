@@ -137,13 +137,10 @@ def build(mode: str, args: argparse.Namespace, precision: str, device, workdir: 
     model = AutoModelForCausalLM.from_config(model_config(args.model_config))
     if mode not in ("lora", "qlora"):
         return model.to(device)
-    if mode == "lora":  # as train.py loads it: the frozen base's matmul weights in the compute dtype
-        model = lora.add_lora(
+    if mode == "lora":
+        return lora.add_lora(
             model.to(device), args.rank_lora, 16, 0.05, args.targets_lora, quantized=False, base_name="-"
         )
-        if (compute := compute_dtype(precision)) != torch.float32:
-            lora.frozen_matmul_weights_in(model, compute)
-        return model
     lora.require_bitsandbytes(device, "qlora")
     model.save_pretrained(workdir)
     model = AutoModelForCausalLM.from_pretrained(
@@ -253,7 +250,7 @@ def train_own_loop(model, batches: list[dict], precision: str, mode: str, profil
         settings = OptimizationSettings(chunked_loss=mode != "ours-unchunked")
         choices = hot_path.device_choices(accelerator.device, compute_dtype(precision), recorded=None)
         max_tokens = max(batch["input_ids"].shape[1] for batch in batches)
-        hot_path.install_lean_layers(model, settings, choices, max_tokens, sharded=False)
+        hot_path.install_lean_layers(model, settings, choices, compute_dtype(precision), max_tokens, sharded=False)
     optimizer = make_optimizer(model, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

@@ -181,8 +181,6 @@ def load_adapter_model(settings: ModelSettings, checkpoint: Path | None, mixed_p
             quantized=bool(bits),
             base_name=settings.model,
         )
-    if not bits and (compute := compute_dtype(mixed_precision)) != torch.float32:
-        lora.frozen_matmul_weights_in(model, compute)
     return model
 
 

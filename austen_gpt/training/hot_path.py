@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from austen_gpt.models import chunked_loss, lean_layers
+from austen_gpt.models import chunked_loss, lean_layers, lora
 from austen_gpt.models.chunked_loss import CHUNK_TOKENS, chunked_head, uses_fused_kernel
 from austen_gpt.models.device import reuse_freed_memory
 from austen_gpt.models.lean_layers import draws_masks, fused_activations, recomputes_attention
@@ -52,10 +52,12 @@ def record(choices: DeviceChoices) -> dict[str, Any]:
 
 
 def install_lean_layers(
-    model, opt: OptimizationSettings, choices: DeviceChoices, max_tokens: int, sharded: bool
+    model, opt: OptimizationSettings, choices: DeviceChoices, compute: torch.dtype, max_tokens: int, sharded: bool
 ) -> None:
-    """The chunked loss and fused GELU as asked, and the device's choices for sequences of up to `max_tokens`
-    tokens, where they apply."""
+    """The chunked loss and fused GELU as asked, the device's choices for sequences of up to `max_tokens`
+    tokens, and a frozen base (LoRA) stored in the `compute` dtype, where they apply."""
+    if compute != torch.float32 and not sharded:  # (FSDP flattens, DeepSpeed casts, the weights their own way)
+        lora.frozen_matmul_weights_in(model, compute)
     if opt.chunked_loss and not sharded:  # FSDP and DeepSpeed shard the output layer's weight
         chunked_loss.install(model)
     if opt.fused_activations:

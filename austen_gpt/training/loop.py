@@ -191,7 +191,7 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
         resume.state.device_choices = hot_path.record(choices)
     elif choices != hot_path.device_choices(accelerator.device, compute, None):
         accelerator.print(f"resuming with the run's own device choices: {resume.state.device_choices}")
-    hot_path.install_lean_layers(model, opt, choices, settings.data.max_input_length, sharded)
+    hot_path.install_lean_layers(model, opt, choices, compute, settings.data.max_input_length, sharded)
     model, optimizer, scheduler = optimizer_and_schedule(model, opt, accelerator, resume, total_steps)
     if resume.checkpoint:
         accelerator.print(describe_resume(resume, len(train_loader), scheduler.get_last_lr()[0]))
