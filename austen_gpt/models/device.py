@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def reuse_freed_memory() -> bool:
     for CPUs, do. The price is memory that stays with the process between steps: docs/benchmarks.md."""
     import ctypes
 
+    if not sys.platform.startswith("linux"):
+        return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
-    if not hasattr(libc, "gnu_get_libc_version"):
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl (Alpine) has no such thresholds
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BELOW))
