@@ -126,17 +126,6 @@ class Workspace:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
-        self.cast_weight: tuple[tuple, torch.Tensor] | None = None
-
-    def weight_in(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`weight` in `dtype`, cast again only once the weight has changed (its version counter moves at each
-        in-place update, an optimizer step): once per step, however many micro-batches the step accumulates."""
-        if weight.dtype == dtype:
-            return weight
-        key = (weight.data_ptr(), weight._version, dtype)
-        if self.cast_weight is None or self.cast_weight[0] != key:
-            self.cast_weight = key, weight.detach().to(dtype)
-        return self.cast_weight[1]
 
     def get(self, name: str, rows: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A (rows x like's columns) tensor of `dtype` on like's device, its values undefined."""
@@ -159,7 +148,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = None  # fp32, from the first chunk's product: no pass to zero a vocabulary-sized tensor
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            w = workspace.weight_in(weight, compute)
+            w = weight.to(compute)
             for start in range(0, hidden.shape[0], CHUNK_TOKENS):
                 rows = slice(start, start + CHUNK_TOKENS)
                 h, t = hidden[rows].to(compute), targets[rows]
