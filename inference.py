@@ -31,7 +31,7 @@ from austen_gpt.cli import (
     require,
     run_cli,
 )
-from austen_gpt.flags import add_sampling_flags, sampling_rules
+from austen_gpt.flags import add_sampling_flags, add_split_flags, sampling_rules
 from austen_gpt.settings import SamplingSettings, from_flags
 
 SAMPLING = SamplingSettings()  # the sampling flags' defaults and types
@@ -69,6 +69,15 @@ def build_parser() -> ArgumentParser:
         help="append the samples, with the model, prompt, settings, seed, date and the command that draws them "
         "again, to this .jsonl (a record per sample) or .md (for reading) file",
     )
+    few = p.add_argument_group("few-shot prompting: the author's excerpts in the prompt (docs/prompting.md)")
+    add_flag(few, "--few-shot", type=int, default=None, metavar="K", help="place K excerpts of the author first")
+    add_flag(
+        few, "--author", default=None, help="the author a chat model is asked to write as (bundled data: Jane Austen)"
+    )
+    add_flag(few, "--instruction", default=None, help="a chat model's instruction (default: continue as --author)")
+    add_split_flags(
+        few, ("--split-seed",), "split_seed", "train.py's --seed: the excerpts come from its training split"
+    )
     add_flag(p, "--base-model", default=None, help="base model of an adapter folder (default: its adapter_config.json)")
     add_bool_flag(p, "--load-in-4bit", help="quantize the (base) model to 4-bit NF4 with bitsandbytes")
     add_original_qlora_flag(p)
@@ -103,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, parser)
     settings = from_flags(SamplingSettings, args)
     check_settings(settings, args.n_return_seqs)
-    require([(not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one")])
+    require(
+        [
+            (not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one"),
+            (args.few_shot is None or args.few_shot >= 0, "--few-shot must be 0 or more excerpts"),
+            (not (args.interactive and args.few_shot is not None), "--few-shot takes --prompt or --prompts-file"),
+        ]
+    )
     quiet_libraries()
     # imported once the flags are good: torch and transformers take seconds, --help and a bad flag answer at once
     from austen_gpt.sampling import records, session
@@ -123,15 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     from austen_gpt.models.loading import load_tokenizer
     from austen_gpt.sampling.loading import load_for_sampling, sampling_of_run
 
+    # --few-shot's checks need the tokenizer (is it a chat model's?) and the split, before the model loads
+    tokenizer = load_tokenizer(args.model_path) if args.few_shot is not None else None
+    passages, instruction, prompt_flags = few_shot_setup(args, parser.given_dests(argv), tokenizer)
     model = load_for_sampling(args.model_path, args.base_model, args.load_in_4bit)
     settings, where = sampling_of_run(args.model_path, settings, parser.given_dests(argv))
     print(where, file=sys.stderr)
-    tokenizer = load_tokenizer(args.model_path)
-    source = records.Source(args.model_path, args.base_model, args.load_in_4bit)
+    tokenizer = tokenizer or load_tokenizer(args.model_path)
+    source = records.Source(args.model_path, args.base_model, args.load_in_4bit, prompt_flags)
 
-    def keep(prompt: str, texts: list[str], settings, seed: int, prompts_file: str | None = None) -> None:
+    def keep(prompt: str, texts: list[str], settings, seed: int, prompts_file: str | None = None, few=None) -> None:
         if output:
-            records.append(output, records.records(source, prompt, texts, settings, seed, prompts_file))
+            records.append(output, records.records(source, prompt, texts, settings, seed, prompts_file, few))
 
     if args.interactive:
         if at_terminal:
@@ -141,6 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         return session.Session(model, tokenizer, settings, args.n_return_seqs, args.seed, check, keep).run(lines)
 
     seed = args.seed if args.seed is not None else fresh_seed()
+    if args.few_shot is not None:  # each prompt after its own excerpts: one call per prompt
+        from austen_gpt.sampling import few_shot
+        from austen_gpt.sampling.generation import context_length
+
+        for number, prompt in enumerate(prompts, 1):
+            new_tokens = settings.new_tokens(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+            built = few_shot.build_prompt(
+                tokenizer, passages, prompt, args.few_shot, seed, context_length(model), new_tokens, instruction
+            )
+            texts = few_shot.sample(model, tokenizer, built, prompt, args.n_return_seqs, settings, seed)
+            print(f"\n[{number}/{len(prompts)}] {prompt}\n" if args.prompts_file else "", end="")
+            print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)) + "\n")
+            record = {"k": args.few_shot, "passages": built.passages, "prompt_text": built.text}
+            keep(prompt, texts, settings, seed, args.prompts_file, record)
+        return 0
     if not args.prompts_file:
         texts = generate_paragraphs(model, tokenizer, args.prompt, args.n_return_seqs, settings, seed)
         print("\n\n".join(f"{number}. {text}" for number, text in enumerate(texts, 1)) + "\n")
@@ -154,6 +187,49 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)))
         keep(prompt, texts, settings, seed, args.prompts_file)
     return 0
+
+
+def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tuple[list[str], str | None, tuple]:
+    """(the training split's paragraphs, a chat model's instruction, the flags that rebuild the prompts) for
+    --few-shot; empty where it is not asked for. The split is the run's own where the model is a run's output."""
+    if args.few_shot is None:
+        return [], None, ()
+    from austen_gpt.cli import UserError
+    from austen_gpt.data.paragraphs import load_split
+    from austen_gpt.sampling.few_shot import DEFAULT_AUTHOR, default_instruction
+    from austen_gpt.settings import DEFAULT_DATA, DataSettings
+    from austen_gpt.style.report import take_split_from_runs
+
+    data = from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed}))
+    given = {"seed" if dest == "split_seed" else dest for dest in given}
+    data, lines = take_split_from_runs(data, [args.model_path], given)
+    train, _ = load_split(data)
+    if args.few_shot > len(train):
+        raise UserError(f"--few-shot {args.few_shot}: the training split has only {len(train)} passages; ask for fewer")
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    author = args.author or (DEFAULT_AUTHOR if data.data == DEFAULT_DATA else None)
+    if chat and not author:
+        raise UserError(
+            f"--few-shot on a chat model needs --author: whose style to ask for ({data.data} is not Jane Austen's)"
+        )
+    if args.instruction and not chat:
+        print(
+            "warning: --instruction is ignored: the model has no chat template, so it gets plain paragraphs",
+            file=sys.stderr,
+        )
+    instruction = (args.instruction or default_instruction(author)) if chat else None
+    flags = ["--few-shot", str(args.few_shot), "--data", str(data.data), "--train-size", str(data.train_size)]
+    flags += ["--split-seed", str(data.seed)]
+    for flag, value in (("--data-config", data.data_config), ("--data-split", data.data_split)):
+        flags += [flag, value] if value else []
+    flags += ["--text-column", data.text_column] if data.text_column else []
+    flags += ["--author", args.author] if args.author else []
+    flags += ["--instruction", args.instruction] if args.instruction else []
+    where = "the run's own" if "(the run of" in lines[0] else "from the flags"
+    print(
+        f"few-shot excerpts from the training split of {data.data} ({where}; --split-seed {data.seed})", file=sys.stderr
+    )
+    return train, instruction, tuple(flags)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ OLD_CHECKPOINT = REPO / "tests" / "fixtures" / "old_checkpoint"
 # flags that scripts gained since tests/fixtures/flags.json was recorded, per command
 ADDED = {
     "train.py": {"--config", "--split-seed"},  # a run file; the split's seed by the style report's name (--seed too)
-    "inference.py": {"--config"},
+    "inference.py": {"--config", "--few-shot", "--author", "--instruction"}  # few-shot prompting, and its split:
+    | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed"},
     "style_report.py": {"--config"},
     "export.py": {"--config"},
     "bench.py": {"--model-config"},  # was --config (still read so), which now takes a run file

@@ -145,6 +145,16 @@ def test_the_repetition_penalty_leaves_the_special_tokens_alone():
     assert RepetitionPenalty(2.0, [EOT, 1])(input_ids, scores).tolist() == [[3.0, 3.0, 0.5, 1.0, 4.0, 1.0, -4.0, 1.5]]
 
 
+def test_the_repetition_penalty_can_leave_each_rows_prompt_alone():
+    """Row 0's prompt is its first 3 positions, row 1's its first 5 (left padding included): only the tokens
+    after them count as seen."""
+    penalty = RepetitionPenalty(2.0, [EOT])
+    penalty.counted_from = torch.tensor([3, 5])
+    input_ids = torch.tensor([[EOT, 5, 6, 6, 7], [EOT, EOT, 5, 6, 7]])
+    scores = torch.full((2, 8), 2.0)
+    assert penalty(input_ids, scores).tolist() == [[2.0] * 6 + [1.0, 1.0], [2.0] * 7 + [2.0]]
+
+
 def test_a_repetition_penalty_does_not_lengthen_paragraphs():
     """With end-of-text penalised (transformers' processor counts every token), a paragraph's end is less
     likely from the first step: on this model, where paragraphs end after about 5 tokens, a penalty of 2 made

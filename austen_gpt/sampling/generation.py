@@ -186,13 +186,17 @@ class RepetitionPenalty(LogitsProcessor):
     def __init__(self, penalty: float, skipped_ids: Iterable[int]):
         self.penalty = penalty
         self.skipped = torch.tensor(sorted(set(skipped_ids)), dtype=torch.long)
+        self.counted_from: torch.Tensor | None = None  # per row, the first position that counts (set per call)
 
     def counted(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Which positions of input_ids count as seen (a bool per position). A rule by position, such as
-        leaving out the prompt's own tokens, narrows this mask; __call__ counts a token seen at any counted
-        position, so such a rule needs no other change."""
+        """Which positions of input_ids count as seen (a bool per position): not the special tokens, nor a
+        row's positions before its `counted_from` (a few-shot prompt's excerpts and the user's prompt)."""
         self.skipped = self.skipped.to(input_ids.device)
-        return ~torch.isin(input_ids, self.skipped)
+        counted = ~torch.isin(input_ids, self.skipped)
+        if self.counted_from is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            counted &= positions >= self.counted_from.to(input_ids.device)[:, None]
+        return counted
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         counts = torch.zeros_like(scores).scatter_add_(1, input_ids, self.counted(input_ids).to(scores.dtype))
@@ -211,6 +215,8 @@ def sample_ids(
     *,
     samples: list[int] | None = None,
     special_ids: Iterable[int] = (),
+    penalise_prompt: bool = True,
+    counted_prompt: list[int] | None = None,
 ) -> list[list[int]]:
     """The new tokens after each prompt (token ids), all rows in one `generate` call per window.
 
@@ -222,7 +228,10 @@ def sample_ids(
     model's numbers for its window): it draws with its own generator, seeded with row_seed(seed, prompt,
     sample number), and slides its window when its own window is full. `samples` gives the rows' sample
     numbers, by default sample_numbers(prompts) (0, 1, ... for n copies of one prompt). No other random
-    stream is used or disturbed. The repetition penalty leaves out end-of-text and `special_ids`.
+    stream is used or disturbed. The repetition penalty leaves out end-of-text and `special_ids`, and with
+    `penalise_prompt=False` the prompts' own tokens (a few-shot prompt's excerpts must not be avoided).
+    `counted_prompt`: the tokens of each prompt that `settings.max_length` counts (by default all but the
+    start token; a few-shot prompt counts only the user's).
     `streamer` (one row only) is given every new token as it is drawn.
     """
     context = context_length(model)
@@ -235,7 +244,8 @@ def sample_ids(
     penalty = [RepetitionPenalty(settings.repetition_penalty, {eot, *special_ids})]
     penalty = penalty if settings.repetition_penalty != 1.0 else []
     new: list[list[int]] = [[] for _ in prompts]
-    limits = [settings.new_tokens(len(p) - 1) for p in prompts]  # the start token is not the user's
+    counted_prompt = counted_prompt or [len(p) - 1 for p in prompts]  # the start token is not the user's
+    limits = [settings.new_tokens(n) for n in counted_prompt]
     needed = [settings.paragraphs] * len(prompts) if settings.paragraphs else None
     active = list(range(len(prompts)))
     while active:
@@ -247,6 +257,9 @@ def sample_ids(
         steps = min(context - width, max(left))  # the call ends when the fullest window fills
         stop = Stop(width, eot, None if needed is None else [needed[i] for i in active], left, device)
         draw = RowSampler(settings, streams.next(active, steps, device), width)
+        if penalty and not penalise_prompt:  # a row's prompt ends at len(prompt) in its text, left-padded here
+            ends = [len(prompts[i]) - starts[i] + width - len(w) for i, w in zip(active, windows, strict=True)]
+            penalty[0].counted_from = torch.tensor(ends)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

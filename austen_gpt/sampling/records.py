@@ -41,6 +41,7 @@ class Source:
     model: str
     base_model: str | None = None
     load_in_4bit: bool = False
+    prompt_flags: tuple[str, ...] = ()  # how the prompts were built (--few-shot and its split), as flags
 
 
 def command(
@@ -50,6 +51,7 @@ def command(
     words = ["python", "inference.py", "--model-path", source.model]
     words += ["--base-model", source.base_model] if source.base_model else []
     words += ["--load-in-4bit"] if source.load_in_4bit else []
+    words += list(source.prompt_flags)
     words += ["--prompts-file", prompts_file] if prompts_file else ["--prompt", prompt]
     words += ["--n-return-seqs", str(n)]
     if settings.max_new_tokens:
@@ -76,8 +78,11 @@ def records(
     settings: SamplingSettings,
     seed: int,
     prompts_file: str | None = None,
+    few_shot: dict | None = None,
 ) -> list[dict]:
-    """One record per sample; `prompts_file`: the prompt came from this file, with the others in it."""
+    """One record per sample; `prompts_file`: the prompt came from this file, with the others in it;
+    `few_shot`: the excerpts placed before the prompt (their passages' indices in the training split) and
+    the whole prompt the model was given."""
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     again = command(source, prompt, len(texts), settings, seed, prompts_file)
     return [
@@ -93,6 +98,7 @@ def records(
             "seed": seed,
             "settings": settings.as_dict(),
             "command": again,
+            **({"few_shot": few_shot} if few_shot else {}),
         }
         for number, text in enumerate(texts, 1)
     ]

@@ -1,0 +1,201 @@
+"""Few-shot prompting: the author's own excerpts placed in the prompt of a base or a chat model.
+
+The original project's other way to get an author's style, measured beside the fine-tune. A prompt is built
+from K excerpts of the training split (never the validation split, which stays for scoring) and the user's
+prompt:
+
+* A base model gets the excerpts as plain paragraphs separated by blank lines, then the prompt: the classic
+  few-shot continuation.
+* A chat model (its tokenizer has a chat template) gets the template: a system message and a user message
+  carry the instruction and the excerpts, and the user's prompt starts the assistant's turn, so the model
+  continues the prose rather than answering it ("Sure! Here is..." is never scored as style).
+
+The excerpts share the context fairly: what the context has left after the template, the prompt and the new
+tokens is split equally among the K excerpts, and each is cut at a sentence end within its share. Passages are
+drawn uniformly, whatever their length, so the excerpts show the author as her paragraphs are.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, replace
+
+from austen_gpt.cli import UserError
+
+MIN_SHARE = 32  # tokens: an excerpt shorter than this shows little of a style
+DEFAULT_AUTHOR = "Jane Austen"  # of the bundled data
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # ChatML, Llama 3, Gemma, Phi
+TITLES = ("Mr", "Mrs", "Dr", "St", "Ms", "Col", "Capt", "Lt", "Gen", "Rev")  # a full stop that ends no sentence
+SENTENCE_END = re.compile("".join(rf"(?<!\b{title}\.)" for title in TITLES) + r"(?<=[.!?])[\"'\u201d\u2019)\]]*\s+")
+
+
+def default_instruction(author: str) -> str:
+    return (
+        f"You are a novelist writing in the style of {author}. Continue the passage you are given as {author} "
+        "would, in her or his own voice, vocabulary and rhythm. Write only the continuation."
+    )
+
+
+@dataclass(frozen=True)
+class FewShotPrompt:
+    """A built prompt: its text (a chat template's rendering or plain paragraphs), the indices of the excerpts'
+    passages in the training split, and the excerpts as placed."""
+
+    text: str
+    passages: list[int]
+    excerpts: list[str]
+
+
+def choose_passages(n_passages: int, k: int, seed: int) -> list[int]:
+    """K distinct passage indices, each passage equally likely (seeded): short and long alike."""
+    if k < 0:
+        raise UserError(f"--few-shot {k}: the number of excerpts must be 0 or more")
+    if k > n_passages:
+        raise UserError(f"--few-shot {k}: the training split has only {n_passages} passages; ask for fewer")
+    return random.Random(seed).sample(range(n_passages), k)
+
+
+def sentences(text: str) -> list[str]:
+    """The text's sentences, each with the space that follows it."""
+    pieces, start = [], 0
+    for end in SENTENCE_END.finditer(text):
+        pieces.append(text[start : end.end()])
+        start = end.end()
+    return pieces + ([text[start:]] if text[start:] else [])
+
+
+def cut_to_share(count_tokens, passage: str, share: int) -> str:
+    """A run of the passage's whole sentences within `share` tokens: from its first sentence that fits on, as
+    many as fit. Where no sentence of it fits, its longest run of whole words from the start that does."""
+    parts = sentences(passage)
+    for first in range(len(parts)):
+        kept = ""
+        for sentence in parts[first:]:
+            if count_tokens((kept + sentence).rstrip()) > share:
+                break
+            kept += sentence
+        if kept:
+            return kept.rstrip()
+    words = passage.split(" ")
+    fit = max((n for n in range(1, len(words) + 1) if count_tokens(" ".join(words[:n])) <= share), default=1)
+    return " ".join(words[:fit])
+
+
+def excerpt_share(context: int, fixed_tokens: int, new_tokens: int, k: int) -> int:
+    """Tokens each of K excerpts may take: what the context leaves after the template, the prompt
+    (`fixed_tokens`) and the new tokens, shared equally. Refuses a share under MIN_SHARE, naming the largest
+    K that fits or the new-token count that would."""
+    left = context - fixed_tokens - new_tokens
+    share = left // k if k else left
+    if k and share < MIN_SHARE:
+        fits = max(0, left // MIN_SHARE)
+        fewer_new = context - fixed_tokens - k * MIN_SHARE
+        ways = [f"--few-shot {fits} or fewer"] if fits else []
+        ways += [f"--max-new-tokens {fewer_new} or fewer"] if fewer_new >= 1 else []
+        raise UserError(
+            f"--few-shot {k} with {new_tokens} new tokens leaves each excerpt {max(share, 0)} of the model's "
+            f"{context} context tokens, under {MIN_SHARE}; " + (" or ".join(ways) if ways else "shorten the prompt")
+        )
+    return share
+
+
+def base_model_text(excerpts: list[str], prompt: str) -> str:
+    """Plain paragraphs separated by blank lines, then the prompt."""
+    return "\n\n".join([*excerpts, prompt])
+
+
+def chat_messages(excerpts: list[str], prompt: str, instruction: str) -> list[dict[str, str]]:
+    """System: the instruction; user: the instruction and the excerpts; assistant: the prompt, to continue."""
+    shown = "\n\n".join(f"Excerpt {n}:\n{text}" for n, text in enumerate(excerpts, 1))
+    user = instruction + (f"\n\nExcerpts of the author's own writing:\n\n{shown}" if excerpts else "")
+    return [
+        {"role": "system", "content": instruction},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": prompt},
+    ]
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The template's rendering with the assistant's turn left open after its prefill. A template that
+    refuses a system message (Gemma's) gets the messages without it: the user message carries the instruction
+    too. One line where it still fails."""
+    from jinja2 import TemplateError
+
+    for attempt in (messages, [m for m in messages if m["role"] != "system"]):
+        try:
+            return tokenizer.apply_chat_template(attempt, tokenize=False, continue_final_message=True)
+        except (TemplateError, ValueError) as error:
+            failure = error
+    raise UserError(f"the model's chat template cannot render a few-shot prompt: {failure}") from None
+
+
+def turn_end_id(tokenizer, generation_config=None) -> int:
+    """The id that ends a chat model's turn: a usual end-of-turn token its vocabulary has (looked up in the
+    vocabulary: an unknown token would map to the unknown id), else its generation config's first
+    end-of-sequence id, else the tokenizer's."""
+    vocabulary = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocabulary:
+            return vocabulary[token]
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        return configured if isinstance(configured, int) else configured[0]
+    return tokenizer.eos_token_id
+
+
+def build_prompt(
+    tokenizer,
+    passages: list[str],
+    prompt: str,
+    k: int,
+    seed: int,
+    context: int,
+    new_tokens: int,
+    instruction: str | None = None,
+) -> FewShotPrompt:
+    """The few-shot prompt for `prompt` from K of the training split's `passages`, fitting `context` with
+    `new_tokens` to come: the chat template where the tokenizer has one (with `instruction`), else plain
+    paragraphs."""
+    chosen = choose_passages(len(passages), k, seed)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+
+    def render(excerpts: list[str]) -> str:
+        if chat:
+            return chat_text(tokenizer, chat_messages(excerpts, prompt, instruction or ""))
+        return base_model_text(excerpts, prompt)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # the template, separators and prompt with empty excerpts, and the start token sampling puts first
+    fixed = count_tokens(render([""] * k)) + 1
+    share = excerpt_share(context, fixed, new_tokens, k)
+    excerpts = [cut_to_share(count_tokens, passages[i], share) for i in chosen]
+    return FewShotPrompt(render(excerpts), chosen, excerpts)
+
+
+def sample(model, tokenizer, built: FewShotPrompt, prompt: str, n: int, settings, seed: int) -> list[str]:
+    """`n` continuations of `prompt` after the few-shot prompt `built`, each as the prompt and what follows
+    it (the excerpts are not repeated). A base model's samples start as a new paragraph and stop after
+    `settings.paragraphs` of them; a chat model's stop at the end of its turn. The repetition penalty leaves
+    the whole prompt alone, and `settings.max_length` counts the user's prompt only."""
+    from austen_gpt.data.tokens import paragraph_frame
+    from austen_gpt.sampling.generation import sample_ids, special_token_ids
+
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    ids = tokenizer(built.text, add_special_tokens=False)["input_ids"]
+    if chat:
+        stop = turn_end_id(tokenizer, getattr(model, "generation_config", None))
+        settings = replace(settings, paragraphs=1)  # the end of the turn ends the answer
+    else:
+        ids, stop = [paragraph_frame(tokenizer)[0], *ids], paragraph_frame(tokenizer)[1]
+    user = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    special = special_token_ids(tokenizer)
+    rows = sample_ids(
+        model, [ids] * n, settings, seed, stop, special_ids=special, penalise_prompt=False, counted_prompt=[user] * n
+    )
+    texts = [
+        tokenizer.decode(row, skip_special_tokens=chat).replace(tokenizer.eos_token or "\0", "\n\n") for row in rows
+    ]
+    return [(prompt + text).strip() for text in texts]

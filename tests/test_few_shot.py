@@ -1,0 +1,154 @@
+"""Few-shot prompts: excerpts from the training split only, seeded, fitting the context, in a chat model's
+template with the prompt prefilled (austen_gpt/sampling/few_shot.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from austen_gpt.cli import UserError
+from austen_gpt.data.paragraphs import split_paragraphs
+from austen_gpt.sampling import few_shot
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    """The GPT-2 tokenizer given ChatML's turn tokens and template, as Qwen2.5's instruct models have them."""
+    chat = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    chat.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.chat_template = CHATML
+    return chat
+
+
+def tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_the_seed_picks_the_excerpts_from_the_training_split_only(tokenizer, austen_paragraphs):
+    train, held_out = split_paragraphs(austen_paragraphs[:400], 0.9, seed=42)
+    built = few_shot.build_prompt(tokenizer, train, "Emma", k=3, seed=1, context=1024, new_tokens=100)
+    again = few_shot.build_prompt(tokenizer, train, "Emma", k=3, seed=1, context=1024, new_tokens=100)
+    other = few_shot.build_prompt(tokenizer, train, "Emma", k=3, seed=2, context=1024, new_tokens=100)
+    assert built == again and built.passages != other.passages
+    assert all(train[i].startswith(excerpt) for i, excerpt in zip(built.passages, built.excerpts, strict=True))
+    assert not any(held.startswith(excerpt) for excerpt in built.excerpts for held in held_out)
+    assert built.text == "\n\n".join([*built.excerpts, "Emma"])  # a base model: plain paragraphs, then the prompt
+
+
+def test_prompt_and_new_tokens_fit_a_256_token_context_with_excerpts_cut_at_sentence_ends(tokenizer, austen_paragraphs):
+    long = [p for p in austen_paragraphs if tokens(tokenizer, p) > 200]  # each must be cut
+    built = few_shot.build_prompt(tokenizer, long, "It was a fine morning", k=3, seed=5, context=256, new_tokens=100)
+    assert tokens(tokenizer, built.text) + 1 + 100 <= 256  # + the start token sampling puts first
+    assert len(built.excerpts) == 3 and all(excerpt.endswith((".", "!", "?", '"')) for excerpt in built.excerpts)
+    assert all(len(excerpt.split()) >= 10 for excerpt in built.excerpts)  # whole sentences, not scraps
+
+
+def test_a_chat_model_gets_its_template_with_the_instruction_excerpts_and_the_prompt_prefilled(
+    chat_tokenizer, austen_paragraphs
+):
+    instruction = few_shot.default_instruction(few_shot.DEFAULT_AUTHOR)
+    built = few_shot.build_prompt(
+        chat_tokenizer,
+        austen_paragraphs[:50],
+        "Emma",
+        k=2,
+        seed=3,
+        context=1024,
+        new_tokens=100,
+        instruction=instruction,
+    )
+    assert built.text.startswith("<|im_start|>system\n" + instruction + "<|im_end|>")
+    assert all(excerpt in built.text for excerpt in built.excerpts)
+    assert built.text.endswith("<|im_start|>assistant\nEmma")  # the turn left open: the model continues
+    eot = chat_tokenizer.get_vocab()["<|im_end|>"]
+    assert few_shot.turn_end_id(chat_tokenizer) == eot and tokens(chat_tokenizer, built.text) + 101 <= 1024
+
+
+@pytest.mark.parametrize(
+    "k, new_tokens, message",
+    [
+        (-1, 100, "--few-shot -1: the number of excerpts must be 0 or more"),
+        (51, 100, "the training split has only 50 passages"),
+        (10, 100, "leaves each excerpt 13 of the model's 256 context tokens, under 32; --few-shot 4 or fewer$"),
+        (3, 170, "--few-shot 2 or fewer or --max-new-tokens 152 or fewer"),
+    ],
+)
+def test_bad_requests_get_one_line(tokenizer, austen_paragraphs, k, new_tokens, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        few_shot.build_prompt(
+            tokenizer, austen_paragraphs[:50], "Emma", k=k, seed=0, context=256, new_tokens=new_tokens
+        )
+
+
+def test_a_template_without_system_messages_gets_the_instruction_from_the_user(chat_tokenizer, austen_paragraphs):
+    refuses = "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    chat_tokenizer.chat_template = CHATML.replace("{% for m in messages %}", "{% for m in messages %}" + refuses)
+    built = few_shot.build_prompt(
+        chat_tokenizer, austen_paragraphs[:50], "Emma", k=1, seed=0, context=1024, new_tokens=10, instruction="Write."
+    )
+    assert built.text.startswith("<|im_start|>user\nWrite.") and built.text.endswith("assistant\nEmma")
+    chat_tokenizer.chat_template = "{{ raise_exception('broken template') }}{{ messages[-1]['content'] }}"
+    with pytest.raises(UserError, match="chat template cannot render a few-shot prompt: broken template"):
+        few_shot.build_prompt(chat_tokenizer, austen_paragraphs[:50], "Emma", k=1, seed=0, context=1024, new_tokens=10)
+
+
+def test_a_base_model_continues_the_prompt_after_the_excerpts_reproducibly(tiny_model_dir, austen_paragraphs):
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.sampling.generation import context_length
+    from austen_gpt.settings import SamplingSettings
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
+    settings = SamplingSettings(max_new_tokens=30, paragraphs=1, repetition_penalty=1.3)
+    built = few_shot.build_prompt(tokenizer, austen_paragraphs[:100], "Emma", 2, 7, context_length(model), 30)
+    texts = few_shot.sample(model, tokenizer, built, "Emma", 2, settings, seed=7)
+    assert texts == few_shot.sample(model, tokenizer, built, "Emma", 2, settings, seed=7)
+    assert all(text.startswith("Emma") for text in texts) and texts[0] != texts[1]
+    assert not any(excerpt[:40] in text for excerpt in built.excerpts for text in texts)  # only what follows
+
+
+@pytest.mark.slow
+def test_inference_few_shot_samples_are_recorded_and_drawn_again_by_their_command(tiny_model_dir, small_data, tmp_path):
+    import json
+    import shlex
+
+    from conftest import run_script
+
+    def draw(*argv: str, out: str) -> list[dict]:
+        result = run_script("inference.py", *argv, "--output", out, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]
+
+    base = ["--model-path", str(tiny_model_dir), "--data", str(small_data), "--prompt", "Emma", "--few-shot", "2"]
+    first = draw(*base, "--seed", "3", "--max-new-tokens", "20", "--n-return-seqs", "2", out="a.jsonl")
+    assert len(first) == 2 and all(r["text"].startswith("Emma") for r in first)
+    few = first[0]["few_shot"]
+    assert few["k"] == 2 and len(few["passages"]) == 2 and few["prompt_text"].endswith("\n\nEmma")
+    again = draw(*shlex.split(first[0]["command"])[2:], out="b.jsonl")  # the recorded command
+    assert [r["text"] for r in again] == [r["text"] for r in first] and again[0]["few_shot"] == few
+    other = draw(*base, "--seed", "4", "--max-new-tokens", "20", out="c.jsonl")
+    assert other[0]["few_shot"]["passages"] != few["passages"]  # another seed, other excerpts
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--few-shot", "-1"], "--few-shot must be 0 or more excerpts"),
+        (["--few-shot", "2", "--interactive"], "--few-shot takes --prompt or --prompts-file"),
+        (["--few-shot", "500"], "--few-shot 500: the training split has only 100 passages"),
+    ],
+)
+def test_inference_few_shot_bad_requests(extra, message, tiny_model_dir, small_data, capsys):
+    from conftest import run_in_process
+
+    import inference
+
+    line = run_in_process(
+        inference.main, ["--model-path", str(tiny_model_dir), "--data", str(small_data), *extra], capsys
+    )
+    assert message in line
