@@ -152,3 +152,36 @@ def test_inference_few_shot_bad_requests(extra, message, tiny_model_dir, small_d
         inference.main, ["--model-path", str(tiny_model_dir), "--data", str(small_data), *extra], capsys
     )
     assert message in line
+
+
+def test_a_chat_model_on_another_authors_data_needs_author_and_a_base_model_ignores_instruction(
+    tiny_model_dir, small_data, tmp_path, capsys
+):
+    import shutil
+
+    from conftest import run_in_process
+
+    import inference
+    from austen_gpt.models.loading import load_tokenizer
+
+    chat_model = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, chat_model)
+    tokenizer = load_tokenizer(str(chat_model))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(chat_model)
+    line = run_in_process(
+        inference.main, ["--model-path", str(chat_model), "--data", str(small_data), "--few-shot", "1"], capsys
+    )
+    assert "--few-shot on a chat model needs --author" in line
+    argv = [
+        "--model-path",
+        str(tiny_model_dir),
+        "--data",
+        str(small_data),
+        "--few-shot",
+        "1",
+        "--instruction",
+        "Write.",
+    ]
+    assert inference.main([*argv, "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert "warning: --instruction is ignored" in capsys.readouterr().err
