@@ -196,13 +196,14 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
         return [], None, ()
     from austen_gpt.cli import UserError
     from austen_gpt.data.paragraphs import load_split
+    from austen_gpt.models.saving import run_settings
     from austen_gpt.sampling.few_shot import DEFAULT_AUTHOR, default_instruction
     from austen_gpt.settings import DEFAULT_DATA, DataSettings
     from austen_gpt.style.report import take_split_from_runs
 
     data = from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed}))
     given = {"seed" if dest == "split_seed" else dest for dest in given}
-    data, lines = take_split_from_runs(data, [args.model_path], given)
+    data, _ = take_split_from_runs(data, [args.model_path], given)
     train, _ = load_split(data)
     if args.few_shot > len(train):
         raise UserError(f"--few-shot {args.few_shot}: the training split has only {len(train)} passages; ask for fewer")
@@ -225,7 +226,7 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
     flags += ["--text-column", data.text_column] if data.text_column else []
     flags += ["--author", args.author] if args.author else []
     flags += ["--instruction", args.instruction] if args.instruction else []
-    where = "the run's own" if "(the run of" in lines[0] else "from the flags"
+    where = "the run's own" if run_settings(args.model_path) else "from the flags"
     print(
         f"few-shot excerpts from the training split of {data.data} ({where}; --split-seed {data.seed})", file=sys.stderr
     )

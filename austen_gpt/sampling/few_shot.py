@@ -181,7 +181,7 @@ def sample(model, tokenizer, built: FewShotPrompt, prompt: str, n: int, settings
     `settings.paragraphs` of them; a chat model's stop at the end of its turn. The repetition penalty leaves
     the whole prompt alone, and `settings.max_length` counts the user's prompt only."""
     from austen_gpt.data.tokens import paragraph_frame
-    from austen_gpt.sampling.generation import sample_ids, special_token_ids
+    from austen_gpt.sampling.generation import as_text, sample_ids, special_token_ids
 
     chat = getattr(tokenizer, "chat_template", None) is not None
     ids = tokenizer(built.text, add_special_tokens=False)["input_ids"]
@@ -190,12 +190,18 @@ def sample(model, tokenizer, built: FewShotPrompt, prompt: str, n: int, settings
         settings = replace(settings, paragraphs=1)  # the end of the turn ends the answer
     else:
         ids, stop = [paragraph_frame(tokenizer)[0], *ids], paragraph_frame(tokenizer)[1]
-    user = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    user = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     special = special_token_ids(tokenizer)
     rows = sample_ids(
-        model, [ids] * n, settings, seed, stop, special_ids=special, penalise_prompt=False, counted_prompt=[user] * n
+        model,
+        [ids] * n,
+        settings,
+        seed,
+        stop,
+        special_ids=special,
+        penalise_prompt=False,
+        counted_prompt=[len(user)] * n,
     )
-    texts = [
-        tokenizer.decode(row, skip_special_tokens=chat).replace(tokenizer.eos_token or "\0", "\n\n") for row in rows
-    ]
-    return [(prompt + text).strip() for text in texts]
+    if chat:  # (the end-of-turn token is left out)
+        return [tokenizer.decode(user + row, skip_special_tokens=True).strip() for row in rows]
+    return [as_text(tokenizer, user + row) for row in rows]
