@@ -112,6 +112,59 @@ def test_a_base_model_continues_the_prompt_after_the_excerpts_reproducibly(tiny_
     assert not any(excerpt[:40] in text for excerpt in built.excerpts for text in texts)  # only what follows
 
 
+def fixed_choice_model(tokenizer, probabilities: dict[int, float]):
+    """A real GPT-2 whose next token ignores its input: its last layer norm outputs a constant (weight 0, bias
+    set), so every step draws from `probabilities` (token id -> probability); any other token has ~e^-28."""
+    import math
+
+    import torch
+    from conftest import tiny_config
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config(vocab_size=len(tokenizer), n_positions=256, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.lm_head.weight.zero_()
+        for dimension, (token, probability) in enumerate(probabilities.items()):
+            model.lm_head.weight[token, dimension] = 1.0
+            model.transformer.ln_f.bias[dimension] = math.log(probability) + 30
+    return model
+
+
+def chat_samples(chat_tokenizer, austen_paragraphs, probabilities, **settings) -> list[str]:
+    from austen_gpt.settings import SamplingSettings
+
+    model = fixed_choice_model(chat_tokenizer, probabilities)
+    built = few_shot.build_prompt(chat_tokenizer, austen_paragraphs[:50], "Emma", 2, 0, 256, 60, "Write.")
+    return few_shot.sample(model, chat_tokenizer, built, "Emma", 16, SamplingSettings(**settings), seed=1)
+
+
+def test_a_chat_answer_stops_at_the_end_of_its_turn(chat_tokenizer, austen_paragraphs):
+    the, turn_end = chat_tokenizer(" the")["input_ids"][0], chat_tokenizer.get_vocab()["<|im_end|>"]
+    # half the draws end the turn: 16 answers of 60 tokens would each run past it ~1e-18 of the time
+    texts = chat_samples(
+        chat_tokenizer, austen_paragraphs, {the: 0.5, turn_end: 0.5}, max_new_tokens=60, paragraphs=None
+    )
+    lengths = [len(text.split()) - 1 for text in texts]  # " the"s after "Emma"
+    assert all(text == "Emma" + " the" * n for text, n in zip(texts, lengths, strict=True)), texts
+    assert max(lengths) < 60 and len(set(lengths)) > 1  # each stopped at its own end of turn, none ran on
+
+
+@pytest.mark.parametrize("paragraphs", [1, 2, 3])
+def test_paragraphs_counts_the_paragraphs_of_a_chat_answer(paragraphs, chat_tokenizer, austen_paragraphs):
+    import re
+
+    the, newline = chat_tokenizer(" the")["input_ids"][0], chat_tokenizer("\n")["input_ids"][0]
+    choices = {the: 0.6, newline: 0.4}  # no end of turn: only the paragraph count can stop them early
+    texts = chat_samples(chat_tokenizer, austen_paragraphs, choices, max_new_tokens=60, paragraphs=paragraphs)
+    assert all(len(re.split(r"\n\s*\n", text)) == paragraphs for text in texts), texts  # the prompt's is the first
+    unbounded = chat_samples(chat_tokenizer, austen_paragraphs, choices, max_new_tokens=60, paragraphs=None)
+    counts = [len(re.split(r"\n\s*\n", text)) for text in unbounded]  # without --paragraphs: on past them
+    assert sum(counts) / len(counts) > 4 and any(count > 3 for count in counts), counts
+
+
 @pytest.mark.slow
 def test_inference_few_shot_samples_are_recorded_and_drawn_again_by_their_command(tiny_model_dir, small_data, tmp_path):
     import json

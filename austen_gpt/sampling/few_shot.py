@@ -21,6 +21,8 @@ import random
 import re
 from dataclasses import dataclass, replace
 
+import torch
+
 from austen_gpt.cli import UserError
 
 MIN_SHARE = 32  # tokens: an excerpt shorter than this shows little of a style
@@ -175,32 +177,80 @@ def build_prompt(
     return FewShotPrompt(render(excerpts), chosen, excerpts)
 
 
-def sample(model, tokenizer, built: FewShotPrompt, prompt: str, n: int, settings, seed: int) -> list[str]:
+class AnswerEnds:
+    """Where a chat model's answer ends its paragraphs (sample_ids' `ends`): at each blank line of its text (the
+    token that completes the blank line), and at the end of its turn, which ends the answer and so every
+    paragraph still wanted. With `paragraphs` None only the end of the turn ends it (the style report's samples
+    run on past blank lines, as the other rows' run past end-of-text). `prompted`: the answer starts with the
+    user's prompt, so a blank line at once ends its first paragraph (one before any text never does)."""
+
+    def __init__(self, tokenizer, turn_end: int, paragraphs: int | None, prompted: bool):
+        self.tokenizer, self.turn_end, self.paragraphs, self.prompted = tokenizer, turn_end, paragraphs, prompted
+        self.pieces: dict[int, str] = {}  # a token's own text, decoded once
+
+    def piece(self, token: int) -> str:
+        if token not in self.pieces:
+            self.pieces[token] = self.tokenizer.decode([token])
+        return self.pieces[token]
+
+    def positions(self, row: list[int]) -> list[int]:
+        found, newlines, written = [], 0, self.prompted
+        for k, token in enumerate(row):
+            if token == self.turn_end:
+                return found + [k] * (self.paragraphs or 1)
+            for character in self.piece(token) if self.paragraphs else "":
+                if character == "\n":
+                    newlines += 1
+                    if newlines == 2 and written:  # a blank line after some text: a paragraph ends
+                        found.append(k)
+                elif not character.isspace():
+                    newlines, written = 0, True
+        return found
+
+    def count(self, new: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([len(self.positions(row)) for row in new.tolist()])
+
+
+def sample(
+    model,
+    tokenizer,
+    built: FewShotPrompt,
+    prompt: str,
+    n: int,
+    settings,
+    seed: int,
+    streamer=None,
+    continuation_only: bool = False,
+) -> list[str]:
     """`n` continuations of `prompt` after the few-shot prompt `built`, each as the prompt and what follows
-    it (the excerpts are not repeated). A base model's samples start as a new paragraph and stop after
-    `settings.paragraphs` of them; a chat model's stop at the end of its turn. The repetition penalty leaves
-    the whole prompt alone, and `settings.max_length` counts the user's prompt only."""
+    it (the excerpts are not repeated), or what follows only. A base model's samples start as a new paragraph
+    and stop after `settings.paragraphs` of them; a chat model's stop at the end of its turn, or after
+    `settings.paragraphs` paragraphs of its answer (blank lines). The repetition penalty leaves the whole prompt
+    alone, and `settings.max_length` counts the user's prompt only. `streamer` (n=1) gets the new tokens."""
     from austen_gpt.data.tokens import paragraph_frame
     from austen_gpt.sampling.generation import as_text, sample_ids, special_token_ids
 
     chat = getattr(tokenizer, "chat_template", None) is not None
     ids = tokenizer(built.text, add_special_tokens=False)["input_ids"]
+    ends = None
     if chat:
         stop = turn_end_id(tokenizer, getattr(model, "generation_config", None))
-        settings = replace(settings, paragraphs=1)  # the end of the turn ends the answer
+        ends = AnswerEnds(tokenizer, stop, settings.paragraphs, bool(prompt.strip()))
+        settings = replace(settings, paragraphs=settings.paragraphs or 1)  # the end of the turn always ends it
     else:
         ids, stop = [paragraph_frame(tokenizer)[0], *ids], paragraph_frame(tokenizer)[1]
-    user = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    special = special_token_ids(tokenizer)
+    user = [] if continuation_only else tokenizer(prompt, add_special_tokens=False)["input_ids"]
     rows = sample_ids(
         model,
         [ids] * n,
         settings,
         seed,
         stop,
-        special_ids=special,
+        streamer,
+        special_ids=special_token_ids(tokenizer),
         penalise_prompt=False,
-        counted_prompt=[len(user)] * n,
+        counted_prompt=[len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] * n,
+        ends=ends,
     )
     if chat:  # (the end-of-turn token is left out)
         return [tokenizer.decode(user + row, skip_special_tokens=True).strip() for row in rows]

@@ -78,11 +78,26 @@ def window_tokens(context: int) -> int:
     return max(1, int(context * WINDOW_KEPT))
 
 
-class Stop(StoppingCriteria):
-    """Per row: done after `needed` more end-of-text tokens (None: never) or `limit` new tokens."""
+class EndOfText:
+    """Where paragraphs end in a row's new tokens: at each end-of-text token, as the training paragraphs do."""
 
-    def __init__(self, start: int, eot: int, needed: list[int] | None, limit: list[int], device):
-        self.start, self.eot = start, eot
+    def __init__(self, eot: int):
+        self.eot = eot
+
+    def count(self, new: torch.Tensor) -> torch.Tensor:
+        """Paragraph ends in each row of `new` (rows x tokens)."""
+        return (new == self.eot).sum(dim=1)
+
+    def positions(self, row: list[int]) -> list[int]:
+        """The indices of the row's tokens that end a paragraph."""
+        return [k for k, token in enumerate(row) if token == self.eot]
+
+
+class Stop(StoppingCriteria):
+    """Per row: done after `needed` more paragraph ends (None: never) or `limit` new tokens."""
+
+    def __init__(self, start: int, ends: EndOfText, needed: list[int] | None, limit: list[int], device):
+        self.start, self.ends = start, ends
         self.needed = None if needed is None else torch.tensor(needed, device=device)
         self.limit = torch.tensor(limit, device=device)
 
@@ -90,7 +105,7 @@ class Stop(StoppingCriteria):
         new = input_ids[:, self.start :]
         done = self.limit <= new.shape[1]
         if self.needed is not None:
-            done |= (new == self.eot).sum(dim=1) >= self.needed
+            done |= self.ends.count(new).to(done.device) >= self.needed
         return done
 
 
@@ -217,6 +232,7 @@ def sample_ids(
     special_ids: Iterable[int] = (),
     penalise_prompt: bool = True,
     counted_prompt: list[int] | None = None,
+    ends: EndOfText | None = None,
 ) -> list[list[int]]:
     """The new tokens after each prompt (token ids), all rows in one `generate` call per window.
 
@@ -232,6 +248,7 @@ def sample_ids(
     `penalise_prompt=False` the prompts' own tokens (a few-shot prompt's excerpts must not be avoided).
     `counted_prompt`: the tokens of each prompt that `settings.max_length` counts (by default all but the
     start token; a few-shot prompt counts only the user's).
+    `ends` finds the paragraph ends (by default EndOfText(eot); a chat model's answer has its own).
     `streamer` (one row only) is given every new token as it is drawn.
     """
     context = context_length(model)
@@ -247,6 +264,7 @@ def sample_ids(
     counted_prompt = counted_prompt or [len(p) - 1 for p in prompts]  # the start token is not the user's
     limits = [settings.new_tokens(n) for n in counted_prompt]
     needed = [settings.paragraphs] * len(prompts) if settings.paragraphs else None
+    ends = ends or EndOfText(eot)
     active = list(range(len(prompts)))
     while active:
         windows = [texts[i][starts[i] :] for i in active]
@@ -255,11 +273,11 @@ def sample_ids(
         attention_mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows], device=device)
         left = [limits[i] - len(new[i]) for i in active]
         steps = min(context - width, max(left))  # the call ends when the fullest window fills
-        stop = Stop(width, eot, None if needed is None else [needed[i] for i in active], left, device)
+        stop = Stop(width, ends, None if needed is None else [needed[i] for i in active], left, device)
         draw = RowSampler(settings, streams.next(active, steps, device), width)
         if penalty and not penalise_prompt:  # a row's prompt ends at len(prompt) in its text, left-padded here
-            ends = [len(prompts[i]) - starts[i] + width - len(w) for i, w in zip(active, windows, strict=True)]
-            penalty[0].counted_from = torch.tensor(ends)
+            firsts = [len(prompts[i]) - starts[i] + width - len(w) for i, w in zip(active, windows, strict=True)]
+            penalty[0].counted_from = torch.tensor(firsts)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -277,9 +295,9 @@ def sample_ids(
         for i, row in zip(active, out[:, width:].tolist(), strict=True):
             row = row[: limits[i] - len(new[i])]
             if needed is not None:
-                ends = [k for k, token in enumerate(row) if token == eot]
-                row = row[: ends[needed[i] - 1] + 1] if len(ends) >= needed[i] else row
-                needed[i] -= min(len(ends), needed[i])
+                found = ends.positions(row)
+                row = row[: found[needed[i] - 1] + 1] if len(found) >= needed[i] else row
+                needed[i] -= min(len(found), needed[i])
             new[i] += row
             texts[i] += row
             if len(new[i]) < limits[i] and (needed is None or needed[i] > 0):
@@ -400,10 +418,11 @@ def generate_samples(
 
 class TextStream(TextStreamer):
     """Prints one sample's new tokens as they are drawn, to `out`, end-of-text as a paragraph break, across
-    the windows of a long text (each window's re-encoded start is skipped, not printed again)."""
+    the windows of a long text (each window's re-encoded start is skipped, not printed again). A chat model's
+    answer (`chat`) is printed without its special tokens: its end of turn is no paragraph break."""
 
-    def __init__(self, tokenizer, out):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+    def __init__(self, tokenizer, out, chat: bool = False):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=chat)
         self.out, self.eos = out, tokenizer.eos_token
 
     def end(self) -> None:  # a window ends: the next call's input is its re-encoded start, not new text
