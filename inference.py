@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 from austen_gpt.cli import (
     ArgumentParser,
@@ -33,6 +34,9 @@ from austen_gpt.cli import (
 )
 from austen_gpt.flags import add_sampling_flags, add_split_flags, sampling_rules
 from austen_gpt.settings import SamplingSettings, from_flags
+
+if TYPE_CHECKING:  # imported where used: torch and transformers take seconds, --help answers at once
+    from austen_gpt.sampling.few_shot import FewShot
 
 SAMPLING = SamplingSettings()  # the sampling flags' defaults and types
 
@@ -116,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         [
             (not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one"),
             (args.few_shot is None or args.few_shot >= 0, "--few-shot must be 0 or more excerpts"),
-            (not (args.interactive and args.few_shot is not None), "--few-shot takes --prompt or --prompts-file"),
         ]
     )
     quiet_libraries()
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --few-shot's checks need the tokenizer (is it a chat model's?) and the split, before the model loads
     tokenizer = load_tokenizer(args.model_path) if args.few_shot is not None else None
-    passages, instruction, prompt_flags = few_shot_setup(args, parser.given_dests(argv), tokenizer)
+    few_shot, prompt_flags = few_shot_setup(args, parser.given_dests(argv), tokenizer)
     model = load_for_sampling(args.model_path, args.base_model, args.load_in_4bit)
     settings, where = sampling_of_run(args.model_path, settings, parser.given_dests(argv))
     print(where, file=sys.stderr)
@@ -156,22 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.model_path} loaded. A line is a prompt; :help lists the commands, Ctrl-D ends.")
         lines = session.terminal_lines() if at_terminal else session.piped_lines(sys.stdin)
         check = functools.partial(check_settings, prefix=":")
-        return session.Session(model, tokenizer, settings, args.n_return_seqs, args.seed, check, keep).run(lines)
+        chat = session.Session(model, tokenizer, settings, args.n_return_seqs, args.seed, check, keep, few_shot)
+        return chat.run(lines)
 
     seed = args.seed if args.seed is not None else fresh_seed()
-    if args.few_shot is not None:  # each prompt after its own excerpts: one call per prompt
-        from austen_gpt.sampling import few_shot
-        from austen_gpt.sampling.generation import context_length
-
+    if few_shot:  # each prompt after its own excerpts: one call per prompt
         for number, prompt in enumerate(prompts, 1):
-            new_tokens = settings.new_tokens(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-            built = few_shot.build_prompt(
-                tokenizer, passages, prompt, args.few_shot, seed, context_length(model), new_tokens, instruction
-            )
-            texts = few_shot.sample(model, tokenizer, built, prompt, args.n_return_seqs, settings, seed)
+            texts, record = few_shot.write(model, tokenizer, prompt, args.n_return_seqs, settings, seed)
             print(f"\n[{number}/{len(prompts)}] {prompt}\n" if args.prompts_file else "", end="")
             print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)) + "\n")
-            record = {"k": args.few_shot, "passages": built.passages, "prompt_text": built.text}
             keep(prompt, texts, settings, seed, args.prompts_file, record)
         return 0
     if not args.prompts_file:
@@ -189,15 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tuple[list[str], str | None, tuple]:
-    """(the training split's paragraphs, a chat model's instruction, the flags that rebuild the prompts) for
-    --few-shot; empty where it is not asked for. The split is the run's own where the model is a run's output."""
+def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tuple[FewShot | None, tuple[str, ...]]:
+    """--few-shot's prompting (the training split's paragraphs, K, a chat model's instruction) and the flags that
+    rebuild its prompts; None and none where it is not asked for. The split is the run's own where the model is
+    a run's output."""
     if args.few_shot is None:
-        return [], None, ()
+        return None, ()
     from austen_gpt.cli import UserError
     from austen_gpt.data.paragraphs import load_split
     from austen_gpt.models.saving import run_settings
-    from austen_gpt.sampling.few_shot import DEFAULT_AUTHOR, default_instruction
+    from austen_gpt.sampling.few_shot import DEFAULT_AUTHOR, FewShot, default_instruction, has_chat_template
     from austen_gpt.settings import DEFAULT_DATA, DataSettings
     from austen_gpt.style.report import take_split_from_runs
 
@@ -207,7 +204,7 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
     train, _ = load_split(data)
     if args.few_shot > len(train):
         raise UserError(f"--few-shot {args.few_shot}: the training split has only {len(train)} passages; ask for fewer")
-    chat = getattr(tokenizer, "chat_template", None) is not None
+    chat = has_chat_template(tokenizer)
     author = args.author or (DEFAULT_AUTHOR if data.data == DEFAULT_DATA else None)
     if chat and not author:
         raise UserError(
@@ -230,7 +227,7 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
     print(
         f"few-shot excerpts from the training split of {data.data} ({where}; --split-seed {data.seed})", file=sys.stderr
     )
-    return train, instruction, tuple(flags)
+    return FewShot(train, args.few_shot, instruction), tuple(flags)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,6 @@ def test_inference_few_shot_samples_are_recorded_and_drawn_again_by_their_comman
     "extra, message",
     [
         (["--few-shot", "-1"], "--few-shot must be 0 or more excerpts"),
-        (["--few-shot", "2", "--interactive"], "--few-shot takes --prompt or --prompts-file"),
         (["--few-shot", "500"], "--few-shot 500: the training split has only 100 passages"),
     ],
 )
@@ -238,3 +237,73 @@ def test_a_chat_model_on_another_authors_data_needs_author_and_a_base_model_igno
     ]
     assert inference.main([*argv, "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert "warning: --instruction is ignored" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def qwen_chat_dir(tmp_path_factory, austen_paragraphs):
+    """A tiny random Qwen2 with its family's special tokens, given ChatML's template as Qwen2.5-Instruct has."""
+    from families import FAMILIES, build_family
+
+    from austen_gpt.models.loading import load_tokenizer
+
+    folder = build_family(tmp_path_factory.mktemp("qwen2-chat"), FAMILIES["qwen2"], austen_paragraphs[:400])
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_an_interactive_few_shot_session_on_a_chat_model(qwen_chat_dir, small_data, tmp_path):
+    """Each prompt after its own excerpts in the template; one that cannot fit is refused and the session goes
+    on; the kept record's command draws the same answers again outside the session."""
+    import json
+    import shlex
+
+    from conftest import run_script
+
+    lines = ["Emma was", ":max-new-tokens 100000", "Harriet", ":max-new-tokens 12", ":n 2", "Mr. Knightley", ":quit"]
+    argv = ["--interactive", "--model-path", str(qwen_chat_dir), "--data", str(small_data), "--few-shot", "2"]
+    argv += ["--author", "Jane Austen"]
+    argv += ["--max-new-tokens", "10", "--n-return-seqs", "1", "--seed", "5", "--output", "kept.jsonl"]
+    result = run_script("inference.py", *argv, cwd=tmp_path, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "error: --few-shot 2 with 100000 new tokens leaves each excerpt" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in records] == [
+        ("Emma was", 1),
+        ("Mr. Knightley", 1),
+        ("Mr. Knightley", 2),
+    ]
+    assert records[0]["text"] in result.stdout and "<|im_end|>" not in result.stdout  # streamed, as kept
+    few = records[1]["few_shot"]
+    assert few["k"] == 2 and few["prompt_text"].startswith("<|im_start|>system\nYou are a novelist writing in")
+    assert few["prompt_text"].endswith("<|im_start|>assistant\nMr. Knightley")
+    again = run_script("inference.py", *shlex.split(records[1]["command"])[2:], "--output", "b.jsonl", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    redrawn = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in redrawn] == [r["text"] for r in records[1:]] and redrawn[0]["few_shot"] == few
+
+
+def test_few_shot_on_an_adapter_folder_whose_base_has_no_template_prompts_it_as_a_base_model(
+    tiny_model_dir, tokenizer, small_data, tmp_path
+):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import inference
+    from austen_gpt.models.lora import add_lora
+
+    adapters = tmp_path / "adapters"
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, ["c_attn"], False, "-")
+    model.peft_config["default"].base_model_name_or_path = str(tiny_model_dir)
+    model.save_pretrained(adapters)
+    tokenizer.save_pretrained(adapters)
+    argv = ["--model-path", str(adapters), "--data", str(small_data), "--few-shot", "2", "--prompt", "Emma"]
+    out = tmp_path / "kept.jsonl"
+    assert inference.main([*argv, "--max-new-tokens", "6", "--seed", "2", "--output", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert (
+        record["few_shot"]["prompt_text"].endswith("\n\nEmma")
+        and "<|im_start|>" not in record["few_shot"]["prompt_text"]
+    )

@@ -49,6 +49,11 @@ class FewShotPrompt:
     excerpts: list[str]
 
 
+def has_chat_template(tokenizer) -> bool:
+    """A chat model's tokenizer: it has a chat template (a base model's has none)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
 def choose_passages(n_passages: int, k: int, seed: int) -> list[int]:
     """K distinct passage indices, each passage equally likely (seeded): short and long alike."""
     if k < 0:
@@ -160,7 +165,7 @@ def build_prompt(
     `new_tokens` to come: the chat template where the tokenizer has one (with `instruction`), else plain
     paragraphs."""
     chosen = choose_passages(len(passages), k, seed)
-    chat = getattr(tokenizer, "chat_template", None) is not None
+    chat = has_chat_template(tokenizer)
 
     def render(excerpts: list[str]) -> str:
         if chat:
@@ -230,7 +235,7 @@ def sample(
     from austen_gpt.data.tokens import paragraph_frame
     from austen_gpt.sampling.generation import as_text, sample_ids, special_token_ids
 
-    chat = getattr(tokenizer, "chat_template", None) is not None
+    chat = has_chat_template(tokenizer)
     ids = tokenizer(built.text, add_special_tokens=False)["input_ids"]
     ends = None
     if chat:
@@ -255,3 +260,27 @@ def sample(
     if chat:  # (the end-of-turn token is left out)
         return [tokenizer.decode(user + row, skip_special_tokens=True).strip() for row in rows]
     return [as_text(tokenizer, user + row) for row in rows]
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """Few-shot prompting as inference.py --few-shot K asks for it: K excerpts of the training split's
+    `passages` before each prompt, and a chat model's `instruction`."""
+
+    passages: list[str]
+    k: int
+    instruction: str | None
+
+    def write(
+        self, model, tokenizer, prompt: str, n: int, settings, seed: int, streamer=None
+    ) -> tuple[list[str], dict]:
+        """`n` samples of `prompt` (the prompt and what follows), and what rebuilds their prompt: K, the passages'
+        indices in the training split and the whole prompt's text."""
+        from austen_gpt.sampling.generation import context_length
+
+        new_tokens = settings.new_tokens(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+        built = build_prompt(
+            tokenizer, self.passages, prompt, self.k, seed, context_length(model), new_tokens, self.instruction
+        )
+        texts = sample(model, tokenizer, built, prompt, n, settings, seed, streamer)
+        return texts, {"k": self.k, "passages": built.passages, "prompt_text": built.text}

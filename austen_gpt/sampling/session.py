@@ -4,7 +4,8 @@ A line is a prompt (an empty one starts a fresh paragraph), or a command that ch
 prompts after it, e.g. `:temperature 0.8`, `:n 1`, `:max-new-tokens 2000`, `:seed 7` (`:seed none` draws a
 new one each time), `:settings`, `:help`, `:quit`. One sample is streamed as it is written; several are
 drawn in one batched call and printed together. Ctrl-C stops the sample being written, not the session;
-Ctrl-D (end of input) or `:quit` ends it. Prompts may also be piped in, one per line.
+Ctrl-D (end of input) or `:quit` ends it. Prompts may also be piped in, one per line. With --few-shot K,
+each prompt comes after K excerpts of the author, drawn for it with its seed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from austen_gpt.cli import UserError
+from austen_gpt.sampling.few_shot import FewShot, has_chat_template
 from austen_gpt.sampling.generation import TextStream, fresh_seed, generate_paragraphs
 from austen_gpt.settings import SamplingSettings
 
@@ -81,7 +83,9 @@ class Session:
     n: int
     seed: int | None
     check: Callable[[SamplingSettings, int], None]  # raises UserError for settings that cannot sample
-    keep: Callable[[str, list[str], SamplingSettings, int], None]  # called with every finished prompt's samples
+    # called with every finished prompt's samples (prompt, texts, settings, seed, prompts file, few-shot record)
+    keep: Callable[[str, list[str], SamplingSettings, int, None, dict | None], None]
+    few_shot: FewShot | None = None  # each prompt after its own excerpts (inference.py --few-shot K)
     out: TextIO = sys.stdout
 
     def run(self, lines: Iterator[str]) -> int:
@@ -135,21 +139,31 @@ class Session:
 
     def sample(self, prompt: str) -> None:
         seed = self.seed if self.seed is not None else fresh_seed()
-        stream = None
+        stream, record = None, None
         if self.n == 1:
             self.out.write(prompt)
-            stream = TextStream(self.tokenizer, self.out)
+            stream = TextStream(
+                self.tokenizer, self.out, chat=self.few_shot is not None and has_chat_template(self.tokenizer)
+            )
         try:
-            texts = generate_paragraphs(self.model, self.tokenizer, prompt, self.n, self.settings, seed, stream)
+            if self.few_shot:
+                texts, record = self.few_shot.write(
+                    self.model, self.tokenizer, prompt, self.n, self.settings, seed, stream
+                )
+            else:
+                texts = generate_paragraphs(self.model, self.tokenizer, prompt, self.n, self.settings, seed, stream)
         except KeyboardInterrupt:
             self.say("\n[stopped]")
+            return
+        except UserError as problem:  # a few-shot prompt that cannot fit: the session goes on
+            self.say(f"\nerror: {problem}")
             return
         if stream:
             stream.finish()
         else:
             self.say("\n\n".join(f"{number}. {text}" for number, text in enumerate(texts, 1)))
         self.say("")
-        self.keep(prompt, texts, self.settings, seed)
+        self.keep(prompt, texts, self.settings, seed, None, record)
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
