@@ -194,8 +194,8 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
     from austen_gpt.cli import UserError
     from austen_gpt.data.paragraphs import load_split
     from austen_gpt.models.saving import run_settings
-    from austen_gpt.sampling.few_shot import DEFAULT_AUTHOR, FewShot, default_instruction, has_chat_template
-    from austen_gpt.settings import DEFAULT_DATA, DataSettings
+    from austen_gpt.sampling.few_shot import FewShot, chat_instruction, has_chat_template
+    from austen_gpt.settings import DataSettings
     from austen_gpt.style.report import take_split_from_runs
 
     data = from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed}))
@@ -204,18 +204,12 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
     train, _ = load_split(data)
     if args.few_shot > len(train):
         raise UserError(f"--few-shot {args.few_shot}: the training split has only {len(train)} passages; ask for fewer")
-    chat = has_chat_template(tokenizer)
-    author = args.author or (DEFAULT_AUTHOR if data.data == DEFAULT_DATA else None)
-    if chat and not author:
-        raise UserError(
-            f"--few-shot on a chat model needs --author: whose style to ask for ({data.data} is not Jane Austen's)"
-        )
-    if args.instruction and not chat:
+    if args.instruction and not has_chat_template(tokenizer):
         print(
             "warning: --instruction is ignored: the model has no chat template, so it gets plain paragraphs",
             file=sys.stderr,
         )
-    instruction = (args.instruction or default_instruction(author)) if chat else None
+    instruction = chat_instruction(tokenizer, args.author, args.instruction, data.data)
     flags = ["--few-shot", str(args.few_shot), "--data", str(data.data), "--train-size", str(data.train_size)]
     flags += ["--split-seed", str(data.seed)]
     for flag, value in (("--data-config", data.data_config), ("--data-split", data.data_split)):

@@ -3,10 +3,13 @@
   python style_report.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
   python style_report.py --models configs/austen-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
   python style_report.py --texts chat=llama-samples.jsonl pastiche=pastiche.txt --out reports/others
+  python style_report.py --models models/austen-gpt2 --few-shot-models gpt2 Qwen/Qwen2.5-0.5B-Instruct --few-shot 0 3 10
 
 Each model (a folder, a Hub id or an adapter folder) writes --n-samples continuations of the shipped
 prompts (data/eval_prompts.txt, cycled in order, seeded), each exactly --max-new-tokens long (running on
-past a paragraph's end, so every model is judged on the same length). Each --texts NAME=FILE adds a row
+past a paragraph's end, so every model is judged on the same length). Each --few-shot-models entry adds a
+row per --few-shot K: the same prompts, each after K excerpts of the training split (a chat model in its
+template, its answer ending at the end of its turn; docs/prompting.md). Each --texts NAME=FILE adds a row
 for text written anywhere else. Reported per row:
   1. distinguishability: the cross-validated ROC AUC of a classifier telling the texts from real held-out
      author passages of the same lengths, over --draws fresh draws (0.5: passes for the author, 1.0:
@@ -15,9 +18,10 @@ for text written anywhere else. Reported per row:
      than to the contrast authors"), with its accuracy on whole held-out novels;
   3. Burrows' Delta (cosine) from the texts to the author and to each contrast novel;
   4. copying: share of word 8-grams found verbatim in the training paragraphs, the longest verbatim
-     run, character names per 1,000 words;
+     run, character names per 1,000 words; for few-shot rows also the share found in the sample's own excerpts;
   5. distinct-1/2 and the within-sample repetition rate;
-  6. for models only, held-out perplexity and bits per character on the validation paragraphs of --data.
+  6. for models only, held-out perplexity and bits per character on the validation paragraphs of --data
+     (few-shot rows: the model's own, without excerpts).
 Reference rows are measured the same way: real held-out author passages (the floor of distinguishability,
 the ceiling of P(author)), held-out contrast passages, and the author's passages with their words shuffled.
 The held-out author text is dealt three ways, disjoint: the classifier's, the two-sample test's, the author row's.
@@ -59,6 +63,24 @@ def build_parser() -> ArgumentParser:
         help="a config folder without weights gets the random weights train.py --from-scratch starts from "
         "(same --split-seed): the untrained baseline",
     )
+    few = p.add_argument_group("few-shot rows: models prompted with the author's excerpts (docs/prompting.md)")
+    add_flag(
+        few, "--few-shot-models", nargs="+", default=DEFAULTS.few_shot_models, help="model folders, Hub ids or adapters"
+    )
+    add_flag(few, "--few-shot-names", nargs="+", default=None, help="a label per few-shot model; without it, the paths")
+    add_flag(
+        few,
+        "--few-shot",
+        nargs="+",
+        type=int,
+        default=DEFAULTS.few_shot,
+        metavar="K",
+        help="numbers of excerpts: a row for each K and model",
+    )
+    add_flag(
+        few, "--author", default=None, help="the author a chat model is asked to write as (bundled data: Jane Austen)"
+    )
+    add_flag(few, "--instruction", default=None, help="a chat model's instruction (default: continue as --author)")
     sampling = p.add_argument_group("sampling")
     add_flag(sampling, "--prompts", default=DEFAULTS.prompts, help="prompt file, one per line")
     add_flag(
@@ -109,6 +131,8 @@ def report_settings(args: argparse.Namespace) -> ReportSettings:
     """The parsed flags as the report's settings (the report's --split-seed is train.py's seed of the split)."""
     return ReportSettings(
         **{name: getattr(args, name) for name in ("models", "names", "texts", "out", "overwrite", "from_scratch")},
+        **{name: getattr(args, name) for name in ("few_shot_models", "few_shot_names", "few_shot", "author")},
+        instruction=args.instruction,
         prompts=args.prompts,
         n_samples=args.n_samples,
         sampling=replace(from_flags(SamplingSettings, args), paragraphs=DEFAULTS.sampling.paragraphs),
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from austen_gpt.style.report import run_report, take_split_from_runs
 
     given = given_split_settings(parser.given_dests(argv))
-    settings.data, lines = take_split_from_runs(settings.data, settings.models, given)
+    settings.data, lines = take_split_from_runs(settings.data, settings.models + settings.few_shot_models, given)
     print("\n".join(lines), flush=True)
     print(f"report: {run_report(settings)}")
     return 0

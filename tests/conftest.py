@@ -195,3 +195,36 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+CHATML = (  # Qwen2.5-Instruct's turn layout, without its tool calls
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def qwen_chat_dir(tmp_path_factory, austen_paragraphs):
+    """A tiny random Qwen2 with its family's special tokens, given ChatML's template as Qwen2.5-Instruct has."""
+    from families import FAMILIES, build_family
+
+    from austen_gpt.models.loading import load_tokenizer
+
+    folder = build_family(tmp_path_factory.mktemp("qwen2-chat"), FAMILIES["qwen2"], austen_paragraphs[:400])
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 'pretrained' tiny GPT-2 with 512 positions: room for few-shot excerpts before 100 new tokens."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2-512")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(tiny_config(n_positions=512)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -4,15 +4,11 @@ template with the prompt prefilled (austen_gpt/sampling/few_shot.py)."""
 from __future__ import annotations
 
 import pytest
+from conftest import CHATML
 
 from austen_gpt.cli import UserError
 from austen_gpt.data.paragraphs import split_paragraphs
 from austen_gpt.sampling import few_shot
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @pytest.fixture
@@ -239,20 +235,6 @@ def test_a_chat_model_on_another_authors_data_needs_author_and_a_base_model_igno
     assert "warning: --instruction is ignored" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def qwen_chat_dir(tmp_path_factory, austen_paragraphs):
-    """A tiny random Qwen2 with its family's special tokens, given ChatML's template as Qwen2.5-Instruct has."""
-    from families import FAMILIES, build_family
-
-    from austen_gpt.models.loading import load_tokenizer
-
-    folder = build_family(tmp_path_factory.mktemp("qwen2-chat"), FAMILIES["qwen2"], austen_paragraphs[:400])
-    tokenizer = load_tokenizer(str(folder))
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_an_interactive_few_shot_session_on_a_chat_model(qwen_chat_dir, small_data, tmp_path):
     """Each prompt after its own excerpts in the template; one that cannot fit is refused and the session goes
     on; the kept record's command draws the same answers again outside the session."""
@@ -307,3 +289,49 @@ def test_few_shot_on_an_adapter_folder_whose_base_has_no_template_prompts_it_as_
         record["few_shot"]["prompt_text"].endswith("\n\nEmma")
         and "<|im_start|>" not in record["few_shot"]["prompt_text"]
     )
+
+
+def test_a_base_models_0_shot_row_in_the_style_report_is_its_plain_row(wide_model_dir, austen_paragraphs):
+    """Few-shot rows get the model rows' prompts, sample numbers and seed: with no excerpts, a base model's
+    samples are exactly the ones its plain row draws."""
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.sampling.generation import generate_samples
+    from austen_gpt.settings import SamplingSettings
+    from austen_gpt.style.report import few_shot_samples
+    from austen_gpt.style.settings import ReportSettings
+
+    model = AutoModelForCausalLM.from_pretrained(wide_model_dir).eval()
+    tokenizer = load_tokenizer(str(wide_model_dir))
+    settings = ReportSettings(n_samples=7, sampling=SamplingSettings(max_new_tokens=20, paragraphs=None), seed=3)
+    prompts = ["Emma", "It was a truth", "Mr. Darcy"]
+    plain = generate_samples(model, tokenizer, prompts, 7, settings.sampling, settings.seed)
+    samples, copied = few_shot_samples(model, tokenizer, prompts, austen_paragraphs[:50], 0, None, settings)
+    assert [(s["prompt"], s["text"]) for s in samples] == [(s["prompt"], s["text"]) for s in plain]
+    assert copied == 0.0 and all(s["passages"] == [] for s in samples)
+    shown, _ = few_shot_samples(model, tokenizer, prompts, austen_paragraphs[:50], 2, None, settings)
+    assert [s["prompt"] for s in shown] == [s["prompt"] for s in plain] and shown != samples
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--few-shot", "-1"], "--few-shot takes numbers of excerpts, 0 or more"),
+        (["--few-shot", "500"], "--few-shot 500: the training split has only 100 passages"),
+        (["--few-shot-names", "a", "b"], "give one --few-shot-names label per --few-shot-models entry"),
+        (["--chat"], "--few-shot on a chat model needs --author"),
+    ],
+)
+def test_style_report_few_shot_bad_requests(
+    extra, message, tiny_model_dir, qwen_chat_dir, small_data, tmp_path, capsys
+):
+    from conftest import run_in_process
+
+    import style_report
+
+    model = str(qwen_chat_dir if extra == ["--chat"] else tiny_model_dir)
+    extra = [] if extra == ["--chat"] else extra
+    argv = ["--few-shot-models", model, "--data", str(small_data), "--out", str(tmp_path / "r"), *extra]
+    assert message in run_in_process(style_report.main, argv, capsys)
+    assert not (tmp_path / "r").exists()

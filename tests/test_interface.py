@@ -17,7 +17,7 @@ ADDED = {
     "train.py": {"--config", "--split-seed"},  # a run file; the split's seed by the style report's name (--seed too)
     "inference.py": {"--config", "--few-shot", "--author", "--instruction"}  # few-shot prompting, and its split:
     | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed"},
-    "style_report.py": {"--config"},
+    "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"},
     "export.py": {"--config"},
     "bench.py": {"--model-config"},  # was --config (still read so), which now takes a run file
     "dataset.py build": {"--config"},

@@ -442,14 +442,17 @@ def texts_for_the_report(folder: Path, austen_paragraphs: list[str]) -> tuple[li
 
 @pytest.mark.slow
 def test_style_report_tells_models_and_texts_from_the_author(
-    tmp_path, tiny_config_dir, quickstart_style_model, austen_paragraphs
+    tmp_path, tiny_config_dir, quickstart_style_model, wide_model_dir, qwen_chat_dir, austen_paragraphs
 ):
-    """One report with both kinds of rows. Held-out Austen set aside from the data passes as --texts; shuffled
+    """One report with every kind of row. Held-out Austen set aside from the data passes as --texts; shuffled
     and contrast text (the reference rows), an untrained and a briefly trained model do not; a bag of her
-    favourite words is flagged above the P(author) ceiling."""
+    favourite words is flagged above the P(author) ceiling. A base and a chat model prompted with 0 and 2
+    excerpts get a row each, with the same prompts and sample count."""
     data, texts = texts_for_the_report(tmp_path, austen_paragraphs)
     arguments = ["--models", str(tiny_config_dir), str(quickstart_style_model), "--from-scratch", *data]
     arguments += ["--names", "untrained", "quickstart-style", "--texts", *texts]
+    arguments += ["--few-shot-models", str(wide_model_dir), str(qwen_chat_dir), "--few-shot-names", "base", "chat"]
+    arguments += ["--few-shot", "0", "2", "--author", "Jane Austen"]
     arguments += "--n-samples 16 --max-new-tokens 100 --draws 2 --train-size 0.97 --max-input-length 64".split()
     result = run_script("style_report.py", *arguments, "--out", str(tmp_path / "report"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -457,9 +460,11 @@ def test_style_report_tells_models_and_texts_from_the_author(
     assert sorted(p.name for p in report_dir.iterdir()) == ["report.json", "report.md", "style.png"]
     report = json.loads((report_dir / "report.json").read_text())
     rows = {row["name"]: row for row in report["models"] + report["references"]}
+    few_shot_rows = ["base, 0-shot", "base, 2-shot", "chat, 0-shot", "chat, 2-shot"]
     assert list(rows) == [
         "untrained",
         "quickstart-style",
+        *few_shot_rows,
         "real",
         "favourite-words",
         "author, held out",
@@ -475,6 +480,13 @@ def test_style_report_tells_models_and_texts_from_the_author(
     assert all(len(row["auc_by_draw"]) == 2 and row["distinguishability_spread"] >= 0 for row in rows.values())
     assert "val_perplexity" in rows["quickstart-style"] and "val_perplexity" not in rows["real"]
     assert rows["quickstart-style"]["val_perplexity"] < rows["untrained"]["val_perplexity"]
+    # few-shot rows: the model's own perplexity (no excerpts), copying against their own excerpts besides
+    assert rows["base, 0-shot"]["val_perplexity"] == rows["base, 2-shot"]["val_perplexity"]
+    assert all(rows[name]["perplexity_with_excerpts"] is False for name in few_shot_rows)
+    assert rows["base, 0-shot"]["copied_from_prompt_share"] == 0.0 and "copied_from_prompt_share" not in rows["real"]
+    assert [rows[name]["chat"] for name in few_shot_rows] == [False, False, True, True]
+    passages = [sample["passages"] for sample in report["samples"]["chat, 2-shot"]]
+    assert all(len(p) == 2 for p in passages) and len({tuple(p) for p in passages}) > 1  # each prompt its own
 
     markdown = (report_dir / "report.md").read_text()
     assert markdown.startswith("# Style report\n\n| | distinguishability (AUC) | spread |")
@@ -482,6 +494,7 @@ def test_style_report_tells_models_and_texts_from_the_author(
     assert "exaggerated vocabulary, not better style" in verdicts["favourite-words"]
     assert "exaggerated vocabulary" not in verdicts["real"] and "passes for the author" in verdicts["real"]
     assert "told apart from the author almost every time" in verdicts["quickstart-style"]
+    assert "| copied from its excerpts |" in markdown and "held-out perplexity is the model's own" in markdown
 
 
 def test_style_report_refuses_bad_input_and_keeps_an_existing_report(tmp_path, tiny_model_dir, small_data):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from austen_gpt.cli import UserError
+from austen_gpt.settings import DEFAULT_DATA
 
 MIN_SHARE = 32  # tokens: an excerpt shorter than this shows little of a style
 DEFAULT_AUTHOR = "Jane Austen"  # of the bundled data
@@ -47,6 +48,20 @@ class FewShotPrompt:
     text: str
     passages: list[int]
     excerpts: list[str]
+
+
+def chat_instruction(tokenizer, author: str | None, instruction: str | None, data: str) -> str | None:
+    """A chat model's instruction: `instruction`, else the default one naming `author` (Jane Austen where the
+    excerpts come from the bundled data); None for a base model, which gets no instruction. Refuses a chat model
+    with neither an author nor the bundled data as `data`: whose style would it be asked for?"""
+    if not has_chat_template(tokenizer):
+        return None
+    author = author or (DEFAULT_AUTHOR if str(data) == str(DEFAULT_DATA) else None)
+    if not (instruction or author):
+        raise UserError(
+            f"--few-shot on a chat model needs --author: whose style to ask for ({data} is not Jane Austen's)"
+        )
+    return instruction or default_instruction(author)
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -22,7 +22,8 @@ from austen_gpt.models.device import default_device, resolve_precision
 from austen_gpt.models.evaluation import held_out_metrics
 from austen_gpt.models.loading import has_weights, load_model, load_tokenizer
 from austen_gpt.models.saving import run_settings
-from austen_gpt.sampling.generation import generate_samples, read_prompts
+from austen_gpt.sampling import few_shot
+from austen_gpt.sampling.generation import context_length, generate_samples, read_prompts
 from austen_gpt.sampling.loading import load_for_sampling
 from austen_gpt.settings import DataSettings
 from austen_gpt.style import text
@@ -219,6 +220,7 @@ COLUMNS = [  # (key, heading, format)
     ("distinguishability", "distinguishability (AUC)", "{:.2f}"),
     ("distinguishability_spread", "spread", "±{:.2f}"),
     ("copied_ngram_share", "copied word n-grams", "{:.2%}"),
+    ("copied_from_prompt_share", "copied from its excerpts", "{:.2%}"),
     ("p_author", "P(author)", "{:.2f}"),
     ("val_perplexity", "held-out perplexity", "{:,.1f}"),
     ("val_bits_per_char", "bits/char", "{:.3f}"),
@@ -321,6 +323,7 @@ def markdown_report(settings: ReportSettings, rows: list[dict], references: list
         "0 is the same profile, about 1 unrelated; lower to the author than to the contrast novels reads as her.",
         "- **Fluency**, per sample then averaged: distinct-n = distinct word n-grams over all n-grams; repetition = "
         "share of a sample's word 4-grams that already occurred in it.",
+        *([few_shot_note(settings)] if settings.few_shot_models else []),
         "",
         "![style](style.png)",
         "",
@@ -333,6 +336,18 @@ def markdown_report(settings: ReportSettings, rows: list[dict], references: list
         for sample in model_samples[: settings.show_samples]:
             parts += [f"**{sample['prompt']}** {sample['text']}", "", "---", ""]
     return "\n".join(parts).rstrip("-\n ") + "\n"
+
+
+def few_shot_note(settings: ReportSettings) -> str:
+    return (
+        "- **Few-shot rows** (`NAME, K-shot`): the model prompted with K excerpts of the training split before each "
+        "prompt, as `inference.py --few-shot K` builds them (each prompt its own excerpts, drawn with the seed + the "
+        "prompt's number); a chat model gets its template and instruction, and its answer ends at the end of its "
+        "turn, so its samples can be shorter. Their held-out perplexity is the model's own, **without** the excerpts "
+        "(the same for every K). **Copied from its excerpts**: the share of a sample's word "
+        f"{settings.references.ngram}-grams found in the excerpts of its own prompt; the excerpts are training text, "
+        "so the copied word n-grams count them too."
+    )
 
 
 def plot(path: Path, rows: list[dict]) -> None:
@@ -403,6 +418,58 @@ def sample_models(settings: ReportSettings, prompts: list[str], val_paragraphs: 
     return sampled
 
 
+def few_shot_samples(
+    model, tokenizer, prompts: list[str], train: list[str], k: int, instruction: str | None, settings: ReportSettings
+) -> tuple[list[dict], float]:
+    """The samples of one few-shot row (as generate_samples draws a model row's: sample i continues prompt
+    i % len(prompts), drawn with the report's seed) and the share of their word n-grams found in the excerpts
+    of their own prompt. Each prompt gets its own K excerpts, drawn with the report's seed + its number, so that
+    the row is shown more of the author than one draw of K passages."""
+    n, context, new_tokens = settings.n_samples, context_length(model), settings.sampling.max_new_tokens
+    samples, found, total = [], 0, 0
+    for number, prompt in enumerate(prompts[:n]):
+        count = len(range(number, n, len(prompts)))
+        built = few_shot.build_prompt(
+            tokenizer, train, prompt, k, settings.seed + number, context, new_tokens, instruction
+        )
+        texts = few_shot.sample(
+            model, tokenizer, built, prompt, count, settings.sampling, settings.seed, continuation_only=True
+        )
+        samples += [{"prompt": prompt, "text": t, "passages": built.passages} for t in texts]
+        hits, ngrams = text.Copying(built.excerpts, set(), n=settings.references.ngram).ngram_hits(texts)
+        found, total = found + hits, total + ngrams
+    return samples, found / total if total else 0.0
+
+
+def check_few_shot(settings: ReportSettings, train: list[str]) -> None:
+    """Refuse few-shot rows that cannot be drawn before any model samples: more excerpts than the training
+    split has, or a chat model without an author to ask for (its tokenizer tells)."""
+    if settings.few_shot_models and max(settings.few_shot) > len(train):
+        raise UserError(
+            f"--few-shot {max(settings.few_shot)}: the training split has only {len(train)} passages; ask for fewer"
+        )
+    for path in settings.few_shot_models:
+        few_shot.chat_instruction(load_tokenizer(path), settings.author, settings.instruction, settings.data.data)
+
+
+def sample_few_shot_models(settings: ReportSettings, prompts: list[str], train: list[str], val: list[str]):
+    """(row, samples) for every --few-shot-models entry and K, one model in memory at a time. A row's held-out
+    perplexity is the model's own, without excerpts: the same for each K."""
+    sampled, data = [], settings.data
+    for label, path in zip(settings.few_shot_names or settings.few_shot_models, settings.few_shot_models, strict=True):
+        model, tokenizer = load_scored_model(path)
+        instruction = few_shot.chat_instruction(tokenizer, settings.author, settings.instruction, data.data)
+        perplexity = held_out_perplexity(model, tokenizer, val, data.max_input_length, settings.batch_size)
+        for k in settings.few_shot:
+            print(f"{label}, {k}-shot: sampling {settings.n_samples} x {settings.sampling.max_new_tokens} tokens ...")
+            samples, copied = few_shot_samples(model, tokenizer, prompts, train, k, instruction, settings)
+            row = {"name": f"{label}, {k}-shot", "model": path, "few_shot": k, "chat": instruction is not None}
+            row |= {**perplexity, "perplexity_with_excerpts": False, "copied_from_prompt_share": copied}
+            sampled.append((row, samples))
+        del model
+    return sampled
+
+
 SPLIT_SETTINGS = ("data", "data_config", "data_split", "text_column", "train_size", "seed", "max_input_length")
 
 
@@ -441,7 +508,8 @@ def run_report(settings: ReportSettings) -> Path:
     (take_split_from_runs)."""
     prompts, texts = read_prompts(settings.prompts), read_texts(settings.texts)
     train, val = load_split(settings.data)
-    sampled = sample_models(settings, prompts, val)
+    check_few_shot(settings, train)
+    sampled = sample_models(settings, prompts, val) + sample_few_shot_models(settings, prompts, train, val)
     # the classifiers read passages as long as the first row's texts
     first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))
     passage_words = max(20, round(sum(len(t.split()) for t in first) / len(first)))

@@ -46,6 +46,16 @@ class ReportSettings:
     """replace the files of an existing report in out"""
     from_scratch: bool = False
     """a config folder without weights gets the random weights train.py --from-scratch starts from"""
+    few_shot_models: list[str] = field(default_factory=list)
+    """models prompted with the author's excerpts (a row per model and K), as inference.py --few-shot K"""
+    few_shot_names: list[str] | None = None
+    """a label per few-shot model; None: the paths"""
+    few_shot: list[int] = field(default_factory=lambda: [0, 3, 10])
+    """the numbers of excerpts K of the few-shot rows"""
+    author: str | None = None
+    """the author a chat model is asked to write as (the bundled data: Jane Austen)"""
+    instruction: str | None = None
+    """a chat model's instruction (default: continue as the author)"""
     prompts: str = str(REPO / "data/eval_prompts.txt")
     """the prompt file, one per line, cycled in order"""
     n_samples: int = N_SAMPLES
@@ -68,17 +78,25 @@ def check_report_settings(settings: ReportSettings) -> None:
     s, sampling, refs, min_texts = settings, settings.sampling, settings.references, TwoSampleTest.MIN_TEXTS
     require(
         [
-            (s.models or s.texts, "give --models, --texts or both: the report needs something to measure"),
+            (
+                s.models or s.texts or s.few_shot_models,
+                "give --models, --few-shot-models or --texts: the report needs something to measure",
+            ),
             (s.n_samples >= min_texts, f"--n-samples must be at least {min_texts} (five folds of two or more)"),
             (refs.draws >= 1, "--draws must be at least 1"),
             (sampling.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (refs.ngram >= 2 and refs.mfw >= 10, "--ngram must be at least 2 and --mfw at least 10"),
             (0 < s.data.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
             (s.names is None or len(s.names) == len(s.models), "give one --names label per --models entry"),
+            (
+                s.few_shot_names is None or len(s.few_shot_names) == len(s.few_shot_models),
+                "give one --few-shot-names label per --few-shot-models entry",
+            ),
+            (s.few_shot and min(s.few_shot) >= 0, "--few-shot takes numbers of excerpts, 0 or more, e.g. 0 3 10"),
             *sampling_rules(sampling.top_k, sampling.top_p, sampling.temperature),
         ]
     )
-    for model in s.models:  # a path-like name that does not exist is a typo, not a Hub id
+    for model in s.models + s.few_shot_models:  # a path-like name that does not exist is a typo, not a Hub id
         if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
             raise UserError(f"--models {model}: no such folder; give a model folder, adapter folder or Hub id")
     for spec in s.texts:

@@ -268,10 +268,15 @@ class Copying:
     def _hits(self, tokens: list[str]) -> list[bool]:
         return [hash(" ".join(tokens[i : i + self.n])) in self.ngrams for i in range(len(tokens) - self.n + 1)]
 
+    def ngram_hits(self, texts: list[str]) -> tuple[int, int]:
+        """(the texts' word n-grams found in the training text, all their word n-grams)."""
+        hits = [h for t in texts for h in self._hits(words(t))]
+        return sum(hits), len(hits)
+
     def ngram_rate(self, texts: list[str]) -> float:
         """Share of the texts' word n-grams that occur in the training text."""
-        hits = [h for t in texts for h in self._hits(words(t))]
-        return sum(hits) / len(hits) if hits else 0.0
+        found, total = self.ngram_hits(texts)
+        return found / total if total else 0.0
 
     def longest_run(self, texts: list[str]) -> tuple[int, str]:
         """The longest run of words found verbatim in the training text (at least n words, else 0)."""
