@@ -6,6 +6,7 @@
   python inference.py --prompts-file data/eval_prompts.txt --output samples.jsonl
   python inference.py --interactive                                  # the model loaded once, prompt after prompt
   python inference.py --model-path my_adapters --load-in-4bit --base-model gpt2-medium --prompt "Emma"
+  python inference.py --model-path Qwen/Qwen2.5-0.5B-Instruct --few-shot 3 --prompt "Emma"  # docs/prompting.md
 
 A folder of LoRA/QLoRA adapters (adapter_config.json) is recognised and loaded on its base model.
 Samples come from batched `generate` calls with the KV cache, using the tokenizer saved with the model;

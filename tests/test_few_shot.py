@@ -235,6 +235,7 @@ def test_a_chat_model_on_another_authors_data_needs_author_and_a_base_model_igno
     assert "warning: --instruction is ignored" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_interactive_few_shot_session_on_a_chat_model(qwen_chat_dir, small_data, tmp_path):
     """Each prompt after its own excerpts in the template; one that cannot fit is refused and the session goes
     on; the kept record's command draws the same answers again outside the session."""
@@ -266,7 +267,7 @@ def test_an_interactive_few_shot_session_on_a_chat_model(qwen_chat_dir, small_da
     assert [r["text"] for r in redrawn] == [r["text"] for r in records[1:]] and redrawn[0]["few_shot"] == few
 
 
-def test_few_shot_on_an_adapter_folder_whose_base_has_no_template_prompts_it_as_a_base_model(
+def test_few_shot_prompts_file_on_an_adapter_whose_base_has_no_template_gets_a_base_models_prompt(
     tiny_model_dir, tokenizer, small_data, tmp_path
 ):
     import json
@@ -281,14 +282,15 @@ def test_few_shot_on_an_adapter_folder_whose_base_has_no_template_prompts_it_as_
     model.peft_config["default"].base_model_name_or_path = str(tiny_model_dir)
     model.save_pretrained(adapters)
     tokenizer.save_pretrained(adapters)
-    argv = ["--model-path", str(adapters), "--data", str(small_data), "--few-shot", "2", "--prompt", "Emma"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Emma\n# a comment\nIt was\n")
+    argv = ["--model-path", str(adapters), "--data", str(small_data), "--few-shot", "2", "--prompts-file", str(prompts)]
     out = tmp_path / "kept.jsonl"
     assert inference.main([*argv, "--max-new-tokens", "6", "--seed", "2", "--output", str(out)]) == 0
-    record = json.loads(out.read_text().splitlines()[0])
-    assert (
-        record["few_shot"]["prompt_text"].endswith("\n\nEmma")
-        and "<|im_start|>" not in record["few_shot"]["prompt_text"]
-    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["Emma"] * 3 + ["It was"] * 3
+    shown = [r["few_shot"]["prompt_text"] for r in records]
+    assert shown[0].endswith("\n\nEmma") and shown[3].endswith("\n\nIt was") and "<|im_start|>" not in shown[0]
 
 
 def test_a_base_models_0_shot_row_in_the_style_report_is_its_plain_row(wide_model_dir, austen_paragraphs):
