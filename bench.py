@@ -5,6 +5,7 @@ the seed's way and Hugging Face's Trainer, and full fine-tuning against LoRA and
   python bench.py --quick                          # gpt2-tiny, 2 steps each: a smoke run
   python bench.py --config gpt2-tiny --modes ours lora qlora --steps 12   # full vs adapters
   python bench.py --config gpt2-medium --modes qlora --steps 50 --batch-size 8 --block-size 512  # CUDA QLoRA check
+  python bench.py --serving                        # serve.py under 1, 4 and 16 concurrent streams
 
 Contenders, each in its own fresh process (so its peak memory is its own), on the same model config with
 random weights (the FLOPs are the real ones) and the same Austen paragraphs:
@@ -32,6 +33,10 @@ its tokenized cache); useful (non-pad) tokens/s, the median over the timed
 steps after warm-up; peak memory (max allocated on CUDA, peak RSS on CPU); achieved FLOP/s (6N + 12LdT per
 computed token) as a share of a matmul peak measured in the same process at the same precision; and
 ratios to the first contender.
+--serving measures serve.py instead, in its own process on --model-config's random weights (or
+--serving-model): --serving-requests streamed requests of --gen-tokens new tokens at each number of concurrent
+streams (each client sends its next request when its last ends), in generated tokens/s against one stream,
+and each request's time to its first token (p50, p95).
 """
 
 from __future__ import annotations
@@ -104,12 +109,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"smoke run: gpt2-tiny, 1 warm-up and 2 timed steps of 4 examples, 20 new tokens, the corpus' first "
         f"{QUICK_PARAGRAPHS} paragraphs prepared, the matmul peak probed on small matrices",
     )
+    add_bool_flag(p, "--serving", help="measure serve.py under concurrent streams instead (see above)")
+    add_flag(p, "--serving-streams", nargs="+", type=int, default=[1, 4, 16], help="concurrent streams, first the base")
+    add_flag(p, "--serving-requests", type=int, default=32, help="streamed requests at each number of streams")
+    add_flag(p, "--serving-model", default=None, help="a model folder to serve (default: --model-config, random)")
     add_flag(p, "--json", default=None, help="also write the results as JSON here")
     add_flag(p, "--markdown", default=None, help="also write the table as Markdown here")
     add_flag(p, "--one", default=None, help=argparse.SUPPRESS)  # internal: measure one contender, print JSON
     args = p.parse_args(argv)
     if args.quick:
         args.model_config, args.steps, args.warmup, args.batch_size, args.gen_tokens = "gpt2-tiny", 2, 1, 4, 20
+        args.serving_streams, args.serving_requests = args.serving_streams[:2], 4
     return args
 
 
@@ -476,6 +486,74 @@ def generation_table(result: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def measure_serving(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """serve.py in its own process, under each number of concurrent streams in turn (after one warm-up request)."""
+    import asyncio
+    import os
+    import signal
+    import socket
+
+    import httpx
+
+    from austen_gpt.serving.load import load
+
+    model = args.serving_model or str(random_model_folder(args.model_config, workdir / "model"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url, streams = f"http://127.0.0.1:{port}", max(args.serving_streams)
+    flags = ["--port", str(port), "--model-name", "bench", "--max-batch", str(streams), "--max-tokens"]
+    command = [sys.executable, str(REPO / "serve.py"), "--model-path", model, *flags, str(args.gen_tokens)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                raise UserError(f"serve.py exited: {(server.stderr.read().strip().splitlines() or ['?'])[-1]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        asyncio.run(load(url, "bench", 1, 1, args.gen_tokens))  # warm-up
+        requests, tokens = args.serving_requests, args.gen_tokens
+        return [asyncio.run(load(url, "bench", n, requests, tokens)) for n in args.serving_streams]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def random_model_folder(name: str, folder: Path) -> Path:
+    """--model-config's model with random weights (seeded) and the gpt2-tiny tokenizer, saved as a model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(model_config(name)).save_pretrained(folder)
+    load_tokenizer(str(REPO / "configs/gpt2-tiny")).save_pretrained(folder)
+    return folder
+
+
+def serving_table(levels: list[dict], args: argparse.Namespace) -> str:
+    base = levels[0]
+    lines = [
+        f"serve.py, {args.serving_model or args.model_config + ' (random weights)'}: {args.serving_requests} streamed "
+        f"requests of {args.gen_tokens} new tokens at each number of concurrent streams (--max-batch "
+        f"{max(args.serving_streams)})",
+        "",
+        f"| concurrent streams | generated tokens/s | vs {base['streams']} | time to first token p50 (s) | p95 (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for level in levels:
+        ratio = level["tokens_per_s"] / base["tokens_per_s"]
+        lines.append(
+            f"| {level['streams']} | {level['tokens_per_s']:,.0f} | {ratio:.2f}x "
+            f"| {level['ttft_p50_s']:.3f} | {level['ttft_p95_s']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def results_table(results: list[dict], args: argparse.Namespace) -> str:
     """A Markdown table of the contenders, with ratios to the first one."""
     base = results[0]
@@ -525,6 +603,18 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     quiet_libraries()
+    if args.serving:
+        require([(min(args.serving_streams) >= 1 and args.serving_requests >= 1, "--serving-streams and "
+                  "--serving-requests must be at least 1")])  # fmt: skip
+        with tempfile.TemporaryDirectory() as workdir:
+            levels = measure_serving(args, Path(workdir))
+        table = serving_table(levels, args)
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "serving": levels}, indent=2) + "\n")
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        return 0
     if args.one:
         print(json.dumps(measure_generation(args) if args.one == "generation" else measure(args.one, args)))
         return 0

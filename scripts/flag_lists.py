@@ -18,6 +18,7 @@ COMMANDS = {
     "style_report.py": [],
     "export.py": [],
     "bench.py": [],
+    "serve.py": [],
     "dataset.py build": ["build"],
     "dataset.py tokenizer": ["tokenizer"],
 }

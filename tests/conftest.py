@@ -31,6 +31,17 @@ on_native_bf16 = pytest.mark.skipif(
     not any(flag in _CPU_FLAGS for flag in ("avx512_bf16", "amx_bf16")),
     reason="this CPU has no native bf16 (AVX512-BF16 or AMX), where the bf16 path runs",
 )
+
+
+def skip_unless_installed(missing: str | None) -> None:
+    """Skip a test whose real part (a browser, a llama.cpp build) is not installed here, saying which; in CI
+    (.ci/run installs them all) that is a failure instead."""
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"{missing}, and CI installs it (.ci/run)")
+    if missing:
+        pytest.skip(missing)
+
+
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Under `pytest -n 2` each worker (and every training it starts) computes on one thread: two workers then
     # share the two cores without fighting over them, while each one's single-threaded start-up (imports,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train.py", "inference.py", "export.py", "style_report.py", "bench.py", "dataset.py")
+SCRIPTS = ("train.py", "inference.py", "export.py", "style_report.py", "bench.py", "dataset.py", "serve.py")
 README_MAX_LINES = 160
 # The only page that may show the original project's spellings (underscored flags, --restore-file, ...).
 ORIGINAL_SPELLINGS_PAGE = "docs/training.md"

@@ -19,7 +19,8 @@ ADDED = {
     | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed"},
     "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"},
     "export.py": {"--config"},
-    "bench.py": {"--model-config"},  # was --config (still read so), which now takes a run file
+    "bench.py": {"--model-config"}  # was --config (still read so), which now takes a run file
+    | {"--serving", "--serving-streams", "--serving-requests", "--serving-model"},  # serve.py under load
     "dataset.py build": {"--config"},
     "dataset.py tokenizer": {"--model-config", "--split-seed"},
 }

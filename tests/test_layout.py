@@ -9,8 +9,8 @@ from conftest import REPO
 
 PACKAGE = REPO / "austen_gpt"
 # from the bottom up; a module may import its own layer and those below
-LAYERS = ["cli", "settings", "flags", "data", "models", "sampling", "style", "training"]
-SCRIPTS = ["train.py", "inference.py", "dataset.py", "style_report.py", "export.py", "bench.py", "utils.py"]
+LAYERS = ["cli", "settings", "flags", "data", "models", "sampling", "style", "training", "serving"]
+SCRIPTS = ["train.py", "inference.py", "dataset.py", "style_report.py", "export.py", "bench.py", "utils.py", "serve.py"]
 
 
 def module_name(path: Path) -> str:

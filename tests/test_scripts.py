@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import REPO, assert_user_error, run_script
 
-SCRIPTS = ["train.py", "inference.py", "export.py", "style_report.py", "bench.py", "dataset.py"]
+SCRIPTS = ["train.py", "inference.py", "export.py", "style_report.py", "bench.py", "dataset.py", "serve.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -30,6 +30,7 @@ def test_the_defaults_offline_say_what_is_missing(tmp_path):
     assert_user_error(run_script("export.py", cwd=tmp_path), "--adapter", "--out")
     assert_user_error(run_script("style_report.py", cwd=tmp_path), "--models")
     assert_user_error(run_script("dataset.py", cwd=tmp_path), "build")
+    assert_user_error(run_script("serve.py", cwd=tmp_path, env_extra=cache), "'GPT2_fine_tuned_Austen'")
     assert [p.name for p in tmp_path.iterdir()] in ([], ["hf-home"])
 
 
@@ -88,3 +89,14 @@ def test_the_gpu_check_asks_bench_for_what_it_has():
         args = bench.parse_args(argv)
         assert args.markdown and set(args.modes) <= set(bench.CONTENDERS)
     assert "--card-peak-tflops" in invocations[0] and "16" in invocations[0] and "1024" in invocations[0]
+
+
+@pytest.mark.slow
+def test_bench_serving_quick(tmp_path):
+    """`python bench.py --serving --quick`: serve.py under 1 then 4 streams, every request run to its length."""
+    result = run_script("bench.py", "--serving", "--quick", "--json", "serving.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    levels = json.loads((tmp_path / "serving.json").read_text())["serving"]
+    assert [level["streams"] for level in levels] == [1, 4]
+    assert all(level["tokens"] == 4 * 20 and level["ttft_p95_s"] >= level["ttft_p50_s"] > 0 for level in levels)
+    assert "| 4 | " in result.stdout and "1.00x" in result.stdout

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from austen_gpt.cli import UserError
 from austen_gpt.data.tokens import paragraph_frame
@@ -94,19 +95,46 @@ class EndOfText:
 
 
 class Stop(StoppingCriteria):
-    """Per row: done after `needed` more paragraph ends (None: never) or `limit` new tokens."""
+    """Per row: done after `needed` more paragraph ends (None: never) or `limit` new tokens, or once
+    `cancelled()` names it (a bool per row: a server's client that went away). `done_at` keeps, per row, how
+    many new tokens it had when it was done (0: not yet): generate goes on drawing for it until every row is."""
 
-    def __init__(self, start: int, ends: EndOfText, needed: list[int] | None, limit: list[int], device):
-        self.start, self.ends = start, ends
+    def __init__(self, start: int, ends: EndOfText, needed: list[int] | None, limit: list[int], device, cancelled=None):
+        self.start, self.ends, self.cancelled = start, ends, cancelled
         self.needed = None if needed is None else torch.tensor(needed, device=device)
         self.limit = torch.tensor(limit, device=device)
+        self.done_at = torch.zeros(len(limit), dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.start :]
         done = self.limit <= new.shape[1]
         if self.needed is not None:
             done |= self.ends.count(new).to(done.device) >= self.needed
+        if self.cancelled is not None:
+            done |= torch.tensor(self.cancelled(), device=done.device)
+        self.done_at = torch.where(done.cpu() & (self.done_at == 0), new.shape[1], self.done_at)
         return done
+
+
+class RowTokens(BaseStreamer):
+    """Hands each row's new tokens to `on_token(row, token)` as generate draws them: not the call's input, nor
+    what generate still draws for a row after it was done (Stop.done_at; generate may hand a step's tokens
+    over before or after it asks Stop). `rows` are the call's rows' numbers."""
+
+    def __init__(self, on_token: Callable[[int, int], None], rows: list[int], stop: Stop):
+        self.on_token, self.rows, self.stop, self.step = on_token, rows, stop, -1
+
+    def put(self, value: torch.Tensor) -> None:
+        self.step += 1
+        if self.step == 0:  # generate's first put is the input
+            return
+        done_at = self.stop.done_at.tolist()
+        for row, token, done in zip(self.rows, value.tolist(), done_at, strict=True):
+            if not done or self.step <= done:
+                self.on_token(row, token)
+
+    def end(self) -> None:
+        pass
 
 
 def row_seed(seed: int, prompt: Sequence[int], sample: int) -> int:
@@ -233,6 +261,10 @@ def sample_ids(
     penalise_prompt: bool = True,
     counted_prompt: list[int] | None = None,
     ends: EndOfText | None = None,
+    seeds: list[int] | None = None,
+    new_tokens: list[int] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """The new tokens after each prompt (token ids), all rows in one `generate` call per window.
 
@@ -250,19 +282,23 @@ def sample_ids(
     start token; a few-shot prompt counts only the user's).
     `ends` finds the paragraph ends (by default EndOfText(eot); a chat model's answer has its own).
     `streamer` (one row only) is given every new token as it is drawn.
+    For a server's batch of requests: `seeds`, each row's own seed (instead of `seed`); `new_tokens`, each
+    row's own new-token count (instead of the settings'); `cancelled(row)`, true once the row is to stop where
+    it is; `on_token(row, token)`, called with each row's every kept token as it is drawn.
     """
     context = context_length(model)
     keep = window_tokens(context)
     device = next(model.parameters()).device
     texts = [list(p) for p in prompts]
     samples = sample_numbers(prompts) if samples is None else samples
-    streams = RowStreams([row_seed(seed, p, k) for p, k in zip(prompts, samples, strict=True)])
+    seeds = seeds or [seed] * len(prompts)
+    streams = RowStreams([row_seed(s, p, k) for s, p, k in zip(seeds, prompts, samples, strict=True)])
     starts = [max(0, len(t) - keep) for t in texts]  # each row's window, as it would be alone
     penalty = [RepetitionPenalty(settings.repetition_penalty, {eot, *special_ids})]
     penalty = penalty if settings.repetition_penalty != 1.0 else []
     new: list[list[int]] = [[] for _ in prompts]
     counted_prompt = counted_prompt or [len(p) - 1 for p in prompts]  # the start token is not the user's
-    limits = [settings.new_tokens(n) for n in counted_prompt]
+    limits = new_tokens or [settings.new_tokens(n) for n in counted_prompt]
     needed = [settings.paragraphs] * len(prompts) if settings.paragraphs else None
     ends = ends or EndOfText(eot)
     active = list(range(len(prompts)))
@@ -273,7 +309,9 @@ def sample_ids(
         attention_mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows], device=device)
         left = [limits[i] - len(new[i]) for i in active]
         steps = min(context - width, max(left))  # the call ends when the fullest window fills
-        stop = Stop(width, ends, None if needed is None else [needed[i] for i in active], left, device)
+        gone = (lambda rows=active: [cancelled(i) for i in rows]) if cancelled else None
+        stop = Stop(width, ends, None if needed is None else [needed[i] for i in active], left, device, gone)
+        watch = RowTokens(on_token, active, stop) if on_token else streamer
         draw = RowSampler(settings, streams.next(active, steps, device), width)
         if penalty and not penalise_prompt:  # a row's prompt ends at len(prompt) in its text, left-padded here
             firsts = [len(prompts[i]) - starts[i] + width - len(w) for i, w in zip(active, windows, strict=True)]
@@ -288,7 +326,7 @@ def sample_ids(
             eos_token_id=None,  # Stop ends rows, after `paragraphs` of them
             pad_token_id=eot,
             stopping_criteria=[stop],
-            streamer=streamer,
+            streamer=watch,
             cache_implementation="static" if settings.static_cache else None,
         )
         still = []
@@ -300,7 +338,7 @@ def sample_ids(
                 needed[i] -= min(len(found), needed[i])
             new[i] += row
             texts[i] += row
-            if len(new[i]) < limits[i] and (needed is None or needed[i] > 0):
+            if len(new[i]) < limits[i] and (needed is None or needed[i] > 0) and not (cancelled and cancelled(i)):
                 # It goes on, having kept every token of the call: its numbers stay in step with its tokens.
                 still.append(i)
                 if len(texts[i]) - starts[i] >= context:  # its own window is full: slide it
