@@ -486,8 +486,9 @@ def generation_table(result: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def measure_serving(args: argparse.Namespace, workdir: Path) -> list[dict]:
-    """serve.py in its own process, under each number of concurrent streams in turn (after one warm-up request)."""
+def measure_serving(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], dict]:
+    """serve.py in its own process, under each number of concurrent streams in turn (after one warm-up request),
+    then a request that arrives while a batch runs."""
     import asyncio
     import os
     import signal
@@ -495,7 +496,7 @@ def measure_serving(args: argparse.Namespace, workdir: Path) -> list[dict]:
 
     import httpx
 
-    from austen_gpt.serving.load import load
+    from austen_gpt.serving.load import late_arrival, load
 
     model = args.serving_model or str(random_model_folder(args.model_config, workdir / "model"))
     with socket.socket() as probe:
@@ -516,7 +517,8 @@ def measure_serving(args: argparse.Namespace, workdir: Path) -> list[dict]:
                 time.sleep(0.2)
         asyncio.run(load(url, "bench", 1, 1, args.gen_tokens))  # warm-up
         requests, tokens = args.serving_requests, args.gen_tokens
-        return [asyncio.run(load(url, "bench", n, requests, tokens)) for n in args.serving_streams]
+        levels = [asyncio.run(load(url, "bench", n, requests, tokens)) for n in args.serving_streams]
+        return levels, asyncio.run(late_arrival(url, "bench", tokens))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -535,7 +537,7 @@ def random_model_folder(name: str, folder: Path) -> Path:
     return folder
 
 
-def serving_table(levels: list[dict], args: argparse.Namespace) -> str:
+def serving_table(levels: list[dict], late: dict, args: argparse.Namespace) -> str:
     base = levels[0]
     lines = [
         f"serve.py, {args.serving_model or args.model_config + ' (random weights)'}: {args.serving_requests} streamed "
@@ -551,6 +553,11 @@ def serving_table(levels: list[dict], args: argparse.Namespace) -> str:
             f"| {level['streams']} | {level['tokens_per_s']:,.0f} | {ratio:.2f}x "
             f"| {level['ttft_p50_s']:.3f} | {level['ttft_p95_s']:.3f} |"
         )
+    lines += [
+        "",
+        f"No continuous batching: a request sent while a batch of one {late['batch_tokens']}-token request runs got "
+        f"its first token after {late['late_ttft_s']:.2f} s (that batch took {late['batch_seconds']:.2f} s).",
+    ]
     return "\n".join(lines)
 
 
@@ -607,11 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         require([(min(args.serving_streams) >= 1 and args.serving_requests >= 1, "--serving-streams and "
                   "--serving-requests must be at least 1")])  # fmt: skip
         with tempfile.TemporaryDirectory() as workdir:
-            levels = measure_serving(args, Path(workdir))
-        table = serving_table(levels, args)
+            levels, late = measure_serving(args, Path(workdir))
+        table = serving_table(levels, late, args)
         print(table)
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "serving": levels}, indent=2) + "\n")
+            report = {"args": vars(args), "serving": levels, "late_arrival": late}
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         if args.markdown:
             Path(args.markdown).write_text(table + "\n")
         return 0

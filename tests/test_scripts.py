@@ -96,7 +96,9 @@ def test_bench_serving_quick(tmp_path):
     """`python bench.py --serving --quick`: serve.py under 1 then 4 streams, every request run to its length."""
     result = run_script("bench.py", "--serving", "--quick", "--json", "serving.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    levels = json.loads((tmp_path / "serving.json").read_text())["serving"]
+    report = json.loads((tmp_path / "serving.json").read_text())
+    levels, late = report["serving"], report["late_arrival"]
     assert [level["streams"] for level in levels] == [1, 4]
     assert all(level["tokens"] == 4 * 20 and level["ttft_p95_s"] >= level["ttft_p50_s"] > 0 for level in levels)
-    assert "| 4 | " in result.stdout and "1.00x" in result.stdout
+    assert "| 4 | " in result.stdout and "1.00x" in result.stdout and "No continuous batching" in result.stdout
+    assert 0 < late["late_ttft_s"] <= late["batch_seconds"]  # it waited for the batch that was running

@@ -1,6 +1,7 @@
 """Load on a running server, as bench.py --serving applies it: streams at a given concurrency, each client
 sending its next request as soon as its last one ends (so requests also arrive while a batch runs), and what
-they got: tokens per second over the whole load, and each request's time to its first token."""
+they got: tokens per second over the whole load, and each request's time to its first token; and what a
+request that arrives while a batch runs waits (there is no continuous batching)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ import time
 import httpx
 
 PROMPTS = ["It was a fine morning", "Emma", "Mr. Knightley", "She had never", "The ball at", "Her sister"]
+
+
+def request(model: str, number: int, tokens: int) -> dict:
+    """A streamed completion of `tokens` new tokens (run to its length), its prompt and seed by `number`."""
+    return {
+        "model": model,
+        "prompt": PROMPTS[number % len(PROMPTS)],
+        "max_tokens": tokens,
+        "paragraphs": None,
+        "seed": number,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
@@ -39,17 +53,7 @@ async def load(url: str, model: str, streams: int, requests: int, tokens: int, k
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while queue:
-            number = queue.pop()
-            body = {
-                "model": model,
-                "prompt": PROMPTS[number % len(PROMPTS)],
-                "max_tokens": tokens,
-                "paragraphs": None,  # every request runs to its length
-                "seed": number,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            results.append(await one_stream(client, url, body))
+            results.append(await one_stream(client, url, request(model, queue.pop(), tokens)))
 
     start = time.perf_counter()
     async with httpx.AsyncClient(headers=headers, timeout=600) as client:
@@ -65,3 +69,20 @@ async def load(url: str, model: str, streams: int, requests: int, tokens: int, k
         "ttft_p50_s": statistics.median(firsts),
         "ttft_p95_s": firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))],
     }
+
+
+async def late_arrival(url: str, model: str, tokens: int, key: str | None = None) -> dict:
+    """A request of `tokens` tokens starts a batch; a one-token request sent once its first token is out waits
+    for that batch: its time to first token, against the first one's whole time."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+        started = time.perf_counter()
+        first = asyncio.create_task(one_stream(client, url, request(model, 0, tokens)))
+        while time.perf_counter() - started < 600:  # until the batch has started writing
+            metrics = (await client.get(f"{url}/metrics")).text
+            if any(line.startswith("austen_active_rows 1") for line in metrics.splitlines()):
+                break
+            await asyncio.sleep(0.005)
+        late_ttft, _ = await one_stream(client, url, request(model, 1, 1))
+        await first
+    return {"batch_tokens": tokens, "batch_seconds": time.perf_counter() - started, "late_ttft_s": late_ttft}
