@@ -105,16 +105,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from austen_gpt.models.loading import load_tokenizer
     from austen_gpt.sampling.generation import context_length
-    from austen_gpt.sampling.loading import load_for_sampling
+    from austen_gpt.sampling.loading import load_for_sampling, sampling_of_run
     from austen_gpt.serving.app import Limits, Metrics, create_app
     from austen_gpt.serving.engine import Engine
+    from austen_gpt.settings import SamplingSettings
 
     model = load_for_sampling(args.model_path, args.base_model, args.load_in_4bit)
+    defaults, where = sampling_of_run(args.model_path, SamplingSettings(), set())  # as inference.py's
+    print(where.replace("flags given here", "fields of a request"))
     tokenizer = load_tokenizer(args.model_path)
     name = args.model_name or os.path.basename(os.path.normpath(args.model_path))
     metrics = Metrics()
     engine = Engine(model, tokenizer, args.max_batch, args.max_queue, metrics.observe, args.batch_window_ms / 1000)
-    app = create_app(engine, name, Limits(args.max_tokens, context_length(model), args.max_batch), api_key, metrics)
+    app = create_app(
+        engine, name, Limits(args.max_tokens, context_length(model), args.max_batch, defaults), api_key, metrics
+    )
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"serving {name} at {where} (the page at /, the API at /v1){' with an API key' if api_key else ''}")
     sys.stdout.flush()

@@ -316,3 +316,28 @@ def test_the_page_writes_streams_stops_and_asks_for_the_key_once(browser, server
     settle(lambda: metric(server, "austen_active_rows") == 0, timeout=10)  # the server stopped drawing it too
     element("copy").click()
     settle(lambda: element("status").text.startswith(("copied", "copy failed")))
+
+
+def test_fields_left_out_sample_as_the_run_that_trained_the_model(tiny_model_dir):
+    """Top-k and top-p left out of a request take the server's defaults: the run's recorded ones (serve.py reads
+    them as inference.py does); here top-k 1, so two seeds write the same text unless the request asks for more."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.serving.app import Limits, Metrics, create_app
+    from austen_gpt.serving.engine import Engine
+    from austen_gpt.settings import SamplingSettings
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4, observe=metrics.observe)
+    limits = Limits(100, 128, 4, SamplingSettings(top_k=1))
+    with TestClient(create_app(engine, "tiny", limits, None, metrics)) as http:
+
+        def text(**fields) -> str:
+            body = {"model": "tiny", "prompt": "Emma", "max_tokens": 12, "paragraphs": None, **fields}
+            return http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        assert text(seed=1) == text(seed=2)
+        assert text(seed=1, top_k=50) != text(seed=2, top_k=50)

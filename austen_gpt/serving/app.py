@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from austen_gpt.sampling.generation import fresh_seed, prompt_ids
 from austen_gpt.serving.engine import Engine, Job, QueueFull, Row
 from austen_gpt.serving.schemas import PROMPT_RULE, ChatRequest, CompletionRequest, Sampling
+from austen_gpt.settings import SamplingSettings
 
 PAGE = Path(__file__).with_name("page.html")
 STOPPING_GRACE = 20  # seconds a stream in flight may still run once the server is told to stop (uvicorn waits 30)
@@ -41,11 +42,12 @@ STOPPING_GRACE = 20  # seconds a stream in flight may still run once the server 
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for: new tokens per sample, prompt tokens (the model's usable context) and
-    samples (its prompts times n: at most one batch)."""
+    samples (its prompts times n: at most one batch); and the sampling settings of fields it leaves out."""
 
     max_tokens: int
     prompt_tokens: int
     samples: int
+    defaults: SamplingSettings = field(default_factory=SamplingSettings)
 
 
 class ApiError(Exception):
@@ -171,7 +173,7 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, f"{unsupported}: not implemented by this server; leave it out", unsupported)
-        settings = body.settings()
+        settings = body.settings(limits.defaults)
         if settings.max_new_tokens > limits.max_tokens:
             raise ApiError(400, f"max_tokens {settings.max_new_tokens} is over this server's cap of "
                            f"{limits.max_tokens}; ask for fewer", "max_tokens")  # fmt: skip

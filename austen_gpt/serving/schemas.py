@@ -1,6 +1,7 @@
 """The API's requests, with OpenAI's field names and pydantic's validation, and the sampling settings they ask
-for. Sampling fields left out take inference.py's defaults (top-k 50, top-p 0.95, temperature 1.0, one
-paragraph), so the same request and seed give the same text as inference.py's flags."""
+for. Sampling fields left out take inference.py's defaults for the model (top-k 50, top-p 0.95, temperature
+1.0, one paragraph; top-k and top-p as the run that trained it sampled, where it records them), so the same
+request and seed give the same text as inference.py with the same flags."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(DEFAULTS.temperature, ge=0, le=2)
-    top_p: float = Field(DEFAULTS.top_p, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
@@ -50,7 +51,7 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # extensions, as inference.py's flags
-    top_k: int = Field(DEFAULTS.top_k, ge=0)
+    top_k: int | None = Field(None, ge=0)
     repetition_penalty: float = Field(DEFAULTS.repetition_penalty, gt=0)
     paragraphs: int | None = Field(DEFAULTS.paragraphs, ge=1)
     # not implemented: refused unless neutral
@@ -70,13 +71,14 @@ class Sampling(BaseModel):
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) and self.stop else tuple(self.stop or ())
 
-    def settings(self) -> SamplingSettings:
-        """The sampling settings asked for; temperature 0 is greedy (top-k 1), as OpenAI's API reads it."""
+    def settings(self, defaults: SamplingSettings) -> SamplingSettings:
+        """The sampling settings asked for, `defaults`' top-k and top-p where it gives none; temperature 0 is
+        greedy (top-k 1), as OpenAI's API reads it."""
         greedy = self.temperature == 0
         return SamplingSettings(
             max_new_tokens=self.max_tokens or DEFAULT_MAX_TOKENS,
-            top_k=1 if greedy else self.top_k,
-            top_p=self.top_p,
+            top_k=1 if greedy else defaults.top_k if self.top_k is None else self.top_k,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
             temperature=1.0 if greedy else self.temperature,
             repetition_penalty=self.repetition_penalty,
             paragraphs=self.paragraphs,
@@ -125,8 +127,8 @@ class ChatRequest(Sampling):
         users = [m.content for m in self.messages if m.role == "user"]
         return users[-1] if users else ""
 
-    def settings(self) -> SamplingSettings:
-        settings = super().settings()
+    def settings(self, defaults: SamplingSettings) -> SamplingSettings:
+        settings = super().settings(defaults)
         if self.max_completion_tokens and not self.max_tokens:
             settings.max_new_tokens = self.max_completion_tokens
         return settings
