@@ -95,7 +95,7 @@ def test_the_openai_client_gets_inference_pys_samples_whole_and_streamed(client,
     assert long.usage.completion_tokens == 30 and long.choices[0].finish_reason == "length"
 
 
-def test_chat_continues_the_last_user_message_as_prose(client):
+def test_chat_continues_the_last_user_message_as_prose(client, server):
     messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Emma was"}]
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, seed=3)
     plain = client.completions.create(model="tiny", prompt="Emma was", max_tokens=20, seed=3)
@@ -105,6 +105,9 @@ def test_chat_continues_the_last_user_message_as_prose(client):
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, seed=3, stream=True)
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces) == chat.choices[0].message.content
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    refused = post(server, "/v1/chat/completions", {"model": "tiny", "messages": messages, "tools": tools})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
 
 
 def test_requests_sent_together_share_batches_and_get_their_own_text(server):
