@@ -615,14 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--serving-requests must be at least 1")])  # fmt: skip
         with tempfile.TemporaryDirectory() as workdir:
             levels, late = measure_serving(args, Path(workdir))
-        table = serving_table(levels, late, args)
-        print(table)
-        if args.json:
-            report = {"args": vars(args), "serving": levels, "late_arrival": late}
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        if args.markdown:
-            Path(args.markdown).write_text(table + "\n")
-        return 0
+        return report(serving_table(levels, late, args), {"serving": levels, "late_arrival": late}, args)
     if args.one:
         print(json.dumps(measure_generation(args) if args.one == "generation" else measure(args.one, args)))
         return 0
@@ -639,10 +632,14 @@ def main(argv: list[str] | None = None) -> int:
     generation = in_own_process("generation") if args.gen_samples > 0 else None
     if generation:
         table += "\n\n" + generation_table(generation, args)
+    return report(table, {"results": results, "generation": generation}, args)
+
+
+def report(table: str, results: dict, args: argparse.Namespace) -> int:
+    """Print the table; write it to --markdown, and the results with the flags to --json, where asked."""
     print(table)
     if args.json:
-        report = {"args": vars(args), "results": results, "generation": generation}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), **results}, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     return 0

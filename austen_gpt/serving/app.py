@@ -259,15 +259,14 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
             job.cancel()  # the client went away, or the stream ended: nothing more is drawn for it
             record(job)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def answer(body: Sampling, request: Request, prompts: list[str], chat: bool):
+        """The response to a completion (or chat) request: whole, or streamed as server-sent events."""
         authorize(request)
-        rows, seed = rows_of(body, body.prompts())
+        rows, seed = rows_of(body, prompts)
         job = submit(rows)
-        shape = Shape("text_completion", name, chat=False, seed=seed)
+        shape = Shape(name, chat, seed, prompts[0] if chat else None)
         if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return stream(job, shape, include)
+            return stream(job, shape, bool(body.stream_options and body.stream_options.include_usage))
         await finished(job, request)
         choices = [shape.choice(row.index, row.text.final(), row.finish_reason) for row in job.rows]
         return shape.whole(choices, usage(job))
@@ -277,19 +276,13 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
         content = events(job, shape, include_usage, shutdown)
         return EventSourceResponse(content, ping=15, shutdown_event=shutdown, shutdown_grace_period=STOPPING_GRACE + 5)
 
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await answer(body, request, body.prompts(), chat=False)
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        authorize(request)
-        prompt = body.prose_prompt()
-        rows, seed = rows_of(body, [prompt])
-        job = submit(rows)
-        shape = Shape("chat.completion", name, chat=True, seed=seed, prompt=prompt)
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return stream(job, shape, include)
-        await finished(job, request)
-        choices = [shape.choice(row.index, row.text.final(), row.finish_reason) for row in job.rows]
-        return shape.whole(choices, usage(job))
+        return await answer(body, request, [body.prose_prompt()], chat=True)
 
     return app
 
@@ -298,9 +291,9 @@ class Shape:
     """OpenAI's response and chunk shapes, for completions or chat; each carries the seed drawn with, and a chat
     response the prose prompt its messages became."""
 
-    def __init__(self, kind: str, model: str, chat: bool, seed: int, prompt: str | None = None):
-        prefix = "chatcmpl" if chat else "cmpl"
-        self.id, self.kind, self.model, self.chat = f"{prefix}-{uuid.uuid4().hex}", kind, model, chat
+    def __init__(self, model: str, chat: bool, seed: int, prompt: str | None = None):
+        prefix, self.kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+        self.id, self.model, self.chat = f"{prefix}-{uuid.uuid4().hex}", model, chat
         self.created, self.seed, self.prompt = int(time.time()), seed, prompt
 
     def head(self, chunk: bool) -> dict:
