@@ -18,7 +18,7 @@ ADDED = {
     "inference.py": {"--config", "--few-shot", "--author", "--instruction"}  # few-shot prompting, and its split:
     | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed"},
     "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"},
-    "export.py": {"--config"},
+    "export.py": {"--config", "--model-path", "--gguf", "--gguf-type"},  # GGUF export
     "bench.py": {"--model-config"}  # was --config (still read so), which now takes a run file
     | {"--serving", "--serving-streams", "--serving-requests", "--serving-model"},  # serve.py under load
     "dataset.py build": {"--config"},

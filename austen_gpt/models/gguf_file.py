@@ -1,0 +1,256 @@
+"""A model and its tokenizer as one GGUF file, for llama.cpp, Ollama and LM Studio, written with `gguf`, the
+llama.cpp project's own Python writer.
+
+GPT-2, Llama and Qwen2 are written as llama.cpp's converter writes them: the same tensor names (gguf's own
+name map), GPT-2's Conv1D weights transposed to rows of outputs, Llama's query and key rows reordered for
+llama.cpp's rotary layout, an output layer that shares the embedding written out. The tokenizer goes in whole
+(its tokens, their types and merges) with its pre-tokenizer named as llama.cpp names it, and prompts start
+with the token every training paragraph starts with, so llama.cpp's prompt tokens are `prompt_ids()`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from austen_gpt.cli import UserError
+from austen_gpt.data.tokens import paragraph_frame
+
+ARCHITECTURES = {"gpt2": "GPT2", "llama": "LLAMA", "qwen2": "QWEN2"}  # transformers' model_type -> gguf's
+# Pre-tokenizers by the regular expression that splits words before the merges, as llama.cpp names them
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = {"gpt-2": "GPT-2's byte-level split", "llama-bpe": "Llama 3's", "qwen2": "Qwen2's"}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the file says of the model: its name, the data and run that trained it."""
+
+    name: str
+    data: str | None = None
+    run: str | None = None
+
+
+def architecture(model) -> str:
+    """gguf's name of the model's architecture; refuses one llama.cpp's GPT-2, Llama and Qwen2 loaders do not read."""
+    kind = model.config.model_type
+    if kind not in ARCHITECTURES:
+        supported = ", ".join(ARCHITECTURES)
+        raise UserError(f"--gguf: the model is a {kind}; GGUF export supports {supported}")
+    return ARCHITECTURES[kind]
+
+
+def pre_tokenizer(tokenizer) -> str:
+    """tokenizer.ggml.pre: llama.cpp's name of how the tokenizer splits text before its merges. Refuses any
+    other than GPT-2's byte-level split (GPT-2, this project's BPE), Llama 3's and Qwen2's."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"--gguf: the tokenizer is {model.get('type')}, not a byte-level BPE; GGUF export needs one")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    split = next((p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"), None)
+    byte_level = any(p.get("type") == "ByteLevel" and not p.get("use_regex", True) for p in parts)
+    if byte_level and split == LLAMA3_SPLIT:
+        return "llama-bpe"
+    if byte_level and split == QWEN2_SPLIT:
+        return "qwen2"
+    known = ", ".join(PRE_TOKENIZERS.values())
+    raise UserError(f"--gguf: llama.cpp would split this tokenizer's text another way; supported: {known}")
+
+
+def vocabulary(tokenizer, size: int) -> tuple[list[str], list[int]]:
+    """Every id's token and llama.cpp type (normal, control for special tokens, user-defined for other added
+    ones, unused for the model's ids the tokenizer does not have)."""
+    import gguf
+
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
+    tokens, types = [], []
+    for i in range(size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            kind = (
+                gguf.TokenType.CONTROL
+                if token in special
+                else gguf.TokenType.USER_DEFINED
+                if token in added
+                else gguf.TokenType.NORMAL
+            )
+            types.append(kind)
+    return tokens, [int(t) for t in types]
+
+
+def merges(tokenizer) -> list[str]:
+    found = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    return [" ".join(m) if isinstance(m, list) else m for m in found]
+
+
+def permute_rotary(weights: torch.Tensor, heads: int) -> torch.Tensor:
+    """Llama's query or key rows in llama.cpp's rotary order (its converter's `permute`)."""
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) for every weight llama.cpp reads, as its converter writes them."""
+    import gguf
+
+    config = model.config
+    blocks = getattr(config, "num_hidden_layers", None) or config.n_layer
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), blocks)
+    found = []
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+            continue  # GPT-2's causal mask buffers, a rotary cache: not weights
+        mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise UserError(f"--gguf: llama.cpp has no place for the {arch.lower()} weight {name}")
+        tensor = tensor.detach().float().cpu()
+        if arch == "GPT2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            tensor = tensor.T.contiguous()  # Conv1D keeps (in, out); llama.cpp reads rows of outputs
+        if arch == "LLAMA" and name.endswith("q_proj.weight"):
+            tensor = permute_rotary(tensor, config.num_attention_heads)
+        if arch == "LLAMA" and name.endswith("k_proj.weight"):
+            tensor = permute_rotary(tensor, config.num_key_value_heads)
+        found.append((mapped, tensor))
+    if not any(
+        name == "output.weight" for name, _ in found
+    ):  # tied to the embedding: written out, as the converter does
+        found.append(("output.weight", dict(found)["token_embd.weight"]))
+    return found
+
+
+def stored(name: str, tensor: torch.Tensor, kind: str):
+    """The tensor as the file stores it: 1-D ones (norms, biases) in f32 always; matrices in f16 or q8_0 where
+    asked (q8_0 where rows split into its 32-value blocks, else f16)."""
+    import gguf
+
+    data = tensor.numpy().astype(np.float32)
+    if kind == "f32" or data.ndim < 2:
+        return data, None
+    if kind == "q8_0" and data.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return data.astype(np.float16), None
+
+
+def add_hyperparameters(writer, model, arch: str, context: int) -> None:
+    c = model.config
+    writer.add_context_length(context)
+    if arch == "GPT2":
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(c.n_inner or 4 * c.n_embd)
+        writer.add_block_count(c.n_layer)
+        writer.add_head_count(c.n_head)
+        writer.add_layer_norm_eps(c.layer_norm_epsilon)
+        return
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    rope = getattr(c, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
+
+
+def write_gguf(model, tokenizer, out: Path, kind: str, context: int, provenance: Provenance) -> Path:
+    """The model and tokenizer as `out` (a .gguf file) in `kind` (f32, f16 or q8_0); `context` is the
+    context length llama.cpp is told (a from-scratch model's trained length)."""
+    import gguf
+
+    arch = architecture(model)
+    pre = pre_tokenizer(tokenizer)
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
+    writer.add_name(provenance.name)
+    described = [f"{provenance.name}, written by austen-gpt's export.py"]
+    described += [f"trained on {provenance.data}"] if provenance.data else []
+    writer.add_description("; ".join(described))
+    if provenance.data:
+        writer.add_string("austen_gpt.training_data", provenance.data)
+    if provenance.run:
+        writer.add_string("austen_gpt.run", provenance.run)
+    add_hyperparameters(writer, model, arch, context)
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer.add_file_type(file_types[kind])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    size = model.get_input_embeddings().weight.shape[0]
+    tokens, types = vocabulary(tokenizer, size)
+    start, end = paragraph_frame(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges(tokenizer))
+    writer.add_bos_token_id(start)  # every prompt starts as a training paragraph does
+    writer.add_eos_token_id(end)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    for name, tensor in gguf_tensors(model, arch):
+        data, raw = stored(name, tensor, kind)
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def quantize_q4_k_m(source: Path, out: Path) -> None:
+    """`source` (an f16 GGUF) quantized to Q4_K_M by llama.cpp's own quantizer, through llama-cpp-python."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise UserError(f"--gguf-type q4_k_m: llama.cpp's quantizer failed on {source}")
+
+
+def modelfile(gguf_path: Path, tokenizer, settings, context: int) -> str:
+    """An Ollama Modelfile for the file: the raw prompt continued, stopping at the paragraph's end
+    (end-of-text), with the sampling defaults inference.py takes for the model."""
+    stop = tokenizer.convert_ids_to_tokens(paragraph_frame(tokenizer)[1])
+    return "\n".join(
+        [
+            f"# ollama create {gguf_path.stem} -f {gguf_path.with_suffix('.Modelfile').name}",
+            f'# ollama run {gguf_path.stem} "It was a fine morning"',
+            f"FROM ./{gguf_path.name}",
+            'TEMPLATE """{{ .Prompt }}"""',
+            f"PARAMETER stop {json.dumps(stop)}",
+            f"PARAMETER temperature {settings.temperature}",
+            f"PARAMETER top_k {settings.top_k}",
+            f"PARAMETER top_p {settings.top_p}",
+            f"PARAMETER num_ctx {context}",
+            "",
+        ]
+    )

@@ -1,0 +1,238 @@
+"""export.py --gguf, checked against a real llama.cpp (llama-cpp-python, built from source): its tokens are
+ours, its logits are PyTorch's, its prompts start as ours, for GPT-2, Llama and Qwen2 briefly trained so that
+their top tokens have margins (random tiny models' nearly flat logits flip greedy tokens on summation order)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GPT2_TOKENIZER_DIR, TOKENIZER_DIR, run_in_process, skip_unless_installed, tiny_config
+from families import FAMILIES, build_family
+
+import export
+
+pytestmark = pytest.mark.xdist_group("gguf")  # the trained fixtures are built once
+
+
+def llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        skip_unless_installed("llama-cpp-python is not installed (requirements-dev.txt builds it from source)")
+    return llama_cpp
+
+
+def blocks(tokenizer, paragraphs: list[str], length: int = 64) -> torch.Tensor:
+    from austen_gpt.data.tokens import paragraph_frame
+
+    start, end = paragraph_frame(tokenizer)
+    ids = [t for p in paragraphs for t in [start, *tokenizer(p, add_special_tokens=False)["input_ids"], end]]
+    usable = len(ids) // length * length
+    return torch.tensor(ids[:usable]).view(-1, length)
+
+
+def trained(folder: Path, paragraphs: list[str], steps: int = 60) -> Path:
+    """The model in `folder` trained for a few steps on Austen, saved back: its top tokens get margins."""
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), load_tokenizer(str(folder))
+    data = blocks(tokenizer, paragraphs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (8,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, austen_paragraphs) -> dict[str, Path]:
+    """Briefly trained tiny models: GPT-2 with this project's BPE, and Llama and Qwen2 with their families'
+    special tokens (byte-level BPEs, the only kind testable offline)."""
+    from transformers import GPT2LMHeadModel
+
+    from austen_gpt.models.loading import load_tokenizer
+
+    root, text = tmp_path_factory.mktemp("gguf-models"), austen_paragraphs[:600]
+    gpt2 = root / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_config(n_positions=256)).save_pretrained(gpt2)
+    load_tokenizer(str(TOKENIZER_DIR)).save_pretrained(gpt2)
+    found = {"gpt2": trained(gpt2, text)}
+    for name in ("llama", "qwen2"):
+        found[name] = trained(build_family(root / name, FAMILIES[name], text), text)
+    return found
+
+
+def export_gguf(model: Path, out: Path, kind: str) -> Path:
+    assert export.main(["--model-path", str(model), "--gguf", str(out), "--gguf-type", kind]) == 0
+    return out
+
+
+def teacher_forced(model_dir: Path, gguf: Path, paragraphs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(PyTorch's logits, llama.cpp's) at every position of each paragraph's prompt tokens, stacked."""
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.sampling.generation import prompt_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), load_tokenizer(str(model_dir))
+    llm = llama_cpp().Llama(str(gguf), n_ctx=256, logits_all=True, n_threads=1, verbose=False)
+    ours, theirs = [], []
+    for paragraph in paragraphs:
+        ids = prompt_ids(tokenizer, paragraph)[:128]
+        with torch.no_grad():
+            ours.append(model(torch.tensor([ids])).logits[0].numpy())
+        llm.reset()
+        llm.eval(ids)
+        theirs.append(np.array(llm.scores[: len(ids)]))
+    llm.close()
+    return np.concatenate(ours), np.concatenate(theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_llama_cpp_computes_pytorchs_logits_from_f32_and_f16(name, models, tmp_path, austen_paragraphs):
+    llama_cpp()
+    paragraphs = austen_paragraphs[1000:1005]
+    ours, f32 = teacher_forced(models[name], export_gguf(models[name], tmp_path / "m32.gguf", "f32"), paragraphs)
+    assert (ours.argmax(-1) == f32.argmax(-1)).all()
+    assert np.abs(ours - f32).max() <= 1e-3
+    _, f16 = teacher_forced(models[name], export_gguf(models[name], tmp_path / "m16.gguf", "f16"), paragraphs)
+    assert (ours.argmax(-1) == f16.argmax(-1)).all()
+    assert np.abs(ours - f16).max() <= F16_BOUND
+    _, q8 = teacher_forced(models[name], export_gguf(models[name], tmp_path / "m8.gguf", "q8_0"), paragraphs)
+    assert (ours.argmax(-1) == q8.argmax(-1)).mean() >= 0.95
+
+
+# f16 rounds each weight by up to 2^-11 of itself: on these models' logits (up to about 10) that moved the largest
+# logit by 0.0029 (GPT-2), 0.0009 (Llama) and 0.0012 (Qwen2) on 2026-12-07; the bound leaves 3x room
+F16_BOUND = 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer_dir", [TOKENIZER_DIR, GPT2_TOKENIZER_DIR], ids=["austen-bpe", "gpt2"])
+def test_llama_cpps_tokens_are_ours_on_1000_paragraphs(tokenizer_dir, tmp_path, austen_paragraphs):
+    from transformers import GPT2LMHeadModel
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.sampling.generation import prompt_ids
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    folder = tmp_path / "model"
+    GPT2LMHeadModel(tiny_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    gguf = export_gguf(folder, tmp_path / "vocab.gguf", "f16")
+    llm = llama_cpp().Llama(str(gguf), vocab_only=True, verbose=False)
+    paragraphs = austen_paragraphs[:1000]
+    for paragraph in paragraphs:
+        ours = tokenizer(paragraph, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(paragraph.encode(), add_bos=False, special=False) == ours, paragraph
+    for prompt in ["It was a fine morning", "Emma", "", "Mr. Knightley said"]:
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == prompt_ids(tokenizer, prompt)
+    llm.close()
+
+
+def test_the_modelfile_and_metadata(models, tmp_path):
+    import gguf
+
+    out = export_gguf(models["gpt2"], tmp_path / "austen.gguf", "f32")
+    modelfile = (tmp_path / "austen.Modelfile").read_text()
+    assert 'PARAMETER stop "<|endoftext|>"' in modelfile and "FROM ./austen.gguf" in modelfile
+    assert "# ollama create austen -f austen.Modelfile" in modelfile
+    reader = gguf.GGUFReader(str(out))
+    fields = {name: field for name, field in reader.fields.items()}
+
+    def value(name: str):
+        field = fields[name]
+        return (
+            field.parts[field.data[0]].tobytes().decode()
+            if field.types[0] == gguf.GGUFValueType.STRING
+            else field.parts[field.data[0]][0]
+        )
+
+    assert value("general.architecture") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+    assert value("gpt2.context_length") == 256 and value("tokenizer.ggml.add_bos_token")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model-path", "MODEL", "--gguf", "OUT/a.txt"], "name the file OUT.gguf"),
+        (["--model-path", "MODEL", "--gguf", "OUT/nowhere/a.gguf"], "does not exist"),
+        (["--model-path", "MODEL", "--gguf", "OUT/kept.gguf"], "already exists; pass --overwrite"),
+        (["--model-path", "NEOX", "--gguf", "OUT/a.gguf"], "GGUF export supports gpt2, llama, qwen2"),
+        (["--model-path", "DAMAGED", "--gguf", "OUT/a.gguf"], "is damaged"),
+        (["--gguf", "OUT/a.gguf"], "give --adapter FOLDER"),
+    ],
+)
+def test_bad_exports_get_one_line_and_keep_what_exists(flags, message, models, tmp_path, capsys, austen_paragraphs):
+    import shutil
+
+    kept = tmp_path / "kept.gguf"
+    kept.write_text("an earlier export")
+    neox = build_family(tmp_path / "neox", FAMILIES["gpt_neox"], austen_paragraphs[:200])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(models["gpt2"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    names = {"MODEL": str(models["gpt2"]), "NEOX": str(neox), "DAMAGED": str(damaged), "OUT": str(tmp_path)}
+    argv = [names.get(flag, flag) for flag in flags]
+    argv = [next((arg.replace(k, v) for k, v in names.items() if arg.startswith(k + "/")), arg) for arg in argv]
+    assert message in run_in_process(export.main, argv, capsys)
+    assert kept.read_text() == "an earlier export" and not list(tmp_path.glob("*.partial"))
+
+
+def test_q4_k_m_needs_llama_cpps_quantizer_or_is_refused(models, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where llama-cpp-python is not installed
+    argv = ["--model-path", str(models["gpt2"]), "--gguf", str(tmp_path / "q.gguf"), "--gguf-type", "q4_k_m"]
+    assert "needs llama.cpp's quantizer: pip install llama-cpp-python" in run_in_process(export.main, argv, capsys)
+
+
+@pytest.mark.slow
+def test_q4_k_m_from_llama_cpps_quantizer_runs(models, tmp_path, austen_paragraphs):
+    llama_cpp()
+    out = export_gguf(models["gpt2"], tmp_path / "q4.gguf", "q4_k_m")
+    ours, q4 = teacher_forced(models["gpt2"], out, austen_paragraphs[1000:1005])
+    assert (
+        out.stat().st_size < (tmp_path / "q4.gguf").stat().st_size * 2
+        and (ours.argmax(-1) == q4.argmax(-1)).mean() > 0.5
+    )
+    assert json.loads(json.dumps(out.name))
+
+
+@pytest.mark.parametrize(
+    "split, name",
+    [("LLAMA3_SPLIT", "llama-bpe"), ("QWEN2_SPLIT", "qwen2"), (r"\s+", None)],
+)
+def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it_or_refused(split, name, austen_paragraphs):
+    """Llama 3's and Qwen2's splits (a regex, then bytes) map to their llama.cpp names; any other is refused."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from austen_gpt.cli import UserError
+    from austen_gpt.data.bpe import train_bpe
+    from austen_gpt.models import gguf_file
+
+    backend = train_bpe(austen_paragraphs[:100], 300)
+    pattern = getattr(gguf_file, split, split)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), "isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    if name:
+        assert gguf_file.pre_tokenizer(tokenizer) == name
+    else:
+        with pytest.raises(UserError, match="llama.cpp would split this tokenizer's text another way"):
+            gguf_file.pre_tokenizer(tokenizer)
