@@ -211,6 +211,7 @@ def test_bad_exports_get_one_line_and_keep_what_exists(flags, message, models, t
     names = {"MODEL": str(models["gpt2"]), "NEOX": str(neox), "DAMAGED": str(damaged), "OUT": str(tmp_path)}
     argv = [names.get(flag, flag) for flag in flags]
     argv = [next((arg.replace(k, v) for k, v in names.items() if arg.startswith(k + "/")), arg) for arg in argv]
+    capsys.readouterr()  # the fixtures' own output (progress bars) is not the script's
     assert message in run_in_process(export.main, argv, capsys)
     assert kept.read_text() == "an earlier export" and not list(tmp_path.glob("*.partial"))
 
@@ -247,3 +248,37 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it_or_refused(split, name
     else:
         with pytest.raises(UserError, match="llama.cpp would split this tokenizer's text another way"):
             gguf_file.pre_tokenizer(tokenizer)
+
+
+@pytest.mark.slow
+def test_an_adapter_folder_is_merged_first(models, tmp_path, austen_paragraphs):
+    """--adapter with --gguf: the adapters (nonzero, so the merge shows) merged into their base in fp32, then
+    written: llama.cpp computes the adapter model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.models.lora import add_lora
+    from austen_gpt.sampling.generation import prompt_ids
+
+    llama = llama_cpp()
+    torch.manual_seed(1)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(models["gpt2"]), 4, 8, 0.0, ["c_attn"], False, "-")
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    model.peft_config["default"].base_model_name_or_path = str(models["gpt2"])
+    model.save_pretrained(tmp_path / "adapters")
+    tokenizer = load_tokenizer(str(models["gpt2"]))
+    tokenizer.save_pretrained(tmp_path / "adapters")
+    out = tmp_path / "merged.gguf"
+    assert export.main(["--adapter", str(tmp_path / "adapters"), "--gguf", str(out), "--gguf-type", "f32"]) == 0
+    ids = prompt_ids(tokenizer, austen_paragraphs[1000])[:100]
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([ids])).logits[0].numpy()
+        base = AutoModelForCausalLM.from_pretrained(models["gpt2"]).eval()(torch.tensor([ids])).logits[0].numpy()
+    llm = llama.Llama(str(out), n_ctx=256, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    llm.close()
+    assert np.abs(ours - theirs).max() <= 1e-3 < np.abs(ours - base).max()  # the adapters' change, in the file
