@@ -259,7 +259,7 @@ def sample(
         settings = replace(settings, paragraphs=settings.paragraphs or 1)  # the end of the turn always ends it
     else:
         ids, stop = [paragraph_frame(tokenizer)[0], *ids], paragraph_frame(tokenizer)[1]
-    user = [] if continuation_only else tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    user = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     rows = sample_ids(
         model,
         [ids] * n,
@@ -269,12 +269,13 @@ def sample(
         streamer,
         special_ids=special_token_ids(tokenizer),
         penalise_prompt=False,
-        counted_prompt=[len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] * n,
+        counted_prompt=[len(user)] * n,
         ends=ends,
     )
+    shown = [] if continuation_only else user
     if chat:  # (the end-of-turn token is left out)
-        return [tokenizer.decode(user + row, skip_special_tokens=True).strip() for row in rows]
-    return [as_text(tokenizer, user + row) for row in rows]
+        return [tokenizer.decode(shown + row, skip_special_tokens=True).strip() for row in rows]
+    return [as_text(tokenizer, shown + row) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class Stop(StoppingCriteria):
         self.start, self.ends, self.cancelled = start, ends, cancelled
         self.needed = None if needed is None else torch.tensor(needed, device=device)
         self.limit = torch.tensor(limit, device=device)
-        self.done_at = torch.zeros(len(limit), dtype=torch.long)
+        self.done_at = torch.zeros(len(limit), dtype=torch.long, device=device)  # on the device: no sync per step
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.start :]
@@ -112,7 +112,7 @@ class Stop(StoppingCriteria):
             done |= self.ends.count(new).to(done.device) >= self.needed
         if self.cancelled is not None:
             done |= torch.tensor(self.cancelled(), device=done.device)
-        self.done_at = torch.where(done.cpu() & (self.done_at == 0), new.shape[1], self.done_at)
+        self.done_at = torch.where(done & (self.done_at == 0), new.shape[1], self.done_at)
         return done
 
 
