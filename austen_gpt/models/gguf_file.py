@@ -113,7 +113,21 @@ def permute_rotary(weights: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
-def gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
+def converted(name: str, tensor: torch.Tensor, config, arch: str, context: int) -> torch.Tensor:
+    """One weight as llama.cpp reads it."""
+    tensor = tensor.detach().float().cpu()
+    if arch == "GPT2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        return tensor.T.contiguous()  # Conv1D keeps (in, out); llama.cpp reads rows of outputs
+    if arch == "GPT2" and name.endswith(".wpe.weight"):
+        return tensor[:context]  # llama.cpp requires one row per position of the context length, no more
+    if arch == "LLAMA" and name.endswith("q_proj.weight"):
+        return permute_rotary(tensor, config.num_attention_heads)
+    if arch == "LLAMA" and name.endswith("k_proj.weight"):
+        return permute_rotary(tensor, config.num_key_value_heads)
+    return tensor
+
+
+def gguf_tensors(model, arch: str, context: int) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) for every weight llama.cpp reads, as its converter writes them."""
     import gguf
 
@@ -121,24 +135,14 @@ def gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
     blocks = getattr(config, "num_hidden_layers", None) or config.n_layer
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), blocks)
     found = []
-    state = model.state_dict()
-    for name, tensor in state.items():
+    for name, tensor in model.state_dict().items():
         if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
             continue  # GPT-2's causal mask buffers, a rotary cache: not weights
         mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise UserError(f"--gguf: llama.cpp has no place for the {arch.lower()} weight {name}")
-        tensor = tensor.detach().float().cpu()
-        if arch == "GPT2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
-            tensor = tensor.T.contiguous()  # Conv1D keeps (in, out); llama.cpp reads rows of outputs
-        if arch == "LLAMA" and name.endswith("q_proj.weight"):
-            tensor = permute_rotary(tensor, config.num_attention_heads)
-        if arch == "LLAMA" and name.endswith("k_proj.weight"):
-            tensor = permute_rotary(tensor, config.num_key_value_heads)
-        found.append((mapped, tensor))
-    if not any(
-        name == "output.weight" for name, _ in found
-    ):  # tied to the embedding: written out, as the converter does
+        found.append((mapped, converted(name, tensor, config, arch, context)))
+    if "output.weight" not in dict(found):  # tied to the embedding: written out, as the converter does
         found.append(("output.weight", dict(found)["token_embd.weight"]))
     return found
 
@@ -214,7 +218,7 @@ def write_gguf(model, tokenizer, out: Path, kind: str, context: int, provenance:
     writer.add_eos_token_id(end)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    for name, tensor in gguf_tensors(model, arch):
+    for name, tensor in gguf_tensors(model, arch, context):
         data, raw = stored(name, tensor, kind)
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
