@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -96,6 +97,22 @@ def variant(source: Path, folder: Path, weights: Callable | None = None, **confi
             weights(dict(model.named_parameters()))
         model.save_pretrained(folder)
     return folder
+
+
+def sharper_attention(weights: dict[str, torch.Tensor]) -> None:
+    """Queries and keys 4 times longer: the briefly trained models barely attend by position (Llama 3's scaling
+    moves the tiny Llama's logits by 0.009 only); sharper attention makes the rotary positions matter."""
+    for name, weight in weights.items():
+        if "q_proj" in name or "k_proj" in name:
+            weight.mul_(4)
+
+
+def random_biases(weights: dict[str, torch.Tensor]) -> None:
+    """Every bias (where the model has them) drawn at random (seed 2): nonzero, so a layout mistake shows."""
+    torch.manual_seed(2)
+    for name, weight in weights.items():
+        if name.endswith(".bias"):
+            weight.normal_(0, 0.5)
 
 
 def metadata(reader, name: str):
@@ -222,6 +239,81 @@ def test_llama_cpp_computes_the_logits_of_a_model_trained_from_random_weights(mo
     print(f"gpt2 from random weights, context 63, f32: {len(ours)} positions, same next token {same:.1%}, "
           f"largest logit difference {difference:.2e}")  # fmt: skip
     assert difference <= F32_BOUND
+
+
+# Rotary scalings llama.cpp computes from what the export writes. With a trained length of 16, Llama 3's scaling
+# slows each of the tiny models' 4 rotary frequencies (head size 8): the fastest by 1.74 (between its thresholds),
+# the others by the full factor 8; the prompts run to 128 positions
+LLAMA3_ROPE = dict(
+    rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)  # fmt: skip
+LINEAR_ROPE = dict(rope_type="linear", rope_theta=10000.0, factor=4.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, weights, config",
+    [
+        ("llama", sharper_attention, dict(rope_parameters=LLAMA3_ROPE)),
+        ("llama", sharper_attention, dict(rope_parameters=LINEAR_ROPE)),
+        ("qwen2", sharper_attention, dict(rope_parameters=LINEAR_ROPE)),
+        ("llama", random_biases, dict(attention_bias=True)),
+    ],
+    ids=["llama-llama3-rope", "llama-linear-rope", "qwen2-linear-rope", "llama-attention-biases"],
+)
+def test_llama_cpp_computes_the_logits_of_rope_scaling_and_attention_biases(
+    name, weights, config, models, tmp_path, austen_paragraphs, request
+):
+    """Each config change moves PyTorch's logits far past the f32 bound (a file without it fails), and llama.cpp
+    computes the changed logits within the bound: Llama 3's scaling (rope_freqs), linear scaling (rope.scaling.*),
+    and Llama's query and key biases in llama.cpp's rotary order."""
+    paragraphs = austen_paragraphs[1000:1003]
+    unchanged = variant(models[name], tmp_path / "unchanged", weights)  # the same weights, without the change
+    folder = variant(models[name], tmp_path / "variant", weights, **config)
+    ours, theirs = teacher_forced(folder, export_gguf(folder, tmp_path / "variant.gguf", "f32"), paragraphs)
+    change, difference = np.abs(ours - pytorch_logits(unchanged, paragraphs)).max(), np.abs(ours - theirs).max()
+    print(f"{request.node.callspec.id} f32: {len(ours)} positions, PyTorch's logits move by up to {change:.2f}; "
+          f"largest logit difference from llama.cpp's {difference:.2e}")  # fmt: skip
+    assert change > 50 * F32_BOUND and difference <= F32_BOUND
+
+
+@pytest.mark.parametrize(
+    "name, rope",
+    [
+        ("llama", dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)),
+        ("llama", dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+        ("llama", dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4, long_factor=[2.0] * 4,
+                       original_max_position_embeddings=64)),
+        ("qwen2", LLAMA3_ROPE),  # llama.cpp's Qwen2 reads no rope_freqs
+    ],
+    ids=["yarn", "dynamic", "longrope", "qwen2-llama3"],
+)  # fmt: skip
+def test_other_rope_scalings_are_refused_in_one_line(name, rope, models, tmp_path, capsys):
+    folder = variant(models[name], tmp_path / "variant", rope_parameters=rope)
+    capsys.readouterr()  # the fixtures' own output is not the script's
+    line = run_in_process(export.main, ["--model-path", str(folder), "--gguf", str(tmp_path / "a.gguf")], capsys)
+    assert f"--gguf: rope scaling {rope['rope_type']!r} is not supported by this export; supported: linear, " in line
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize(
+    "rope_scaling, found",
+    [({"type": "linear", "factor": 4.0}, "linear"), ({"type": "default"}, None), (None, None), ({"type": "yarn"}, "")],
+)
+def test_older_configs_rope_scaling_is_read(rope_scaling, found):
+    """Configs older than transformers 5 keep the scaling in `rope_scaling` (its type as `type`), rope_theta
+    beside it; a type this export does not write is refused there too ("")."""
+    from austen_gpt.cli import UserError
+    from austen_gpt.models import gguf_file
+
+    config = SimpleNamespace(rope_scaling=rope_scaling, rope_theta=500000.0)
+    assert gguf_file.rope_theta(config) == 500000.0
+    if found == "":
+        with pytest.raises(UserError, match="rope scaling 'yarn' is not supported"):
+            gguf_file.rope_scaling(config, "LLAMA")
+    else:
+        assert gguf_file.rope_scaling(config, "LLAMA") == found
 
 
 @pytest.mark.parametrize(

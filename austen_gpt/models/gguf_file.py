@@ -2,8 +2,9 @@
 llama.cpp project's own Python writer.
 
 GPT-2, Llama and Qwen2 are written as llama.cpp's converter writes them: the same tensor names (gguf's own
-name map), GPT-2's Conv1D weights transposed to rows of outputs, Llama's query and key rows reordered for
-llama.cpp's rotary layout, an output layer that shares the embedding written out. The tokenizer goes in whole
+name map), GPT-2's Conv1D weights transposed to rows of outputs, Llama's query and key rows (weights and biases)
+reordered for llama.cpp's rotary layout, an output layer that shares the embedding written out, rotary scaling
+(linear; Llama 3's as per-frequency factors). The tokenizer goes in whole
 (its tokens, their types and merges) with its pre-tokenizer named as llama.cpp names it, and prompts start
 with the token every training paragraph starts with, so llama.cpp's prompt tokens are `prompt_ids()`'s.
 """
@@ -11,6 +12,7 @@ with the token every training paragraph starts with, so llama.cpp's prompt token
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZERS = {"gpt-2": "GPT-2's byte-level split", "llama-bpe": "Llama 3's", "qwen2": "Qwen2's"}
+ROPE_SCALINGS = {"LLAMA": ("linear", "llama3"), "QWEN2": ("linear",)}  # what llama.cpp's loaders compute as PyTorch
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,53 @@ def permute_rotary(weights: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
+def rope_parameters(config) -> dict:
+    """The model's rotary settings: transformers 5 keeps them in `rope_parameters` (with rope_theta), older
+    configs in `rope_scaling` (the type under `type`, rope_theta beside it in the config)."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def rope_theta(config) -> float:
+    return float(rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def rope_scaling(config, arch: str) -> str | None:
+    """The rotary scaling the file is to carry: "linear" (Llama, Qwen2) or "llama3" (Llama), None for none.
+    Refuses any other (YaRN, dynamic NTK, LongRoPE, ...), whose positions llama.cpp would not compute as
+    PyTorch does from what this export writes."""
+    params = rope_parameters(config)
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind == "default" or arch == "GPT2":  # GPT-2 has a position table, no rotary positions
+        return None
+    if kind not in ROPE_SCALINGS[arch]:
+        raise UserError(
+            f"--gguf: rope scaling {kind!r} is not supported by this export; supported: linear, llama3 (Llama)"
+        )
+    return kind
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """rope_freqs: what llama.cpp divides each rotary frequency by under Llama 3's scaling, computed as llama.cpp's
+    converter computes it (LlamaModel.generate_extra_tensors): 1 for wavelengths under the trained length /
+    high_freq_factor, `factor` over the trained length / low_freq_factor, a smooth mix between. The trained length
+    (original_max_position_embeddings) is read from the rope parameters, where transformers reads it."""
+    params = rope_parameters(config)
+    dim = head_dim(config)
+    freqs = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    trained = params.get("original_max_position_embeddings", 8192)
+    wavelengths = 2 * math.pi / freqs
+    smooth = (trained / wavelengths - low) / (high - low)
+    mixed = 1 / ((1 - smooth) / factor + smooth)
+    scaled = torch.where(wavelengths > trained / low, torch.tensor(float(factor)), mixed)
+    return torch.where(wavelengths < trained / high, torch.tensor(1.0), scaled).float()
+
+
 def converted(name: str, tensor: torch.Tensor, config, arch: str, context: int) -> torch.Tensor:
     """One weight as llama.cpp reads it."""
     tensor = tensor.detach().float().cpu()
@@ -120,15 +170,16 @@ def converted(name: str, tensor: torch.Tensor, config, arch: str, context: int) 
         return tensor.T.contiguous()  # Conv1D keeps (in, out); llama.cpp reads rows of outputs
     if arch == "GPT2" and name.endswith(".wpe.weight"):
         return tensor[:context]  # llama.cpp requires one row per position of the context length, no more
-    if arch == "LLAMA" and name.endswith("q_proj.weight"):
+    if arch == "LLAMA" and name.endswith(("q_proj.weight", "q_proj.bias")):
         return permute_rotary(tensor, config.num_attention_heads)
-    if arch == "LLAMA" and name.endswith("k_proj.weight"):
+    if arch == "LLAMA" and name.endswith(("k_proj.weight", "k_proj.bias")):
         return permute_rotary(tensor, config.num_key_value_heads)
     return tensor
 
 
-def gguf_tensors(model, arch: str, context: int) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) for every weight llama.cpp reads, as its converter writes them."""
+def gguf_tensors(model, arch: str, context: int, scaling: str | None) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) for every weight llama.cpp reads, as its converter writes them; with Llama 3's rope
+    scaling, its per-frequency factors."""
     import gguf
 
     config = model.config
@@ -144,6 +195,8 @@ def gguf_tensors(model, arch: str, context: int) -> list[tuple[str, torch.Tensor
         found.append((mapped, converted(name, tensor, config, arch, context)))
     if "output.weight" not in dict(found):  # tied to the embedding: written out, as the converter does
         found.append(("output.weight", dict(found)["token_embd.weight"]))
+    if scaling == "llama3":
+        found.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config)))
     return found
 
 
@@ -160,7 +213,9 @@ def stored(name: str, tensor: torch.Tensor, kind: str):
     return data.astype(np.float16), None
 
 
-def add_hyperparameters(writer, model, arch: str, context: int) -> None:
+def add_hyperparameters(writer, model, arch: str, context: int, scaling: str | None) -> None:
+    import gguf
+
     c = model.config
     writer.add_context_length(context)
     if arch == "GPT2":
@@ -176,10 +231,11 @@ def add_hyperparameters(writer, model, arch: str, context: int) -> None:
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    writer.add_rope_dimension_count(head_dim)
-    rope = getattr(c, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim(c))
+    writer.add_rope_freq_base(rope_theta(c))
+    if scaling == "linear":  # as the converter writes it; llama.cpp's loaders all read it (Llama 3's is a tensor)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope_parameters(c)["factor"]))
 
 
 def write_gguf(model, tokenizer, out: Path, kind: str, context: int, provenance: Provenance) -> Path:
@@ -189,6 +245,7 @@ def write_gguf(model, tokenizer, out: Path, kind: str, context: int, provenance:
 
     arch = architecture(model)
     pre = pre_tokenizer(tokenizer)
+    scaling = rope_scaling(model.config, arch)  # refused, if it is, before any file is written
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
     writer.add_name(provenance.name)
     described = [f"{provenance.name}, written by austen-gpt's export.py"]
@@ -198,7 +255,7 @@ def write_gguf(model, tokenizer, out: Path, kind: str, context: int, provenance:
         writer.add_string("austen_gpt.training_data", provenance.data)
     if provenance.run:
         writer.add_string("austen_gpt.run", provenance.run)
-    add_hyperparameters(writer, model, arch, context)
+    add_hyperparameters(writer, model, arch, context, scaling)
     file_types = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -218,7 +275,7 @@ def write_gguf(model, tokenizer, out: Path, kind: str, context: int, provenance:
     writer.add_eos_token_id(end)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    for name, tensor in gguf_tensors(model, arch, context):
+    for name, tensor in gguf_tensors(model, arch, context, scaling):
         data, raw = stored(name, tensor, kind)
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
