@@ -4,6 +4,7 @@ their top tokens have margins (random tiny models' nearly flat logits flip greed
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -221,6 +222,58 @@ def test_the_modelfile_and_metadata(models, tmp_path):
     assert metadata(reader, "gpt2.context_length") == 256 and metadata(reader, "tokenizer.ggml.add_bos_token")
     assert metadata(reader, "general.name") == "gpt2"
     assert metadata(reader, "tokenizer.ggml.bos_token_id") == 0  # <|endoftext|> starts
+
+
+def modelfile_parameters(text: str) -> dict:
+    """The Modelfile's PARAMETER lines, each name once, values read as JSON (numbers, a quoted stop)."""
+    found = [line.split(" ", 2)[1:] for line in text.splitlines() if line.startswith("PARAMETER ")]
+    assert len(found) == len(dict(found))
+    return {name: json.loads(value) for name, value in found}
+
+
+def inference_parameters(settings, context: int) -> dict:
+    """How inference.py samples with `settings`, in Ollama's names: its penalty over the whole window (-1: num_ctx),
+    no min-p cut, as many new tokens as it draws for an empty prompt, one paragraph."""
+    return {
+        "stop": "<|endoftext|>",
+        "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "min_p": 0,
+        "repeat_penalty": settings.repetition_penalty,
+        "repeat_last_n": -1,
+        "num_predict": settings.new_tokens(0),
+        "num_ctx": context,
+    }
+
+
+@pytest.mark.parametrize("recorded", [None, {"top_k": 20, "top_p": 0.8}], ids=["no-run", "a-runs-sampling"])
+def test_the_modelfile_samples_as_inference_py_does(recorded, models, tmp_path):
+    """Every PARAMETER is what inference.py takes for the model (sampling_of_run: a run's recorded top-k and
+    top-p), so none of Ollama's own defaults (a repeat penalty of 1.1 over 64 tokens, ...) is left in place."""
+    from austen_gpt.models.saving import EXPORT_NOTE
+    from austen_gpt.sampling.loading import sampling_of_run
+    from austen_gpt.settings import SamplingSettings
+
+    folder = tmp_path / "model"
+    shutil.copytree(models["gpt2"], folder)
+    if recorded:
+        (folder / EXPORT_NOTE).write_text(json.dumps({"settings": recorded}))
+    export_gguf(folder, tmp_path / "austen.gguf", "f32")
+    settings, _ = sampling_of_run(str(folder), SamplingSettings(), set())
+    assert not recorded or (settings.top_k, settings.top_p) == (20, 0.8)
+    found = modelfile_parameters((tmp_path / "austen.Modelfile").read_text())
+    assert found == inference_parameters(settings, 256)
+
+
+def test_the_modelfile_follows_every_sampling_setting(tokenizer, tmp_path):
+    """Settings unlike the defaults (runs record only top-k and top-p): each reaches its PARAMETER."""
+    from austen_gpt.models.gguf_file import modelfile
+    from austen_gpt.settings import SamplingSettings
+
+    settings = SamplingSettings(temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.3, max_new_tokens=40)
+    found = modelfile_parameters(modelfile(tmp_path / "austen.gguf", tokenizer, settings, 128))
+    assert found == inference_parameters(settings, 128) and found["num_predict"] == 40
 
 
 @pytest.mark.slow

@@ -299,19 +299,28 @@ def quantize_q4_k_m(source: Path, out: Path) -> None:
 
 def modelfile(gguf_path: Path, tokenizer, settings, context: int) -> str:
     """An Ollama Modelfile for the file: the raw prompt continued, stopping at the paragraph's end
-    (end-of-text), with the sampling defaults inference.py takes for the model."""
+    (end-of-text), sampled as inference.py samples the model (`settings`): every sampler Ollama has on by
+    default set to inference.py's value or off."""
     stop = tokenizer.convert_ids_to_tokens(paragraph_frame(tokenizer)[1])
+    parameters = {
+        "stop": json.dumps(stop),
+        "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "min_p": 0.0,  # inference.py has no min-p cut; Ollama's default could be one
+        "repeat_penalty": settings.repetition_penalty,  # Ollama's own default (1.1) would penalize where it does not
+        "repeat_last_n": -1,  # the whole window (num_ctx): inference.py's penalty counts every token of the text
+        # inference.py's new tokens for an empty prompt: its --max-length counts the prompt, Ollama's count does not
+        "num_predict": settings.new_tokens(0),
+        "num_ctx": context,
+    }
     return "\n".join(
         [
             f"# ollama create {gguf_path.stem} -f {gguf_path.with_suffix('.Modelfile').name}",
             f'# ollama run {gguf_path.stem} "It was a fine morning"',
             f"FROM ./{gguf_path.name}",
             'TEMPLATE """{{ .Prompt }}"""',
-            f"PARAMETER stop {json.dumps(stop)}",
-            f"PARAMETER temperature {settings.temperature}",
-            f"PARAMETER top_k {settings.top_k}",
-            f"PARAMETER top_p {settings.top_p}",
-            f"PARAMETER num_ctx {context}",
+            *(f"PARAMETER {name} {value}" for name, value in parameters.items()),
             "",
         ]
     )
