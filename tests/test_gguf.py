@@ -22,10 +22,24 @@ pytestmark = pytest.mark.xdist_group("gguf")  # the trained fixtures are built o
 
 
 def llama_cpp():
+    """llama-cpp-python, its models loaded without llama.cpp's extra CPU buffer types (AMX, repacked weights):
+    some virtual machines list AMX but stop at its tile instructions ('Illegal instruction' in llama.cpp's q8_0
+    matrix products), and the plain kernels compute the same logits within every bound here."""
     try:
         import llama_cpp
+        import llama_cpp.llama as llama_module
     except ImportError:
         skip_unless_installed("llama-cpp-python is not installed (requirements-dev.txt builds it from source)")
+    if not getattr(llama_cpp.llama_model_default_params, "plain_kernels", False):
+        default = llama_cpp.llama_model_default_params
+
+        def plain_kernels():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        plain_kernels.plain_kernels = True
+        llama_cpp.llama_model_default_params = llama_module.llama_cpp.llama_model_default_params = plain_kernels
     return llama_cpp
 
 
