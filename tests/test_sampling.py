@@ -417,3 +417,41 @@ def test_inference_samples_as_the_models_run_did_unless_a_flag_says_otherwise(tm
     assert (settings.top_k, settings.top_p) == (3, 0.5)
     settings, line = sampling_of_run(str(tmp_path), SamplingSettings(), given=set())
     assert settings == SamplingSettings() and line.startswith("settings: from the flags")
+
+
+def first_inputs(model) -> list[list[int]]:
+    """The tokens each generate call feeds the model at its first step (the whole window it reads), as a list
+    filled while the model samples."""
+    fed: list[list[int]] = []
+
+    def look(_, args, kwargs) -> None:
+        if kwargs["input_ids"].shape[1] > 1:  # later steps read one new token each, from the cache
+            fed.append(kwargs["input_ids"][0].tolist())
+
+    model.register_forward_pre_hook(look, with_kwargs=True)
+    return fed
+
+
+def test_the_model_reads_the_whole_prompt_until_the_context_fills():
+    """A prompt of 31 tokens in a 32-token context (more than the 24 a slide keeps): the model reads all of it,
+    and the window slides only once the text fills the context. A prompt as long as the context leaves no room
+    to write: the model reads its newest 24 tokens, and the note says so."""
+    model = short_context_model()
+    fed = first_inputs(model)
+    prompt = [EOT, *range(5, 35)]
+    new = sample_ids(model, [prompt], SamplingSettings(max_new_tokens=3, **GREEDY), seed=0, eot=EOT)[0]
+    filled = prompt + new[:1]  # the context is full after one new token: then the window slides
+    assert fed[0] == prompt and fed[1] == filled[-window_tokens(CONTEXT) :]
+    assert generation.prompt_cut_note(model, len(prompt)) is None
+    full = [EOT, *range(5, 36)]
+    sample_ids(model, [full], SamplingSettings(max_new_tokens=1, **GREEDY), seed=0, eot=EOT)
+    assert fed[2] == full[-window_tokens(CONTEXT) :]
+    assert "the prompt is 32 tokens, the model's context 32" in generation.prompt_cut_note(model, len(full))
+
+
+def test_inference_says_so_where_the_prompt_is_too_long_to_read_whole(tiny_model_dir, capsys):
+    assert inference.main(["--model-path", str(tiny_model_dir), "--prompt", "Emma " * 200, "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "the model's context 128: it leaves no room to write, so the model reads the prompt's last 96" in err
+    assert inference.main(["--model-path", str(tiny_model_dir), "--prompt", "Emma " * 20, "--seed", "1"]) == 0
+    assert "leaves no room" not in capsys.readouterr().err

@@ -1,12 +1,13 @@
 """Sampling from a model: batched `generate` calls with the KV cache, texts longer than the context window,
 and a stop after a number of paragraphs.
 
-Long texts slide a window: the model writes until its context is full, then the newest WINDOW_KEPT of the
-context is encoded again as the new start and the writing goes on. The new tokens are only ever appended,
-so nothing is repeated or lost at a seam; what changes is how far back the model sees: all of the text
-until it fills the context, then at least the newest 3/4 of a context (768 tokens for GPT-2, 192 for the
-quickstart's 256) and at most a whole one. Each row keeps its own window, so a row of a batch sees what it
-would see alone.
+Long texts slide a window: the model reads the whole prompt and writes until its context is full, then the
+newest WINDOW_KEPT of the context is encoded again as the new start and the writing goes on. The new tokens
+are only ever appended, so nothing is repeated or lost at a seam; what changes is how far back the model
+sees: all of the text until it fills the context, then at least the newest 3/4 of a context (768 tokens for
+GPT-2, 192 for the quickstart's 256) and at most a whole one. Only a prompt that leaves no room to write (as
+long as the context) is read from its newest 3/4 at once, and `prompt_cut_note` says so. Each row keeps its
+own window, so a row of a batch sees what it would see alone.
 
 Every row (sample) draws its tokens with its own random generator, seeded from (seed, prompt, sample
 number) by `row_seed`, so a sample does not depend on which rows share its calls, how many there are, or
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -77,6 +79,29 @@ def window_note(model) -> str | None:
 def window_tokens(context: int) -> int:
     """The tokens kept in view when the window slides (the model then writes context - this many more)."""
     return max(1, int(context * WINDOW_KEPT))
+
+
+def first_window_start(prompt_tokens: int, context: int) -> int:
+    """Where a row's first window starts in its prompt: at its start while the prompt leaves room for a new
+    token, so the model reads all of it; else the window as it slides (the newest window_tokens of it)."""
+    return 0 if prompt_tokens < context else prompt_tokens - window_tokens(context)
+
+
+def prompt_cut_note(model, prompt_tokens: int) -> str | None:
+    """The line that tells the caller the model cannot read the whole prompt (None where it can)."""
+    context = context_length(model)
+    if not first_window_start(prompt_tokens, context):
+        return None
+    return (
+        f"the prompt is {prompt_tokens} tokens, the model's context {context}: it leaves no room to write, so "
+        f"the model reads the prompt's last {window_tokens(context)} tokens (the sample still begins with all of it)"
+    )
+
+
+def tell_if_prompt_cut(model, prompt: list[int]) -> None:
+    """Print prompt_cut_note's line (to stderr), where the model cannot read the whole prompt."""
+    if note := prompt_cut_note(model, len(prompt)):
+        print(note, file=sys.stderr)
 
 
 class EndOfText:
@@ -293,7 +318,7 @@ def sample_ids(
     samples = sample_numbers(prompts) if samples is None else samples
     seeds = seeds or [seed] * len(prompts)
     streams = RowStreams([row_seed(s, p, k) for s, p, k in zip(seeds, prompts, samples, strict=True)])
-    starts = [max(0, len(t) - keep) for t in texts]  # each row's window, as it would be alone
+    starts = [first_window_start(len(t), context) for t in texts]  # each row's window, as it would be alone
     penalty = [RepetitionPenalty(settings.repetition_penalty, {eot, *special_ids})]
     penalty = penalty if settings.repetition_penalty != 1.0 else []
     new: list[list[int]] = [[] for _ in prompts]
@@ -377,6 +402,7 @@ def generate_paragraphs(
     """`n` continuations of `prompt` as text, the prompt included, from one batched call per window (sample k
     is the prompt's sample k wherever it is drawn, see sample_ids); with `seed=None` they differ on every call."""
     ids = prompt_ids(tokenizer, prompt)
+    tell_if_prompt_cut(model, ids)
     seed = fresh_seed() if seed is None else seed
     eot, special = paragraph_frame(tokenizer)[1], special_token_ids(tokenizer)
     rows = sample_ids(model, [ids] * n, settings, seed, eot, streamer, special_ids=special)
@@ -408,6 +434,8 @@ def sample_prompts(
     windows fill together share calls (less padding, and fewer calls past the context).
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    for ids in encoded:
+        tell_if_prompt_cut(model, ids)
     rows = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda row: len(encoded[row[0]]))
     size, eot, special = rows_per_call(model), paragraph_frame(tokenizer)[1], special_token_ids(tokenizer)
     texts: dict[tuple[int, int], str] = {}
