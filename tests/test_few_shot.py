@@ -337,3 +337,48 @@ def test_style_report_few_shot_bad_requests(
     argv = ["--few-shot-models", model, "--data", str(small_data), "--out", str(tmp_path / "r"), *extra]
     assert message in run_in_process(style_report.main, argv, capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_budget_counts_each_separator_as_the_prompt_tokenizes_it():
+    """Passages without sentence ends fill each share to the token, so the prompt is as long as the budget lets
+    it be: the separators between the excerpts must be counted as they are tokenized in the real prompt (GPT-2
+    merges the newlines of empty excerpts into fewer tokens than it gives them between words)."""
+    from conftest import GPT2_TOKENIZER_DIR
+
+    from austen_gpt.models.loading import load_tokenizer
+
+    gpt2 = load_tokenizer(str(GPT2_TOKENIZER_DIR))
+    passages = [" ".join(["and", "she", "said", "that", "he", "was", "not"][i:] * 150) for i in range(6)]
+    for k in (3, 6):
+        built = few_shot.build_prompt(gpt2, passages, "It was a fine morning", k, seed=0, context=1024, new_tokens=200)
+        used = tokens(gpt2, built.text) + 1 + 200  # + the start token sampling puts first
+        assert 1024 - k <= used <= 1024, (k, used)  # it fits, and leaves less than a token an excerpt unused
+
+
+@pytest.mark.slow
+def test_the_model_reads_the_whole_few_shot_prompt(austen_paragraphs):
+    """K = 10 excerpts and 200 new tokens on a 1,024-token GPT-2: the model is fed every token of the prompt,
+    the paragraph's start token first, however much of the context it takes (more than a window slide keeps)."""
+    import torch
+    from conftest import GPT2_TOKENIZER_DIR, tiny_config
+    from transformers import GPT2LMHeadModel
+
+    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.settings import SamplingSettings
+
+    gpt2 = load_tokenizer(str(GPT2_TOKENIZER_DIR))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config(vocab_size=50257, n_positions=1024, bos_token_id=50256, eos_token_id=50256))
+    fed: list[list[int]] = []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
+    )
+    no_ends = str.maketrans(".!?", ",,,")  # no sentence ends: each excerpt fills its share
+    passages = [" ".join(paragraph.translate(no_ends).split()[:400]) for paragraph in austen_paragraphs[:2000]]
+    passages = [passage for passage in passages if tokens(gpt2, passage) > 150]
+    built = few_shot.build_prompt(gpt2, passages, "It was a fine morning", 10, seed=1, context=1024, new_tokens=200)
+    assert tokens(gpt2, built.text) > 800  # more than the newest 3/4 of the context a slide keeps
+    settings = SamplingSettings(max_new_tokens=200, paragraphs=None)
+    texts = few_shot.sample(model.eval(), gpt2, built, "It was a fine morning", 1, settings, seed=0)
+    assert fed[0] == [gpt2.eos_token_id, *gpt2(built.text, add_special_tokens=False)["input_ids"]]
+    assert len(fed) == 200 and texts[0].startswith("It was a fine morning")  # one call: no window slid

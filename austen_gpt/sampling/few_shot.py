@@ -27,6 +27,7 @@ from austen_gpt.cli import UserError
 from austen_gpt.settings import DEFAULT_DATA
 
 MIN_SHARE = 32  # tokens: an excerpt shorter than this shows little of a style
+STAND_IN = "word"  # an excerpt's place while the fixed part of a prompt is counted
 DEFAULT_AUTHOR = "Jane Austen"  # of the bundled data
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # ChatML, Llama 3, Gemma, Phi
 TITLES = ("Mr", "Mrs", "Dr", "St", "Ms", "Col", "Capt", "Lt", "Gen", "Rev")  # a full stop that ends no sentence
@@ -190,11 +191,26 @@ def build_prompt(
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    # the template, separators and prompt with empty excerpts, and the start token sampling puts first
-    fixed = count_tokens(render([""] * k)) + 1
+    start = 0 if chat else 1  # a base model's prompt gets the paragraph's start token first (sample)
+    # The template, separators and prompt, each separator tokenized as between words (one word per excerpt
+    # stands in): an empty excerpt would let the separators around it merge into fewer tokens than they take.
+    fixed = count_tokens(render([STAND_IN] * k)) - k * count_tokens(STAND_IN) + start
     share = excerpt_share(context, fixed, new_tokens, k)
-    excerpts = [cut_to_share(count_tokens, passages[i], share) for i in chosen]
-    return FewShotPrompt(render(excerpts), chosen, excerpts)
+    while True:  # the prompt as built is measured: it must leave the new tokens room in the context
+        excerpts = [cut_to_share(count_tokens, passages[i], share) for i in chosen]
+        text = render(excerpts)
+        over = count_tokens(text) + start + new_tokens - context
+        if over <= 0:
+            return FewShotPrompt(text, chosen, excerpts)
+        if not k:
+            raise UserError(
+                f"the prompt ({count_tokens(text) + start} tokens) and {new_tokens} new tokens are more than the "
+                f"model's {context} context tokens; ask for {max(context - count_tokens(text) - start, 0)} new "
+                "tokens or fewer, or shorten the prompt"
+            )
+        # the excerpts took more in place than alone: count that as fixed, so each share shrinks (by one at least)
+        fixed += max(over, k)
+        share = excerpt_share(context, fixed, new_tokens, k)
 
 
 class AnswerEnds:
