@@ -58,6 +58,9 @@ def build_parser() -> ArgumentParser:
         help="once a request arrives, wait this long for others sent at the same moment to share its batch",
     )
     add_flag(p, "--max-tokens", type=int, default=1024, help="the most new tokens one sample may ask for")
+    add_flag(
+        p, "--max-request-kb", type=int, default=1024, help="the largest request body, in KiB; larger ones get 413"
+    )
     return p
 
 
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             (1 <= args.port <= 65535, "--port must be between 1 and 65535"),
             (args.max_batch >= 1 and args.max_queue >= 1, "--max-batch and --max-queue must be at least 1"),
             (args.max_tokens >= 1, "--max-tokens must be at least 1"),
+            (args.max_request_kb >= 1, "--max-request-kb must be at least 1"),
             (args.batch_window_ms >= 0, "--batch-window-ms must be 0 or more"),
             (
                 api_key or is_loopback(args.host),
@@ -117,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(args.model_path))
     metrics = Metrics()
     engine = Engine(model, tokenizer, args.max_batch, args.max_queue, metrics.observe, args.batch_window_ms / 1000)
-    app = create_app(
-        engine, name, Limits(args.max_tokens, context_length(model), args.max_batch, defaults), api_key, metrics
-    )
+    limits = Limits(args.max_tokens, context_length(model), args.max_batch, defaults, args.max_request_kb * 1024)
+    app = create_app(engine, name, limits, api_key, metrics)
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"serving {name} at {where} (the page at /, the API at /v1){' with an API key' if api_key else ''}")
     sys.stdout.flush()

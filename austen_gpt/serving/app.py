@@ -7,7 +7,9 @@
   GET  /                     a page to write with the model (page.html)
 
 Every error is one line in OpenAI's error shape ({"error": {"message", "type", "param", "code"}}) with a 4xx
-status; a request that fails never leaves the engine busy.
+status; a request that fails never leaves the engine busy. The Host, the key and the body's size are checked
+before the app reads the body (gate.py); prompts are tokenized off the event loop, so the streams in flight go
+on meanwhile. A client that goes away, streaming or not, stops its rows within a second, or leaves the queue.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import html
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,26 +30,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from austen_gpt.sampling.generation import fresh_seed, prompt_ids
+from austen_gpt.sampling.generation import fresh_seed, prompt_ids, sample_numbers
 from austen_gpt.serving.engine import Engine, Job, QueueFull, Row
-from austen_gpt.serving.schemas import PROMPT_RULE, ChatRequest, CompletionRequest, Sampling
+from austen_gpt.serving.gate import Gate, error_json
+from austen_gpt.serving.schemas import DEFAULT_MAX_TOKENS, PROMPT_RULE, ChatRequest, CompletionRequest, Sampling
 from austen_gpt.settings import SamplingSettings
 
 PAGE = Path(__file__).with_name("page.html")
 STOPPING_GRACE = 20  # seconds a stream in flight may still run once the server is told to stop (uvicorn waits 30)
+DISCONNECT_CHECK = 0.5  # seconds between two looks at whether a waiting request's client is still there
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for: new tokens per sample, prompt tokens (the model's usable context) and
-    samples (its prompts times n: at most one batch); and the sampling settings of fields it leaves out."""
+    """What one request may ask for: new tokens per sample, the model's usable context (a prompt and its new
+    tokens must fit in it), samples (its prompts times n: at most one batch) and bytes of body; and the sampling
+    settings of fields it leaves out."""
 
     max_tokens: int
-    prompt_tokens: int
+    context: int
     samples: int
     defaults: SamplingSettings = field(default_factory=SamplingSettings)
+    max_body: int = 2**20
 
 
 class ApiError(Exception):
@@ -56,9 +64,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
-        kind = "rate_limit_error" if self.status == 429 else "server_error" if self.status >= 500 else kind
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return error_json(self.status, self.message, self.param, self.code)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -70,7 +76,7 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("austen_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.requests = Counter("austen_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.tokens = Counter("austen_tokens", "tokens read and written", ["kind"], registry=r)
         self.queue = Gauge("austen_queue_length", "requests waiting for a batch", registry=r)
         self.active = Gauge("austen_active_rows", "rows (samples) being drawn", registry=r)
@@ -111,6 +117,38 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     return (f"{'.'.join(where)}: " if where else "") + first.get("msg", "invalid request"), where[0] if where else None
 
 
+class CountRequests:
+    """ASGI middleware: each request counted by its route and status, the gate's refusals too. (Plain ASGI, as
+    the gate is: Starlette's BaseHTTPMiddleware would hide a client's disconnect from request.is_disconnected.)"""
+
+    def __init__(self, app, counter: Counter, route: Callable[[dict], str]):
+        self.app, self.counter, self.route = app, counter, route
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # where the app fails before it answers
+
+        async def sending(message) -> None:
+            nonlocal status
+            status = message["status"] if message["type"] == "http.response.start" else status
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.counter.labels(self.route(scope), str(status)).inc()
+
+
+def route_of(app: FastAPI, scope) -> str:
+    """The route a request is for, as declared ('/v1/completions'), or 'other': never its raw path, so that
+    requests to made-up paths cannot grow the metrics without bound."""
+    for route in app.router.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            return route.path
+    return "other"
+
+
 def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, metrics: Metrics) -> FastAPI:
     """The app serving `engine`'s model as `name`; with `api_key`, /v1 requests need it as a Bearer token."""
 
@@ -134,18 +172,8 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return ApiError(error.status_code, str(error.detail), headers=error.headers).response()
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
-
-    def authorize(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            given = "a wrong API key" if request.headers.get("authorization") else "no API key"
-            raise ApiError(
-                401, f"{given}: send the server's key as 'Authorization: Bearer KEY'", code="invalid_api_key"
-            )
+    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body)
+    app.add_middleware(CountRequests, counter=metrics.requests, route=lambda scope: route_of(app, scope))  # outside
 
     @app.get("/health")
     async def health() -> dict:
@@ -161,12 +189,14 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
         return HTMLResponse(PAGE.read_text().replace("{{MODEL_JSON}}", as_js).replace("{{MODEL}}", html.escape(name)))
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        authorize(request)
+    async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "austen-gpt"}]}
 
     def rows_of(body: Sampling, prompts: list[str]) -> tuple[list[Row], int]:
-        """The request's rows (prompt by prompt, n each) and its seed, after every check on it."""
+        """The request's rows (prompt by prompt, n each, numbered as inference.py numbers samples: the same
+        prompt twice is two samples) and its seed, after every check on it. Each prompt with its new tokens must
+        fit the context, so the model reads all of it: max_tokens left out asks for as many as fit, up to the
+        default."""
         if body.model != name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {name!r}", "model",
                            "model_not_found")  # fmt: skip
@@ -174,21 +204,34 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
         if unsupported:
             raise ApiError(400, f"{unsupported}: not implemented by this server; leave it out", unsupported)
         settings = body.settings(limits.defaults)
-        if settings.max_new_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens {settings.max_new_tokens} is over this server's cap of "
+        if (body.asked_tokens() or 0) > limits.max_tokens:
+            raise ApiError(400, f"max_tokens {body.asked_tokens()} is over this server's cap of "
                            f"{limits.max_tokens}; ask for fewer", "max_tokens")  # fmt: skip
         seed = body.seed if body.seed is not None else fresh_seed()
+        if len(prompts) * body.n > limits.samples:
+            raise ApiError(400, f"{len(prompts) * body.n} samples (prompts times n) are more than this server "
+                           f"draws at once ({limits.samples}); ask for fewer", "n")  # fmt: skip
+        encoded = [ids for ids in (prompt_ids(engine.tokenizer, prompt) for prompt in prompts) for _ in range(body.n)]
         rows = []
-        for prompt in prompts:
-            ids = prompt_ids(engine.tokenizer, prompt)
-            if len(ids) > limits.prompt_tokens:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens; this model reads at most "
-                               f"{limits.prompt_tokens}; shorten it", "prompt")  # fmt: skip
-            rows += [Row(ids, k, seed, settings, settings.max_new_tokens, body.stops()) for k in range(body.n)]
-        if len(rows) > limits.samples:
-            raise ApiError(400, f"{len(rows)} samples (prompts times n) are more than this server draws at once "
-                           f"({limits.samples}); ask for fewer", "n")  # fmt: skip
+        for ids, number in zip(encoded, sample_numbers(encoded), strict=True):
+            rows.append(Row(ids, number, seed, settings, new_tokens(body, len(ids)), body.stops()))
         return rows, seed
+
+    def new_tokens(body: Sampling, prompt_tokens: int) -> int:
+        """The row's new tokens: what the request asks for, which must fit the context after its prompt, or as
+        many as fit up to the default."""
+        room = limits.context - prompt_tokens
+        if room < 1:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens; this model reads at most {limits.context} "
+                           "and must have room to write; shorten it", "prompt")  # fmt: skip
+        asked = body.asked_tokens()
+        if asked is None:
+            return min(DEFAULT_MAX_TOKENS, limits.max_tokens, room)
+        if asked > room:
+            raise ApiError(400, f"the prompt ({prompt_tokens} tokens) and max_tokens {asked} are more than the "
+                           f"model's context of {limits.context} tokens; ask for {room} or fewer, or shorten the "
+                           "prompt", "max_tokens")  # fmt: skip
+        return asked
 
     def submit(rows: list[Row]) -> Job:
         job = Job(rows, asyncio.get_running_loop())
@@ -199,15 +242,18 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
         return job
 
     async def finished(job: Job, request: Request) -> None:
-        """Wait until every row of the job is done; a client gone meanwhile cancels it."""
-        left = len(job.rows)
+        """Wait until every row of the job is done; a client gone meanwhile (looked for every DISCONNECT_CHECK
+        seconds, whether tokens come or not) cancels its rows, or takes the job out of the queue."""
+        left, looked = len(job.rows), time.monotonic()
         while left:
-            try:
-                index, new = await asyncio.wait_for(job.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+            if time.monotonic() - looked >= DISCONNECT_CHECK:
+                looked = time.monotonic()
                 if await request.is_disconnected():
-                    job.cancel()
+                    engine.withdraw(job)
                     break
+            try:
+                index, new = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_CHECK)
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
                 continue
             if index == "error":
                 raise ApiError(503, new)
@@ -256,13 +302,12 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
                 yield {"data": json.dumps(shape.usage(usage(job)))}
             yield {"data": "[DONE]"}
         finally:
-            job.cancel()  # the client went away, or the stream ended: nothing more is drawn for it
+            engine.withdraw(job)  # the client went away, or the stream ended: nothing more is drawn for it
             record(job)
 
     async def answer(body: Sampling, request: Request, prompts: list[str], chat: bool):
         """The response to a completion (or chat) request: whole, or streamed as server-sent events."""
-        authorize(request)
-        rows, seed = rows_of(body, prompts)
+        rows, seed = await run_in_threadpool(rows_of, body, prompts)  # tokenizing takes a while for long prompts
         job = submit(rows)
         shape = Shape(name, chat, seed, prompts[0] if chat else None)
         if body.stream:

@@ -32,6 +32,55 @@ class QueueFull(Exception):
     """The queue holds --max-queue requests: the client should come back later."""
 
 
+class StopStrings:
+    """Finds the first stop string in a text that grows at its end, reading each character once: per stop, the
+    length of its longest beginning that the text ends with, kept as Knuth-Morris-Pratt keeps it. The cost is
+    linear in the text and the stops' lengths, not their product."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.fallback = [longest_borders(stop) for stop in stops]
+        self.matched = [0] * len(stops)  # per stop: how many of its first characters the text ends with
+        self.read = 0  # characters of the text read
+
+    def find(self, text: str) -> int | None:
+        """Read `text` from where the last call stopped; where a stop string now ends in it, the index where
+        that stop starts (the earliest to end; of those ending together, the longest), else None."""
+        for at in range(self.read, len(text)):
+            ended = [self.step(i, text[at]) for i in range(len(self.stops))]
+            if any(ended):
+                self.read = at + 1
+                return at + 1 - max(len(stop) for stop, end in zip(self.stops, ended, strict=True) if end)
+        self.read = len(text)
+        return None
+
+    def step(self, i: int, character: str) -> bool:
+        """Stop i reads a character; true where the text now ends with all of it."""
+        stop, matched = self.stops[i], self.matched[i]
+        if matched == len(stop):  # it ended here before: go on from its longest border
+            matched = self.fallback[i][matched - 1]
+        while matched and stop[matched] != character:
+            matched = self.fallback[i][matched - 1]
+        matched += stop[matched] == character
+        self.matched[i] = matched
+        return matched == len(stop)
+
+    def pending(self) -> int:
+        """How many of the text's last characters may begin a stop string: they wait for what follows."""
+        return max(self.matched, default=0)
+
+
+def longest_borders(stop: str) -> list[int]:
+    """For each prefix of `stop`, the length of its longest proper prefix that is also its suffix (KMP's table)."""
+    borders = [0] * len(stop)
+    for k in range(1, len(stop)):
+        border = borders[k - 1]
+        while border and stop[k] != stop[border]:
+            border = borders[border - 1]
+        borders[k] = border + (stop[k] == stop[border])
+    return borders
+
+
 class TextSoFar:
     """A row's text as its tokens come, each end-of-text a paragraph break, and how much of it is settled:
     trailing whitespace (the text may end there) and the start of a stop string wait for what follows, so the
@@ -43,12 +92,15 @@ class TextSoFar:
         self.text, self.sent = "", 0
         self.prefix_at = self.read_at = 0  # the ids decoded again for context, and those already read
         self.stopped = False
+        self.matcher = StopStrings(stops)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False).replace(self.tokenizer.eos_token, "\n\n")
 
     def push(self, token: int) -> str:
         """Add a token; return the text newly settled (maybe empty)."""
+        if self.stopped:  # tokens drawn after a stop string are not the row's
+            return ""
         self.ids.append(token)
         before = self.decode(self.ids[self.prefix_at : self.read_at])
         now = self.decode(self.ids[self.prefix_at :])
@@ -56,17 +108,14 @@ class TextSoFar:
             return ""
         self.prefix_at, self.read_at = self.read_at, len(self.ids)
         self.text += now[len(before) :]
-        if self.strip_start:
-            self.text = self.text.lstrip()
-        for stop in self.stops:
-            if stop in self.text:
-                self.text, self.stopped = self.text[: self.text.index(stop)], True
-        return self.settle(self.text if self.stopped else self.held_back(self.text.rstrip()))
-
-    def held_back(self, text: str) -> str:
-        """The text less its longest ending that may begin a stop string."""
-        longest = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
-        return text[: len(text) - longest]
+        if self.strip_start and self.text[:1].isspace():  # (only while nothing but whitespace has come)
+            self.text, self.matcher = self.text.lstrip(), StopStrings(self.stops)
+        found = self.matcher.find(self.text)
+        if found is not None:
+            self.text, self.stopped = self.text[:found], True
+            return self.settle(self.text)
+        waiting = max(self.matcher.pending(), len(self.text) - len(self.text.rstrip()))
+        return self.settle(self.text[: len(self.text) - waiting])
 
     def settle(self, settled: str) -> str:
         new, self.sent = settled[self.sent :], max(self.sent, len(settled))
@@ -78,9 +127,9 @@ class TextSoFar:
         if not self.stopped:
             self.text = self.decode(self.ids)
             self.text = self.text.lstrip() if self.strip_start else self.text
-            for stop in self.stops:
-                if stop in self.text:
-                    self.text, self.stopped = self.text[: self.text.index(stop)], True
+            found = StopStrings(self.stops).find(self.text)
+            if found is not None:
+                self.text, self.stopped = self.text[:found], True
         final = self.final()
         return self.settle(final)
 
@@ -107,7 +156,7 @@ class Row:
     index: int = 0  # its place among its request's rows (its choice's index)
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue finds it by identity
 class Job:
     """One request's rows and the events its handler reads, in its own event loop: (row, new text), then
     (row, None) once the row is done, or ('error', message) if its batch failed."""
@@ -160,6 +209,15 @@ class Engine:
             self.waiting.append(job)
             self.observe("queue", len(self.waiting))
             self.condition.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """The job's client went away: a job still waiting leaves the queue (its place is free at once), and
+        the rows of one being drawn stop at their batch's next step."""
+        job.cancel()
+        with self.condition:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.observe("queue", len(self.waiting))
 
     def close(self) -> None:
         """Cancel what waits and what runs; the worker ends after its current step."""

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from austen_gpt.settings import SamplingSettings
 
 DEFAULTS = SamplingSettings()
-DEFAULT_MAX_TOKENS = 200
+DEFAULT_MAX_TOKENS = 200  # new tokens where a request asks for none (fewer where fewer fit)
+MAX_STOP_CHARACTERS = 256  # per stop string: the stop check runs on the one thread that samples for all
 
 # fields OpenAI's API has and this server does not implement: accepted only at their neutral values
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -64,19 +65,26 @@ class Sampling(BaseModel):
     @field_validator("stop")
     @classmethod
     def at_most_four(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
         if isinstance(stop, list) and (len(stop) > 4 or not all(stop)):
             raise ValueError("give up to 4 non-empty stop strings")
+        if any(len(one) > MAX_STOP_CHARACTERS for one in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARACTERS} characters; shorten it")
         return stop
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) and self.stop else tuple(self.stop or ())
+
+    def asked_tokens(self) -> int | None:
+        """The new tokens the request asks for, None where it leaves that to the server."""
+        return self.max_tokens
 
     def settings(self, defaults: SamplingSettings) -> SamplingSettings:
         """The sampling settings asked for, `defaults`' top-k and top-p where it gives none; temperature 0 is
         greedy (top-k 1), as OpenAI's API reads it."""
         greedy = self.temperature == 0
         return SamplingSettings(
-            max_new_tokens=self.max_tokens or DEFAULT_MAX_TOKENS,
+            max_new_tokens=self.asked_tokens() or DEFAULT_MAX_TOKENS,
             top_k=1 if greedy else defaults.top_k if self.top_k is None else self.top_k,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             temperature=1.0 if greedy else self.temperature,
@@ -127,11 +135,8 @@ class ChatRequest(Sampling):
         users = [m.content for m in self.messages if m.role == "user"]
         return users[-1] if users else ""
 
-    def settings(self, defaults: SamplingSettings) -> SamplingSettings:
-        settings = super().settings(defaults)
-        if self.max_completion_tokens and not self.max_tokens:
-            settings.max_new_tokens = self.max_completion_tokens
-        return settings
+    def asked_tokens(self) -> int | None:
+        return self.max_tokens or self.max_completion_tokens
 
 
 PROMPT_RULE = "the content of the last user message, continued as prose; other messages are not read"
