@@ -15,7 +15,6 @@ the fields, the openai client, and what to put in front of it for TLS.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import signal
 import socket
@@ -30,6 +29,7 @@ from austen_gpt.cli import (
     require,
     run_cli,
 )
+from austen_gpt.serving.gate import is_loopback_name  # (the standard library only: --help stays quick)
 
 KEY_VARIABLE = "AUSTEN_GPT_API_KEY"
 
@@ -64,15 +64,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_port_free(host: str, port: int) -> None:
     """Refuse, before the model loads, a port another program holds."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.max_request_kb >= 1, "--max-request-kb must be at least 1"),
             (args.batch_window_ms >= 0, "--batch-window-ms must be 0 or more"),
             (
-                api_key or is_loopback(args.host),
+                api_key or is_loopback_name(args.host),
                 f"--host {args.host} is reachable from other machines: give --api-key KEY (or set {KEY_VARIABLE})",
             ),
         ]
