@@ -348,8 +348,9 @@ def test_the_budget_counts_each_separator_as_the_prompt_tokenizes_it():
     from austen_gpt.models.loading import load_tokenizer
 
     gpt2 = load_tokenizer(str(GPT2_TOKENIZER_DIR))
-    passages = [" ".join(["and", "she", "said", "that", "he", "was", "not"][i:] * 150) for i in range(6)]
-    for k in (3, 6):
+    words = ["and", "she", "said", "that", "he", "was", "not"] * 50  # a token each
+    passages = [" ".join(words[i : i + 310]) for i in range(7)]
+    for k in (3, 7):
         built = few_shot.build_prompt(gpt2, passages, "It was a fine morning", k, seed=0, context=1024, new_tokens=200)
         used = tokens(gpt2, built.text) + 1 + 200  # + the start token sampling puts first
         assert 1024 - k <= used <= 1024, (k, used)  # it fits, and leaves less than a token an excerpt unused

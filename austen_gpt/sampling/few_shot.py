@@ -101,7 +101,10 @@ def cut_to_share(count_tokens, passage: str, share: int) -> str:
         if kept:
             return kept.rstrip()
     words = passage.split(" ")
-    fit = max((n for n in range(1, len(words) + 1) if count_tokens(" ".join(words[:n])) <= share), default=1)
+    fit, too_many = 1, len(words) + 1  # a prefix's tokens grow with its words: halve the range between these
+    while too_many - fit > 1:
+        middle = (fit + too_many) // 2
+        fit, too_many = (middle, too_many) if count_tokens(" ".join(words[:middle])) <= share else (fit, middle)
     return " ".join(words[:fit])
 
 
