@@ -2,6 +2,7 @@
 GGUF file for llama.cpp, Ollama and LM Studio.
 
   python export.py --adapter GPT2_fine_tuned_Austen --out GPT2_Austen_merged
+  python export.py --model-path models/base-tiny --out configs/base-tiny --dtype bf16      # half the size
   python export.py --model-path GPT2_fine_tuned_Austen --gguf austen.gguf                  # f16, and austen.Modelfile
   python export.py --model-path models/austen-tiny --gguf austen-tiny.gguf --gguf-type q8_0
   python export.py --adapter my_adapters --gguf mine.gguf --gguf-type q4_k_m   # merged first; needs llama-cpp-python
@@ -20,13 +21,21 @@ from pathlib import Path
 from austen_gpt.cli import ArgumentParser, UserError, add_bool_flag, add_flag, quiet_libraries, require, run_cli
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
+FOLDER_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(run_files=True, description=__doc__)
     add_flag(p, "--adapter", default=None, help="adapter folder: train.py's --output-dir or a checkpoint of a LoRA run")
-    add_flag(p, "--model-path", default=None, help="a full model folder (or an adapter folder), for --gguf")
-    add_flag(p, "--out", default=None, help="folder for the merged model")
+    add_flag(p, "--model-path", default=None, help="a full model folder (or an adapter folder), for --gguf or --out")
+    add_flag(p, "--out", default=None, help="folder for the merged model (or a copy of --model-path at --dtype)")
+    add_flag(
+        p,
+        "--dtype",
+        choices=FOLDER_DTYPES,
+        default="fp32",
+        help="the --out folder's weights: fp32, or bf16 / fp16 at half the size (training loads them back as fp32)",
+    )
     add_flag(p, "--gguf", default=None, metavar="OUT.gguf", help="write a GGUF file instead (and OUT.Modelfile)")
     add_flag(
         p,
@@ -45,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     source = args.model_path or args.adapter
     require(
         [
-            (source, "give --adapter FOLDER (merge into --out) or --model-path FOLDER (with --gguf OUT.gguf)"),
+            (source, "give --adapter FOLDER (merge into --out) or --model-path FOLDER (with --gguf OUT.gguf or --out)"),
             (not (args.model_path and args.adapter), "--adapter and --model-path: give one"),
             (args.out or args.gguf, "give --out FOLDER for the merged model, or --gguf OUT.gguf"),
         ]
@@ -57,15 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {out} already exists; pass --overwrite or choose another folder")
     quiet_libraries()
 
+    import torch
+
     from austen_gpt.models import lora
-    from austen_gpt.models.loading import load_tokenizer
+    from austen_gpt.models.loading import load_model, load_tokenizer
     from austen_gpt.models.saving import save_model_folder
 
-    if not lora.is_adapter_folder(source):
+    if lora.is_adapter_folder(source):
+        base, model = merged_model(source, args.base_model)
+        done = f"merged {source} into {base}"
+    elif args.adapter:
         raise UserError(f"{source} is not an adapter folder (no {lora.ADAPTER_CONFIG}); pass a LoRA run's output")
-    base, merged = merged_model(source, args.base_model)
-    save_model_folder(out, merged, load_tokenizer(source), replace=args.overwrite)
-    print(f"merged {source} into {base}: {out}")
+    else:
+        model, done = load_model(source), f"copied {source}"
+    model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    save_model_folder(out, model, load_tokenizer(source), replace=args.overwrite)
+    print(f"{done}: {out} ({args.dtype})")
     return 0
 
 

@@ -132,6 +132,17 @@ def load_model(name: str, from_scratch: bool = False, **load_kwargs):
     return from_hub_or_folder(AutoModelForCausalLM.from_pretrained, name, **load_kwargs)
 
 
+def check_vocabulary(model, tokenizer, name: str) -> None:
+    """Every token id the tokenizer gives must have a row in the model's embedding; more rows than tokens are
+    fine (GPT-NeoX and Qwen pad theirs). A tokenizer from another model would index past the end mid-run."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(
+            f"{name}: its tokenizer has {len(tokenizer):,} tokens but the model's embedding only {rows:,} rows, so "
+            "the tokenizer is another model's; put the model's own tokenizer files beside its weights"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # A model to train
 
@@ -148,7 +159,10 @@ def load_trainable_model(
     if settings.adapters:
         model = load_adapter_model(settings, checkpoint, mixed_precision)
     else:
-        model = load_model(str(checkpoint or settings.model), from_scratch=settings.from_scratch and not checkpoint)
+        # fp32 weights for the optimizer to update, from a bf16 or fp16 checkpoint too (transformers would keep
+        # the checkpoint's dtype, and bf16 weights lose updates smaller than 1/256 of themselves)
+        from_scratch = settings.from_scratch and not checkpoint
+        model = load_model(str(checkpoint or settings.model), from_scratch=from_scratch, dtype=torch.float32)
     if gradient_checkpointing:
         # Recompute each block's activations in the backward pass: far less memory, ~1/3 more compute.
         # The non-reentrant kind replays the same dropout masks, so the result does not change.
@@ -160,7 +174,7 @@ def load_adapter_model(settings: ModelSettings, checkpoint: Path | None, mixed_p
     """--model, quantized to 4 or 8 bits if asked, with fresh adapters or the checkpoint's."""
 
     bits = 4 if settings.qlora else 8 if settings.load_in_8bit else None
-    kwargs = {}
+    kwargs = {"dtype": torch.float32}  # a half-precision checkpoint too: autocast, not the weights, computes in bf16
     if bits:
         device = PartialState().device
         lora.require_bitsandbytes(device, "--qlora" if bits == 4 else "--load-in-8bit")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+import torch
+
 from austen_gpt.cli import UserError, flag_name
 from austen_gpt.models import lora
 from austen_gpt.models.device import compute_dtype, default_device, resolve_precision
@@ -24,7 +26,9 @@ def load_for_sampling(path: str, base_model: str | None = None, load_in_4bit: bo
     eval mode; `load_in_4bit` quantizes the (base) model to 4-bit NF4."""
 
     device = default_device()
-    kwargs = {}
+    # On a CPU, fp32 whatever the checkpoint's dtype (the shipped base is bf16): most CPUs emulate bf16 slowly, and
+    # every number then means the same on every machine. On a GPU, the checkpoint's own dtype (transformers' default).
+    kwargs = {"dtype": torch.float32} if device.type == "cpu" else {}
     if load_in_4bit:
         lora.require_bitsandbytes(device, "--load-in-4bit")
         config = lora.quantization_config(4, compute_dtype(resolve_precision("auto")))
