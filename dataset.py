@@ -3,6 +3,7 @@
     python dataset.py build                      # data/austen/*.txt -> austen_dataset.pkl
     python dataset.py build --src novels/ --out my_author.pkl
     python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model
+    python dataset.py tokenizer --config configs/base-tiny-tokenizer.yaml   # the offline base's, on gutenberg/
 
 How a paragraph becomes a training example: austen_gpt/data/tokens.py and data/README.md.
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from austen_gpt.cli import ArgumentParser, UserError, run_cli
-from austen_gpt.data.paragraphs import build_dataset, load_paragraphs, split_paragraphs
-from austen_gpt.flags import REPO, add_split_flags, data_path
+from austen_gpt.data.paragraphs import build_dataset, split_data
+from austen_gpt.flags import REPO, add_corpus_flags, add_split_flags
+from austen_gpt.settings import DataSettings, from_flags
 
 # ----------------------------------------------------------------------------------------------
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         help="train a small byte-level BPE on the training split, with a model config beside it",
     )
     add_split_flags(tokenizer, ("--split-seed", "--seed"), "seed", "train.py's --split-seed: fit on its split only")
+    add_corpus_flags(tokenizer)
     tokenizer.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes, end-of-text, merges")
     tokenizer.add_argument(
         "--model-config",
@@ -40,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the model config to adapt (--config FILE.json reads as this)",
     )
     tokenizer.add_argument("--layers", type=int, default=2, help="transformer blocks in the written config")
+    tokenizer.add_argument(
+        "--positions",
+        type=int,
+        default=None,
+        help="positions (context) in the written config (default: --model-config's)",
+    )
     tokenizer.add_argument("--dropout", type=float, default=0.0, help="dropout in the written config")
     tokenizer.add_argument("--out", type=Path, default=REPO / "configs/austen-tiny", help="output folder")
     args = parser.parse_args(argv)
@@ -59,17 +68,16 @@ def tokenizer_command(args) -> int:
 
     if args.vocab_size < 257 + 1 or not 0 < args.train_size < 1:
         raise UserError("--vocab-size must exceed 257 (bytes and end-of-text) and --train-size lie in (0, 1)")
-    if args.layers < 1 or not 0 <= args.dropout < 1:
-        raise UserError("--layers must be at least 1 and --dropout lie in [0, 1)")
+    if args.layers < 1 or not 0 <= args.dropout < 1 or (args.positions is not None and args.positions < 2):
+        raise UserError("--layers must be at least 1, --positions at least 2 and --dropout lie in [0, 1)")
     if not args.model_config.is_file():
         raise UserError(
             f"--model-config {args.model_config}: no such file; give a model's config.json as the architecture"
         )
-    paragraphs = load_paragraphs(data_path(args.data), args.text_column, args.data_config, args.data_split)
-    train, _ = split_paragraphs(paragraphs, args.train_size, args.seed)
+    train = split_data(from_flags(DataSettings, args)).train
     tokenizer = train_bpe(train, args.vocab_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer_and_config(tokenizer, args.model_config, args.out, args.layers, args.dropout)
+    save_tokenizer_and_config(tokenizer, args.model_config, args.out, args.layers, args.dropout, args.positions)
     chars = sum(len(p) for p in train)
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch(train))
     print(

@@ -9,6 +9,19 @@ from austen_gpt.settings import DEFAULT_DATA, DEFAULT_PRECISION, PRECISIONS, Dat
 
 REPO = Path(__file__).resolve().parents[1]  # the project folder: the default dataset, configs and novels
 DATA, SAMPLING = DataSettings(), SamplingSettings()  # the defaults
+SPLIT_BY = ("paragraph", "work")
+SPLIT_BY_HELP = (
+    "what validation holds out whole: paragraphs, or works (each .txt file of a --data folder, subfolders "
+    "included), so that validation is text never read, as a pretraining corpus needs"
+)
+WHOLE_WORKS_HELP = (
+    "with --split-by work, train on each work as one document (paragraphs joined by blank lines, end-of-text "
+    "between works), as pretraining reads a corpus; validation stays one paragraph per example"
+)
+KEEP_OUT_HELP = (
+    "data that --data must not hold (the author a base is later fine-tuned on): refused if any of its paragraphs "
+    "of 100 characters or more is in --data, on either side of the split"
+)
 DATA_HELP = (
     "paragraphs: .pkl, .txt, .jsonl, .json, .csv (also .gz or .zst), .parquet, .arrow, a folder of .txt, "
     "a Dataset.save_to_disk folder or a Hub dataset id"
@@ -21,6 +34,7 @@ def add_split_flags(group, seed_flags: tuple[str, ...], seed_dest: str, seed_hel
     add_setting(group, "--data", DATA, DATA_HELP)
     add_source_flags(group)
     add_setting(group, "--train-size", DATA, "share of paragraphs for training; the rest validate")
+    add_setting(group, "--split-by", DATA, SPLIT_BY_HELP, choices=SPLIT_BY)
     group.add_argument(*seed_flags, dest=seed_dest, type=int, default=DATA.seed, metavar="N", help=seed_help)
 
 
@@ -29,6 +43,12 @@ def data_path(data: str) -> Path | str:
     if data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
         return REPO / DEFAULT_DATA
     return data
+
+
+def add_corpus_flags(group) -> None:
+    """--whole-works and --keep-out: how a pretraining corpus is read, in train.py and the tokenizer's fit alike."""
+    add_setting(group, "--whole-works", DATA, WHOLE_WORKS_HELP)
+    add_setting(group, "--keep-out", DATA, KEEP_OUT_HELP, metavar="DATA", nargs="*")  # a run file's [] is none
 
 
 def add_source_flags(group) -> None:

@@ -37,6 +37,14 @@ class DataSettings:
     """the column or field with the text; None: text, else sentence"""
     train_size: float = 0.9
     """the share of paragraphs that train; the rest validate"""
+    split_by: str = "paragraph"
+    """what validation holds out whole: paragraphs, or works (each .txt file of a --data folder)"""
+    whole_works: bool = False
+    """with --split-by work, train on each work as one document (its paragraphs joined by blank lines,
+    end-of-text between works), as pretraining reads a corpus, instead of paragraph by paragraph; validation
+    stays one paragraph per example"""
+    keep_out: list[str] = field(default_factory=list)
+    """data that --data must not hold on either side of the split (the author a base is later fine-tuned on)"""
     seed: int = 42
     """draws the split; in training also the data order and any new weights"""
     max_input_length: int = 100

@@ -50,11 +50,11 @@ def test_paragraphs_are_framed_by_the_tokenizers_own_special_tokens(name, family
     assert tokenizer.convert_ids_to_tokens([start, end]) == [family.bos or family.eos, family.eos]
     paragraphs = austen_paragraphs[:3]
     body = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in paragraphs]
-    examples = tokenize_paragraphs(tokenizer, paragraphs, 10_000)
+    examples = tokenize_paragraphs(tokenizer, paragraphs, 10_000).tolist()
     assert examples == [[start, *ids, end] for ids in body]  # nothing added, nothing dropped
     between = [end] if start == end else [end, start]  # GPT-2 and Pythia: one token between paragraphs
     stream = [start, *body[0], *between, *body[1], *between, *body[2], end]
-    assert tokenize_paragraphs(tokenizer, paragraphs, 10_000, pack=True) == [stream]
+    assert tokenize_paragraphs(tokenizer, paragraphs, 10_000, pack=True).tolist() == [stream]
     batch = collate(examples[:2], tokenizer.pad_token_id)
     short = min(len(e) for e in examples[:2])
     row = [len(e) for e in examples[:2]].index(short)

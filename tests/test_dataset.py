@@ -286,7 +286,7 @@ def test_overlapping_chunks_make_every_token_a_target_exactly_once():
 
 def test_long_paragraphs_are_cut_not_dropped(tokenizer, austen_paragraphs):
     longest = max(austen_paragraphs, key=len)
-    blocks = tokenize_paragraphs(tokenizer, [longest], block_size=100)
+    blocks = tokenize_paragraphs(tokenizer, [longest], block_size=100).tolist()
     ids = tokenizer(longest)["input_ids"]
     assert len(blocks) > 10 and all(len(b) <= 100 for b in blocks)
     assert [t for b in blocks for t in b[1:]] == [*ids, tokenizer.eos_token_id]
@@ -296,7 +296,7 @@ def test_batched_tokenization_matches_one_at_a_time(tokenizer, austen_paragraphs
     sample = austen_paragraphs[:200]
     eot = tokenizer.eos_token_id
     expected = [block for p in sample for block in chunk_with_overlap([eot, *tokenizer.encode(p), eot], 64)]
-    assert tokenize_paragraphs(tokenizer, sample, 64) == expected
+    assert tokenize_paragraphs(tokenizer, sample, 64).tolist() == expected
 
 
 def test_a_tokenizer_json_that_truncates_does_not_cut_paragraphs(tokenizer, austen_paragraphs):
@@ -310,7 +310,7 @@ def test_a_tokenizer_json_that_truncates_does_not_cut_paragraphs(tokenizer, aust
 def test_packing_fills_blocks_and_keeps_every_token(tokenizer, austen_paragraphs):
     sample = austen_paragraphs[:200]
     eot = tokenizer.eos_token_id
-    blocks = tokenize_paragraphs(tokenizer, sample, 64, pack=True)
+    blocks = tokenize_paragraphs(tokenizer, sample, 64, pack=True).tolist()
     assert all(len(b) == 64 for b in blocks[:-1])
     stream = [eot] + [t for p in sample for t in (*tokenizer.encode(p), eot)]
     assert [blocks[0][0]] + [t for b in blocks for t in b[1:]] == stream
@@ -318,7 +318,9 @@ def test_packing_fills_blocks_and_keeps_every_token(tokenizer, austen_paragraphs
 
 def test_padding_is_masked_and_the_closing_end_of_text_is_a_target(tokenizer):
     eot = tokenizer.eos_token_id
-    examples = tokenize_paragraphs(tokenizer, ["Short.", "A somewhat longer paragraph than the first one."], 100)
+    examples = tokenize_paragraphs(
+        tokenizer, ["Short.", "A somewhat longer paragraph than the first one."], 100
+    ).tolist()
     batch = collate(examples, pad_id=tokenizer.pad_token_id)
     assert tokenizer.pad_token_id == eot  # the hard case: pad and end-of-text share an id
     short_len = len(examples[0])
@@ -366,15 +368,15 @@ def test_an_empty_share_collates_to_a_batch_without_targets():
 
 def test_cache_returns_exactly_what_tokenizing_gives(tokenizer, austen_paragraphs, tmp_path, monkeypatch):
     sample = austen_paragraphs[:300]
-    fresh = tokenize_paragraphs(tokenizer, sample, 64, pack=True)
-    assert tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # miss: builds and stores
+    fresh = tokenize_paragraphs(tokenizer, sample, 64, pack=True).tolist()
+    assert tokenize_cached(tokenizer, sample, 64, True, tmp_path).tolist() == fresh  # miss: builds and stores
     assert len(list(tmp_path.glob("blocks-*.pt"))) == 1 and not list(tmp_path.glob("*.tmp*"))
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a cache hit must not tokenize")
 
     monkeypatch.setattr(tokens, "tokenize_paragraphs", no_tokenizing)
-    assert tokenize_cached(tokenizer, sample, 64, True, tmp_path) == fresh  # hit
+    assert tokenize_cached(tokenizer, sample, 64, True, tmp_path).tolist() == fresh  # hit
 
 
 def test_cache_key_covers_text_tokenizer_and_settings(tokenizer, austen_paragraphs):
@@ -399,7 +401,8 @@ def test_damaged_cache_entry_is_rebuilt(tokenizer, austen_paragraphs, tmp_path):
     tokenize_cached(tokenizer, sample, 64, False, tmp_path)
     entry = next(tmp_path.glob("blocks-*.pt"))
     entry.write_bytes(b"not a tensor file")
-    assert tokenize_cached(tokenizer, sample, 64, False, tmp_path) == tokenize_paragraphs(tokenizer, sample, 64)
+    cached = tokenize_cached(tokenizer, sample, 64, False, tmp_path)
+    assert cached.tolist() == tokenize_paragraphs(tokenizer, sample, 64).tolist()
     assert entry.read_bytes() != b"not a tensor file"
 
 

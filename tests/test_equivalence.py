@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import inference
 from austen_gpt.data.batches import batch_loader, collate
-from austen_gpt.data.tokens import example_targets
+from austen_gpt.data.tokens import TokenBlocks
 from austen_gpt.training.flags import train_settings
 from austen_gpt.training.loop import record_trained_positions, set_up
 from austen_gpt.training.step import linear_schedule
@@ -68,7 +68,8 @@ def test_accumulated_micro_batches_equal_one_batch_holding_them_all(packing, tmp
 
 def test_the_window_weighs_micro_batches_by_their_targets():
     """The scale each micro-batch's summed loss gets: 1 / (targets in the whole window), whatever its own."""
-    sampler = batch_loader([[1] * 5, [1] * 60, [1] * 3, [1] * 9, [1] * 2], 2, 0, None, None).batch_sampler
+    examples = TokenBlocks.from_lists([[1] * 5, [1] * 60, [1] * 3, [1] * 9, [1] * 2])
+    sampler = batch_loader(examples, 2, 0, None, None).batch_sampler
     # batches: (4 + 59), (2 + 8), (1); windows of 2 batches: 73, 73, then the short last window: 1
     assert sampler.window_targets(2) == [73, 73, 1]
     assert sampler.window_targets(1) == [63, 10, 1]
@@ -79,8 +80,9 @@ def test_a_begin_of_text_token_of_its_own_is_never_a_target():
     packed = [bos, 7, 8, eos, bos, 9, eos]
     labels = collate([packed], pad, unpredicted=bos)["labels"][0].tolist()
     assert labels == [-100, 7, 8, eos, -100, 9, eos]  # the first is never a target anyway (nothing before it)
-    assert example_targets(packed, bos) == 5  # 8, eos, 9, eos and 7: the targets the loss sums
-    assert example_targets(packed) == 6  # GPT-2's framing: its one end-of-text token is always a target
+    blocks = TokenBlocks.from_lists([[bos, 7], packed, [bos]])
+    assert blocks.targets(bos) == [1, 5, 0]  # 8, eos, 9, eos and 7: the targets the loss sums
+    assert blocks.targets() == [1, 6, 0]  # GPT-2's framing: its one end-of-text token is always a target
 
 
 # ---- resuming with changed flags ---------------------------------------------------------------------------
@@ -170,13 +172,13 @@ def test_a_later_run_only_raises_the_recorded_positions(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    record_trained_positions(model, [[1] * 20], from_scratch=False, adapters=False)
+    record_trained_positions(model, TokenBlocks.from_lists([[1] * 20]), from_scratch=False, adapters=False)
     assert not hasattr(model.config, "trained_positions")  # pretrained positions: the whole context
-    record_trained_positions(model, [[1] * 32, [1] * 5], from_scratch=True, adapters=False)
+    record_trained_positions(model, TokenBlocks.from_lists([[1] * 32, [1] * 5]), from_scratch=True, adapters=False)
     assert model.config.trained_positions == 31
-    record_trained_positions(model, [[1] * 16], from_scratch=False, adapters=False)
+    record_trained_positions(model, TokenBlocks.from_lists([[1] * 16]), from_scratch=False, adapters=False)
     assert model.config.trained_positions == 31  # shorter blocks later do not untrain the rows
-    record_trained_positions(model, [[1] * 100], from_scratch=False, adapters=True)
+    record_trained_positions(model, TokenBlocks.from_lists([[1] * 100]), from_scratch=False, adapters=True)
     assert model.config.trained_positions == 31  # adapters leave the position rows as they were
-    record_trained_positions(model, [[1] * 65], from_scratch=False, adapters=False)
+    record_trained_positions(model, TokenBlocks.from_lists([[1] * 65]), from_scratch=False, adapters=False)
     assert model.config.trained_positions == 64

@@ -14,15 +14,29 @@ from flag_lists import script_flags  # noqa: E402
 OLD_CHECKPOINT = REPO / "tests" / "fixtures" / "old_checkpoint"
 # flags that scripts gained since tests/fixtures/flags.json was recorded, per command
 ADDED = {
-    "train.py": {"--config", "--split-seed"},  # a run file; the split's seed by the style report's name (--seed too)
+    "train.py": {"--config", "--split-seed"}  # a run file; the split's seed by the style report's name (--seed too)
+    | {
+        "--split-by",
+        "--keep-out",
+        "--max-steps",
+        "--whole-works",
+    },  # pretraining a base: held-out works, a kept-out author, a budget
     "inference.py": {"--config", "--few-shot", "--author", "--instruction"}  # few-shot prompting, and its split:
-    | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed"},
-    "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"},
-    "export.py": {"--config", "--model-path", "--gguf", "--gguf-type"},  # GGUF export
+    | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed", "--split-by"},
+    "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"}
+    | {"--split-by"},
+    "export.py": {"--config", "--model-path", "--gguf", "--gguf-type", "--dtype"},  # GGUF export; a bf16 folder
     "bench.py": {"--model-config"}  # was --config (still read so), which now takes a run file
     | {"--serving", "--serving-streams", "--serving-requests", "--serving-model"},  # serve.py under load
     "dataset.py build": {"--config"},
-    "dataset.py tokenizer": {"--model-config", "--split-seed"},
+    "dataset.py tokenizer": {
+        "--model-config",
+        "--split-seed",
+        "--split-by",
+        "--keep-out",
+        "--positions",
+        "--whole-works",
+    },
 }
 
 

@@ -115,7 +115,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(tiny_model_dir, to
     before = {name: p.detach().clone() for name, p in originals.items()}
     model = lora.add_lora(base, 8, 16, 0.0, ["c_attn", "c_fc"], quantized=False, base_name=str(tiny_model_dir))
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
-    batch = collate(tokenize_paragraphs(tokenizer, austen_paragraphs[:8], 64), tokenizer.pad_token_id)
+    batch = collate(tokenize_paragraphs(tokenizer, austen_paragraphs[:8], 64).tolist(), tokenizer.pad_token_id)
     losses = []
     for _ in range(8):
         loss_sum, n = lm_loss_sum(model, batch)

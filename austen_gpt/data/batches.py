@@ -10,7 +10,7 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
 
-from austen_gpt.data.tokens import example_targets, tokenize_cached, unpredicted_token
+from austen_gpt.data.tokens import TokenBlocks, tokenize_cached, unpredicted_token
 
 
 def collate(examples: list[list[int]], pad_id: int, unpredicted: int | None = None) -> dict[str, Any]:
@@ -43,7 +43,7 @@ class EpochBatches:
     is read exactly once per epoch, whatever the number of processes, and every process runs the
     same number of steps (a process whose share is empty gets an empty batch: see collate). Resuming
     at epoch N replays epoch N's order exactly; `skip` leaves out the batches already trained on.
-    `targets`: each example's prediction targets (example_targets), for window_targets.
+    `targets`: each example's prediction targets (TokenBlocks.targets), for window_targets.
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class EpochBatches:
 
 
 def batch_loader(
-    examples: list[list[int]], batch_size: int, pad_id: int, seed: int | None, unpredicted: int | None, state=None
+    examples: TokenBlocks, batch_size: int, pad_id: int, seed: int | None, unpredicted: int | None, state=None
 ):
     """This process's batches of `examples`: reshuffled per epoch from `seed` (None: in order, for validation);
     `unpredicted`: a token that is never a target (dataset.unpredicted_token).
@@ -108,7 +108,7 @@ def batch_loader(
     """
 
     state = state or PartialState()
-    targets = [example_targets(example, unpredicted) for example in examples]  # as collate labels them
+    targets = examples.targets(unpredicted)  # as collate labels them
     batches = EpochBatches(len(examples), batch_size, seed, state.process_index, state.num_processes, targets)
     return DataLoader(
         examples,

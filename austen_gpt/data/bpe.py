@@ -42,9 +42,12 @@ def train_bpe(paragraphs: list[str], vocab_size: int, special_tokens: tuple[str,
     return tokenizer
 
 
-def save_tokenizer_and_config(tokenizer, template_config: Path, out: Path, layers: int, dropout: float) -> None:
+def save_tokenizer_and_config(
+    tokenizer, template_config: Path, out: Path, layers: int, dropout: float, positions: int | None = None
+) -> None:
     """The tokenizer as a transformers fast tokenizer, and `template_config` with this vocabulary, `layers`
-    transformer blocks and `dropout` (GPT-2's embedding, attention and residual dropout)."""
+    transformer blocks, `dropout` (GPT-2's embedding, attention and residual dropout) and `positions` (None:
+    the template's)."""
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT
@@ -54,4 +57,6 @@ def save_tokenizer_and_config(tokenizer, template_config: Path, out: Path, layer
     end_of_text = fast.convert_tokens_to_ids(END_OF_TEXT)
     config.update(vocab_size=len(fast), bos_token_id=end_of_text, eos_token_id=end_of_text, n_layer=layers)
     config.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    if positions is not None:
+        config.update(n_positions=positions)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -11,6 +11,7 @@ import json
 import pickle
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,9 @@ def load_paragraphs(
 ) -> list[str]:
     """Every non-empty paragraph of --data, which may be:
 
-    a .pkl/.txt/.jsonl/.json/.csv file (also .gz- or .zst-compressed), a .parquet or .arrow
-    file, a folder of .txt files, a `Dataset.save_to_disk` folder, or a Hugging Face Hub dataset id. Records
-    and rows give their `text_column` (default: `text`, else `sentence`); `config` and `split` (default:
+    a .pkl/.txt/.jsonl/.json/.csv file (also .gz- or .zst-compressed), a .parquet or .arrow file, a folder of
+    .txt files (subfolders too, in path order), a `Dataset.save_to_disk` folder, or a Hugging Face Hub dataset id.
+    Records and rows give their `text_column` (default: `text`, else `sentence`); `config` and `split` (default:
     train) pick a Hub dataset's configuration and split, `split` also a saved DatasetDict's.
     """
 
@@ -213,13 +214,7 @@ def load_paragraphs(
         if sources.is_saved_dataset(path):
             texts = sources.texts_from_saved_dataset(path, split, text_column)
         else:
-            files = sorted(path.glob("*.txt"))
-            if not files:
-                raise UserError(
-                    f"folder {path} holds no .txt files and no saved dataset; --data takes a file, a folder of "
-                    ".txt files, a Dataset.save_to_disk folder or a Hub dataset id"
-                )
-            texts = [p for file in files for p in blank_line_paragraphs(read_text(file))]
+            texts = [p for _, work in folder_works(path) for p in work]
     elif path.is_file():
         if suffix in (".parquet", ".arrow"):
             texts = sources.texts_from_table_file(path, text_column)
@@ -243,6 +238,18 @@ def load_paragraphs(
     return paragraphs
 
 
+def folder_works(folder: Path) -> list[tuple[str, list[str]]]:
+    """(name, paragraphs) of every .txt file under `folder`, subfolders too (an author's folder of works), in
+    path order; a work's name is its path inside `folder`."""
+    files = sorted(folder.rglob("*.txt"))
+    if not files:
+        raise UserError(
+            f"folder {folder} holds no .txt files (subfolders included) and no saved dataset; --data takes a "
+            "file, a folder of .txt files, a Dataset.save_to_disk folder or a Hub dataset id"
+        )
+    return [(file.relative_to(folder).as_posix(), blank_line_paragraphs(read_text(file))) for file in files]
+
+
 def split_paragraphs(paragraphs: list[str], train_size: float, seed: int) -> tuple[list[str], list[str]]:
     """Seeded train/validation split by whole paragraph, before tokenization: no paragraph on both sides."""
     order = list(range(len(paragraphs)))
@@ -257,10 +264,91 @@ def split_paragraphs(paragraphs: list[str], train_size: float, seed: int) -> tup
     return [paragraphs[i] for i in sorted(order[:n_train])], [paragraphs[i] for i in sorted(order[n_train:])]
 
 
+def split_works(works: list[tuple[str, list[str]]], train_size: float, seed: int) -> tuple[list[str], list[str]]:
+    """(training, validation) works' names, split by whole work: works drawn in a seeded order are held out
+    until they hold 1 - train_size of the characters, so that validation is text never read, not paragraphs
+    from the middle of books trained on."""
+    order = list(range(len(works)))
+    random.Random(seed).shuffle(order)
+    sizes = [sum(len(p) for p in paragraphs) for _, paragraphs in works]
+    wanted, held, held_chars = (1 - train_size) * sum(sizes), [], 0
+    for index in order:
+        if held_chars >= wanted:
+            break
+        held.append(index)
+        held_chars += sizes[index]
+    if not 0 < len(held) < len(works):
+        raise UserError(
+            f"--split-by work: --train-size {train_size} leaves the {'training' if held else 'validation'} side "
+            f"without a work among {len(works)}; it needs two works or more and a --train-size further from 0/1"
+        )
+    val = {works[i][0] for i in held}
+    return [name for name, _ in works if name not in val], [name for name, _ in works if name in val]
+
+
+@dataclass
+class Split:
+    """The paragraphs each side trains on or validates (training: one text per work, with --whole-works), and
+    each side's works where the split is by work."""
+
+    train: list[str]
+    val: list[str]
+    train_works: list[str] = field(default_factory=list)
+    val_works: list[str] = field(default_factory=list)
+    whole_works: bool = False
+
+    def describe(self) -> str:
+        unit = "works" if self.whole_works else "paragraphs"
+        line = f"{len(self.train):,} training {unit} / {len(self.val):,} validation paragraphs"
+        if self.val_works:
+            line += f" from {len(self.train_works):,} / {len(self.val_works):,} works (held out whole)"
+        return line
+
+
+def split_data(data: DataSettings) -> Split:
+    """`data`'s paragraphs split as train.py splits them: by paragraph, or by work (data.split_by); refused if
+    they hold data.keep_out's."""
+    path = data_path(data.data)
+    if data.whole_works and data.split_by != "work":
+        raise UserError("--whole-works trains on the works of a --split-by work split: add --split-by work")
+    if data.split_by == "paragraph":
+        paragraphs = load_paragraphs(path, data.text_column, data.data_config, data.data_split)
+        refuse_kept_out(paragraphs, data.keep_out)
+        return Split(*split_paragraphs(paragraphs, data.train_size, data.seed))
+    if not Path(path).is_dir() or sources.is_saved_dataset(Path(path)):
+        raise UserError(
+            f"--split-by work needs --data to be a folder of .txt files, one per work ({path} is not); "
+            "use --split-by paragraph for other data"
+        )
+    works = folder_works(Path(path))
+    refuse_kept_out([p for _, paragraphs in works for p in paragraphs], data.keep_out)
+    train_works, val_works = split_works(works, data.train_size, data.seed)
+    held, sides = set(val_works), ([], [])
+    for name, paragraphs in works:
+        if data.whole_works and name not in held:
+            sides[0].append("\n\n".join(paragraphs))  # one document: end-of-text frames the work, not each paragraph
+        else:
+            sides[name in held].extend(paragraphs)
+    return Split(sides[0], sides[1], train_works, val_works, data.whole_works)
+
+
 def load_split(data: DataSettings) -> tuple[list[str], list[str]]:
     """(training, validation) paragraphs of `data`, split as train.py splits them."""
-    paragraphs = load_paragraphs(data_path(data.data), data.text_column, data.data_config, data.data_split)
-    return split_paragraphs(paragraphs, data.train_size, data.seed)
+    split = split_data(data)
+    return split.train, split.val
+
+
+def refuse_kept_out(paragraphs: list[str], keep_out: list[str], shortest: int = 100) -> None:
+    """Refuse `paragraphs` that hold any paragraph of `shortest` characters or more of the data in `keep_out`
+    (an author a base must never read). Short ones ("CHAPTER I", "Yes.") recur between any two books."""
+    for path in keep_out:
+        kept = {p for p in load_paragraphs(data_path(path)) if len(p) >= shortest}
+        shared = [p for p in paragraphs if len(p) >= shortest and p in kept]
+        if shared:
+            raise UserError(
+                f"--data shares {len(shared):,} paragraphs with --keep-out {path} (one begins "
+                f"{shared[0][:50]!r}): it must not read that data; remove it from --data"
+            )
 
 
 def text_chars(paragraphs: list[str]) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,31 +52,87 @@ def paragraph_frame(tokenizer) -> tuple[int, int]:
     return start, tokenizer.eos_token_id
 
 
-def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack: bool = False) -> list[list[int]]:
-    """Token blocks of at most `block_size`, tokenized in one batched call of the fast tokenizer.
+class TokenBlocks(Sequence):
+    """Token blocks held as one flat int32 tensor and each block's start and length: a corpus of tens of
+    millions of tokens costs 4 bytes a token, not the ~36 of Python lists. A block reads as a list of ints."""
+
+    def __init__(self, tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
+        self.tokens, self.starts, self.lengths = tokens, starts, lengths
+
+    @classmethod
+    def from_lists(cls, blocks: list[list[int]]) -> TokenBlocks:
+        lengths = torch.tensor([len(block) for block in blocks], dtype=torch.long)
+        starts = torch.cumsum(lengths, 0) - lengths
+        return cls(torch.tensor([t for block in blocks for t in block], dtype=torch.int32), starts, lengths)
+
+    @classmethod
+    def windows(cls, stream: torch.Tensor, block_size: int) -> TokenBlocks:
+        """chunk_with_overlap over a stream already in one tensor: windows share their one-token overlap."""
+        starts = torch.arange(0, max(len(stream) - 1, 1), block_size - 1)
+        return cls(stream, starts, torch.clamp(len(stream) - starts, max=block_size))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> list[int]:
+        start = int(self.starts[index])
+        return self.tokens[start : start + int(self.lengths[index])].tolist()
+
+    def tolist(self) -> list[list[int]]:
+        return [self[i] for i in range(len(self))]
+
+    def longest(self) -> int:
+        return int(self.lengths.max())
+
+    def targets(self, unpredicted: int | None = None) -> list[int]:
+        """Each block's prediction targets, as collate labels them: every token after the first, but
+        `unpredicted` ones (see unpredicted_token)."""
+        counts = self.lengths - 1
+        if unpredicted is not None:  # the unpredicted tokens after each block's first, from a running count
+            seen = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), (self.tokens == unpredicted).long()]), 0)
+            counts = counts - (seen[self.starts + self.lengths] - seen[self.starts + 1])
+        return counts.tolist()
+
+
+ENCODE_CHUNK = 16_384  # paragraphs per call into the tokenizer: the Python lists of one chunk live at a time
+
+
+def framed_stream(tokenizer, paragraphs: list[str], pack: bool) -> tuple[torch.Tensor, list[list[int]]]:
+    """The token ids of every paragraph framed as tokenize_paragraphs says, in one int32 tensor, encoded a
+    chunk at a time; pack=False also gives each framed paragraph's own ids (cut into blocks by the caller)."""
+    start, end = paragraph_frame(tokenizer)
+    between = [end] if start == end else [end, start]
+    pieces, framed = [torch.tensor([start], dtype=torch.int32)] if pack else [], []
+    for first in range(0, len(paragraphs), ENCODE_CHUNK):
+        encoded = encode_batch(tokenizer, paragraphs[first : first + ENCODE_CHUNK])
+        if pack:
+            pieces.append(torch.tensor([t for ids in encoded for t in (*ids, *between)], dtype=torch.int32))
+        else:
+            framed.extend([start, *ids, end] for ids in encoded)
+    if not pack:
+        return torch.zeros(0, dtype=torch.int32), framed
+    stream = torch.cat(pieces)
+    return (stream[:-1] if start != end and len(stream) > 1 else stream), framed
+
+
+def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack: bool = False) -> TokenBlocks:
+    """Token blocks of at most `block_size`, tokenized in batched calls of the fast tokenizer.
 
     pack=False: one `<start> paragraph <end>` per example (long ones cut in several), padded per batch.
     pack=True: `<start> p1 <end> <start> p2 <end> ...` in corpus order (one token between paragraphs where
     start and end are the same, as in GPT-2), cut into full blocks, so no compute is spent on padding; a
-    paragraph is read after the one before it in `paragraphs` (not its neighbour in the novel across a
-    held-out paragraph or between novels).
+    paragraph is read after the one before it in `paragraphs`: a work's paragraphs in order, as pretraining
+    reads documents (not its neighbour in the novel across a held-out paragraph).
     """
-    start, end = paragraph_frame(tokenizer)
-    encoded = encode_batch(tokenizer, paragraphs)
+    stream, framed = framed_stream(tokenizer, paragraphs, pack)
     if pack:
-        stream = [start]
-        for ids in encoded:
-            if stream[-1] != start:
-                stream.append(start)
-            stream.extend(ids)
-            stream.append(end)
-        return chunk_with_overlap(stream, block_size)
-    return [block for ids in encoded for block in chunk_with_overlap([start, *ids, end], block_size)]
+        return TokenBlocks.windows(stream, block_size)
+    return TokenBlocks.from_lists([block for ids in framed for block in chunk_with_overlap(ids, block_size)])
 
 
 def cache_key(tokenizer, paragraphs: list[str], block_size: int, pack: bool) -> str:
     """A hash of everything that decides the token blocks: the text, the tokenizer and the settings."""
-    digest = hashlib.sha256(json.dumps({"format": 1, "block_size": block_size, "pack": pack}).encode())
+    digest = hashlib.sha256(json.dumps({"format": 2, "block_size": block_size, "pack": pack}).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())  # vocabulary, merges, normalization
     digest.update(str(paragraph_frame(tokenizer)).encode())
     for paragraph in paragraphs:
@@ -86,7 +143,7 @@ def cache_key(tokenizer, paragraphs: list[str], block_size: int, pack: bool) -> 
 def tokenize_cached(tokenizer, paragraphs: list[str], block_size: int, pack: bool, cache_dir: Path | None):
     """tokenize_paragraphs, remembered in `cache_dir` under a hash of its inputs (None: no cache).
 
-    The blocks are stored as two integer tensors (torch.load(weights_only=True) reads them back); a
+    The blocks are stored as their three integer tensors (torch.load(weights_only=True) reads them back); a
     damaged entry is rebuilt, and entries are written to a temporary file and renamed into place.
     """
 
@@ -95,15 +152,14 @@ def tokenize_cached(tokenizer, paragraphs: list[str], block_size: int, pack: boo
     path = Path(cache_dir).expanduser() / f"blocks-{cache_key(tokenizer, paragraphs, block_size, pack)}.pt"
     try:
         cached = torch.load(path, weights_only=True)
-        return [chunk.tolist() for chunk in cached["tokens"].split(cached["lengths"].tolist())]
+        return TokenBlocks(cached["tokens"], cached["starts"], cached["lengths"])
     except Exception:  # missing or damaged: (re)build it
         pass
     blocks = tokenize_paragraphs(tokenizer, paragraphs, block_size, pack)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tokens = torch.tensor([t for block in blocks for t in block], dtype=torch.int32)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"tokens": tokens, "lengths": torch.tensor([len(b) for b in blocks])}, tmp)
+        torch.save({"tokens": blocks.tokens, "starts": blocks.starts, "lengths": blocks.lengths}, tmp)
         os.replace(tmp, path)
     except OSError:  # a read-only or full disk costs speed, not the run
         pass
@@ -115,10 +171,3 @@ def unpredicted_token(tokenizer) -> int | None:
     (GPT-2's one end-of-text token is both the end of a paragraph, a real target, and the next one's start)."""
     start, end = paragraph_frame(tokenizer)
     return start if start != end else None
-
-
-def example_targets(example: list[int], unpredicted: int | None = None) -> int:
-    """The prediction targets in one example, as collate labels them: every token after the first, but
-    `unpredicted` ones."""
-    targets = example[1:]
-    return len(targets) - (targets.count(unpredicted) if unpredicted is not None else 0)

@@ -42,7 +42,12 @@ TRAINER_STATE = MANIFEST_FILE  # position, metrics, settings, manifest; written 
 # Settings that decide the data split, the batches or the model: a resumed run must keep them.
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
-MUST_MATCH_ON_RESUME += ("targets_lora", "lora_dropout", "data_config", "data_split", "text_column")
+MUST_MATCH_ON_RESUME += ("targets_lora", "lora_dropout", "data_config", "data_split", "text_column", "split_by")
+MUST_MATCH_ON_RESUME += ("whole_works",)
+SINCE = {
+    "split_by": "paragraph",
+    "whole_works": False,
+}  # settings newer than some checkpoints: what those were trained with
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
 DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again
 
@@ -334,7 +339,7 @@ def check_resume_settings(
     for key in MUST_MATCH_ON_RESUME:
         if key == "targets_lora" and settings["targets_lora"] == ["auto"]:
             continue  # the checkpoint's own adapters are loaded, on the layers they were made for
-        if saved.get(key) != settings[key]:
+        if saved.get(key, SINCE.get(key)) != settings[key]:
             raise UserError(
                 f"cannot resume: {checkpoint} was trained with {flag_name(key)} {saved.get(key)}, not {settings[key]}"
             )

@@ -11,7 +11,7 @@ from austen_gpt.cli import (
     add_settings,
     read_original_resume_flags,
 )
-from austen_gpt.flags import add_precision_flag, add_sampling_flags, add_split_flags
+from austen_gpt.flags import add_corpus_flags, add_precision_flag, add_sampling_flags, add_split_flags
 from austen_gpt.settings import from_flags
 from austen_gpt.training.settings import TrainSettings
 
@@ -41,6 +41,7 @@ def add_data_flags(group) -> None:
     """The paragraphs and how they become examples."""
     # --split-seed: the style report's name for it; --seed: the original project's
     add_split_flags(group, ("--split-seed", "--seed"), "seed", "seed of the split, the data order and new weights")
+    add_corpus_flags(group)
     add_settings(group, D.data, "max_input_length", "data_cache", "packing")
 
 
@@ -52,7 +53,9 @@ def add_model_flags(group) -> None:
 
 def add_optimization_flags(group) -> None:
     """Optimizer, schedule, precision and the step's implementation."""
-    add_settings(group, D.optimization, "epochs", "batch_size", "grad_accum_steps", "lr", "eps", "weight_decay")
+    add_settings(
+        group, D.optimization, "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr", "eps", "weight_decay"
+    )
     add_settings(group, D.optimization, "warmup_steps", "max_grad_norm")
     add_precision_flag(group)
     add_settings(group, D.optimization, "gradient_checkpointing", "chunked_loss", "fused_activations", "compile")

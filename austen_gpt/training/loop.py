@@ -28,8 +28,8 @@ from austen_gpt.cli import (
     UserError,
 )
 from austen_gpt.data.batches import batch_loader, epoch_batches, validation_loader
-from austen_gpt.data.paragraphs import load_split, text_chars
-from austen_gpt.data.tokens import tokenize_cached, unpredicted_token
+from austen_gpt.data.paragraphs import Split, split_data, text_chars
+from austen_gpt.data.tokens import TokenBlocks, tokenize_cached, unpredicted_token
 from austen_gpt.flags import REPO
 from austen_gpt.models import loading
 from austen_gpt.models.device import compute_dtype, resolve_precision
@@ -78,6 +78,7 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     val_chars: int  # characters of the validation paragraphs, for bits per character
+    total_steps: int  # optimizer steps of the whole run: --epochs of them, or --max-steps if fewer
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
     style_probe: StyleProbe | None = None  # with --eval-style
 
@@ -117,10 +118,11 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
     run, state = set_up(settings)
     accelerator, model, opt = run.accelerator, run.model, settings.optimization
     n_batches, accumulate, early_stop = len(run.train_loader), opt.grad_accum_steps, False
+    cut = state.global_step >= run.total_steps  # --max-steps reached (resumed from its last checkpoint)
     casts = CastsPerStep(accelerator, run.sharded)
     model.train()
     with RunLog(logs_folder(settings), state.global_step, accelerator, flat_settings(settings)) as log:
-        for epoch in range(state.epoch, opt.epochs):
+        for epoch in range(state.epoch, opt.epochs if not cut else state.epoch):
             batches = epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
             targets = run.train_loader.batch_sampler.window_targets(accumulate)  # host integers, for each batch
             bar = progress_bar(run, batches, epoch, state.batches_in_epoch)
@@ -138,7 +140,8 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
                 skip = skip_flag(run, state, meter, targets_in_window)
                 lr = optimizer_step(model, run.optimizer, run.scheduler, accelerator, opt.max_grad_norm, skip)
                 state.global_step += 1
-                log_now, sample, evaluate, checkpoint = scheduled(settings, state, n_batches)
+                cut = state.global_step == run.total_steps and state.batches_in_epoch < n_batches  # --max-steps
+                log_now, sample, evaluate, checkpoint = scheduled(settings, state, n_batches, cut)
                 if not log_now:
                     continue  # the device runs ahead: nothing was read from it
                 log_step(run, state, log, bar, meter, lr)  # the log point
@@ -148,17 +151,18 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
                     early_stop = validate(run, state, log)
                 if save_or_stop(run, state, stop, checkpoint, f"Step_{state.global_step}"):
                     return stopped(run, state, stop, resume_cmd)
-                if early_stop:
+                if early_stop or cut:
                     break
-            if early_stop:
+            if early_stop or cut:
                 break
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             if state.last_validation_step != state.global_step:  # not yet validated at this step
                 early_stop = validate(run, state, log)
-            due = state.epoch % settings.checkpoints.save_interval == 0 or state.epoch == opt.epochs
+            finished = state.epoch == opt.epochs or state.global_step >= run.total_steps  # --max-steps at an epoch end
+            due = state.epoch % settings.checkpoints.save_interval == 0 or finished
             if save_or_stop(run, state, stop, due, f"Epoch_{state.epoch}"):
                 return stopped(run, state, stop, resume_cmd)
-            if early_stop:
+            if early_stop or finished:
                 break
         write_final_model(run, state, early_stop)
     return 0
@@ -172,15 +176,18 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
 
     processes = distributed.start_processes()
     resume = checkpoints.plan_resume(settings, processes.num_processes, processes.print)
-    train_paragraphs, val_paragraphs = load_split(settings.data)
+    split = split_data(settings.data)
+    train_paragraphs, val_paragraphs = split.train, split.val
     precision = resolve_precision(settings.optimization.precision)
     tokenizer = loading.load_tokenizer(str(resume.checkpoint or settings.model.model))
     model = trainable_model(settings, resume.checkpoint, precision, processes, tokenizer.pad_token_id)
+    loading.check_vocabulary(model, tokenizer, str(resume.checkpoint or settings.model.model))
     check_lengths(settings, model, tokenizer)
     with processes.main_process_first():  # the first process fills the token cache, the others read it
         train_loader, val_loader = make_loaders(settings, tokenizer, train_paragraphs, val_paragraphs)
     opt = settings.optimization
     total_steps = math.ceil(len(train_loader) / opt.grad_accum_steps) * opt.epochs
+    total_steps = min(total_steps, opt.max_steps) if opt.max_steps else total_steps
     checkpoints.refuse_overwrites(settings, resume, total_steps)
     record_trained_positions(model, train_loader.dataset, settings.model.from_scratch, settings.model.adapters)
     accelerator = make_accelerator(settings, precision, resume)
@@ -199,9 +206,11 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
         write_run_file(logs_folder(settings), flat_settings(settings), resolved_settings(accelerator, choices))
     val_chars = text_chars(val_paragraphs)
     run = Run(
-        settings, accelerator, model, optimizer, scheduler, tokenizer, train_loader, val_loader, val_chars, sharded
+        settings,
+        *(accelerator, model, optimizer, scheduler, tokenizer, train_loader, val_loader),
+        *(val_chars, total_steps, sharded),
     )
-    accelerator.print(describe_run(run, len(train_paragraphs), len(val_paragraphs), total_steps))
+    accelerator.print(describe_run(run, split))
     if note := window_note(unwrapped(accelerator, model)):  # samples during training keep to the trained positions
         accelerator.print(note)
     for warning in questionable_settings(settings, len(train_loader), total_steps):
@@ -283,7 +292,7 @@ def logs_folder(settings: TrainSettings) -> Path:
     return Path(settings.checkpoints.check_dir) / "logs"
 
 
-def record_trained_positions(model, examples: list[list[int]], from_scratch: bool, adapters: bool) -> None:
+def record_trained_positions(model, examples: TokenBlocks, from_scratch: bool, adapters: bool) -> None:
     """Where the positions were not pretrained, write in the model's config how many this run trains, so that
     every sampler keeps its window within them (generation.context_length), from checkpoints, best/ and
     exports alike. A block of n tokens trains positions 0 to n-2: the last one has no target, and under causal
@@ -292,7 +301,7 @@ def record_trained_positions(model, examples: list[list[int]], from_scratch: boo
     recorded = getattr(model.config, "trained_positions", None)
     if adapters or not (from_scratch or recorded):
         return
-    longest = max(len(example) for example in examples) - 1
+    longest = examples.longest() - 1
     model.config.trained_positions = max(recorded or 0, longest)
 
 
@@ -344,7 +353,7 @@ def make_loaders(settings: TrainSettings, tokenizer, train_paragraphs: list[str]
     return train_loader, val_loader
 
 
-def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
+def describe_run(run: Run, split: Split) -> str:
     """The start-of-run summary: data, model, trainable share, memory, device, batch and schedule."""
 
     settings, accelerator = run.settings, run.accelerator
@@ -358,17 +367,19 @@ def describe_run(run: Run, n_train: int, n_val: int, total_steps: int) -> str:
     if accelerator.num_processes > 1:
         distributed += f", {parallelism(accelerator)}"
     step_path = hot_path.describe(run.model, accelerator.device, compute_dtype(accelerator.mixed_precision))
+    steps_per_epoch = math.ceil(len(run.train_loader) / opt.grad_accum_steps)
+    tokens = [sum(loader.batch_sampler.targets) for loader in (run.train_loader, run.val_loader)]
     return (
-        f"data: {n_train:,} training / {n_val:,} validation paragraphs\n"
+        f"data: {split.describe()}; {tokens[0]:,} / {tokens[1]:,} tokens to predict\n"
         f"examples: {len(run.train_loader.dataset):,} training / {len(run.val_loader.dataset):,} validation of "
         f"<= {data.max_input_length} tokens ({'packed' if data.packing else 'one paragraph each'})\n"
         f"model: {settings.model.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}, {step_path}\n"
         f"batches: {effective_batch} examples per optimizer step ({opt.batch_size} x {opt.grad_accum_steps} "
-        f"accumulated x {distributed}), {total_steps // opt.epochs} steps per epoch, {total_steps} in all\n"
+        f"accumulated x {distributed}), {steps_per_epoch} steps per epoch, {run.total_steps} in all\n"
         f"schedule: AdamW lr {opt.lr:g}, linear warm-up over {opt.warmup_steps} steps, then linear decay to 0 at "
-        f"step {total_steps}"
+        f"step {run.total_steps}"
     )
 
 
@@ -386,7 +397,7 @@ def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total
             f"--eval-steps {val.eval_steps} is more than the run's {total_steps} steps: it validates at epoch ends"
         )
     steps_per_epoch = math.ceil(batches_per_epoch / opt.grad_accum_steps)
-    epoch_ends = {steps_per_epoch * e for e in range(1, opt.epochs + 1)}
+    epoch_ends = {min(steps_per_epoch * e, total_steps) for e in range(1, opt.epochs + 1)}
     every = set(range(val.eval_steps, total_steps + 1, val.eval_steps)) if val.eval_steps else set()
     validations = len(epoch_ends | every)
     if val.early_stopping_patience >= validations:
@@ -403,17 +414,20 @@ def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total
 def progress_bar(run: Run, batches, epoch: int, skip: int):
     from tqdm.auto import tqdm
 
-    epochs, disable = run.settings.optimization.epochs, not run.accelerator.is_main_process
-    description = f"epoch {epoch + 1}/{epochs}"
-    return tqdm(batches, description, total=len(run.train_loader), initial=skip, disable=disable)
+    opt, disable, n_batches = run.settings.optimization, not run.accelerator.is_main_process, len(run.train_loader)
+    steps_before = epoch * math.ceil(n_batches / opt.grad_accum_steps)
+    total = min(n_batches, (run.total_steps - steps_before) * opt.grad_accum_steps)  # --max-steps may end it early
+    return tqdm(batches, f"epoch {epoch + 1}/{opt.epochs}", total=total, initial=skip, disable=disable)
 
 
-def scheduled(settings: TrainSettings, state, n_batches: int) -> tuple[bool, bool, bool, bool]:
+def scheduled(settings: TrainSettings, state, n_batches: int, cut: bool) -> tuple[bool, bool, bool, bool]:
     """(a log point, a sample, a validation, a checkpoint) after this step. Samples, validations and
-    checkpoints need the host anyway, so each is a log point too, as is an epoch's last step."""
+    checkpoints need the host anyway, so each is a log point too, as is an epoch's last step. `cut`: the run
+    ends here, mid-epoch (--max-steps), so it validates and checkpoints here as an epoch's end would."""
     step, val = state.global_step, settings.validation
     every = (settings.samples.sample_every, val.eval_steps, settings.checkpoints.save_steps)
     sample, evaluate, checkpoint = (due(n, step) for n in every)
+    evaluate, checkpoint = evaluate or cut, checkpoint or cut
     last = state.batches_in_epoch == n_batches
     return due(val.log_every, step) or sample or evaluate or checkpoint or last, sample, evaluate, checkpoint
 

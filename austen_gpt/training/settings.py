@@ -29,6 +29,9 @@ class OptimizationSettings:
 
     epochs: int = 4
     """passes over the training paragraphs"""
+    max_steps: int = 0
+    """end the run after N optimizer steps, mid-epoch if need be, validated and checkpointed there (Step_N); the
+    schedule decays to 0 at that step. 0: --epochs decide. For a budget on a large corpus (pretraining)"""
     batch_size: int = 8
     """examples per batch and device"""
     grad_accum_steps: int = 1
@@ -146,6 +149,7 @@ def check_settings(s: TrainSettings) -> None:
     rules = [
         (opt.batch_size >= 1, "--batch-size must be at least 1"),
         (opt.epochs >= 1, "--epochs must be at least 1"),
+        (opt.max_steps >= 0, "--max-steps must be 0 (off: --epochs decide) or more"),
         (opt.lr > 0, "--lr must be positive"),
         (0 < data.train_size < 1, "--train-size must be between 0 and 1, e.g. 0.9"),
         *sampling_rules(samples.top_k, samples.top_p),
