@@ -212,3 +212,21 @@ def test_a_bf16_copy_is_half_the_size_and_trains_in_fp32(tmp_path, tiny_model_di
     assert run.returncode == 0, run.stderr[-3000:]
     with safe_open(tmp_path / "out/model.safetensors", "pt") as trained:  # updated as fp32 master weights
         assert {trained.get_tensor(name).dtype for name in trained.keys()} == {torch.float32}
+
+
+def test_the_recipe_script_asks_each_step_for_what_it_has():
+    """scripts/pretrain_base.sh runs for 90 minutes: a typo in a late step's flags must fail here, not at its end."""
+    import shlex
+
+    import export
+    from austen_gpt.training.flags import parse_args
+
+    script = (REPO / "scripts/pretrain_base.sh").read_text()
+    lines = {shlex.split(line)[1]: shlex.split(line)[2:] for line in script.splitlines() if line.startswith("python ")}
+    assert list(lines) == ["dataset.py", "train.py", "export.py", "scripts/base_numbers.py"]
+    fill = {'"$corpus"': "corpus", '"$staged"': "staged", "$corpus": "corpus", "$staged": "staged"}
+    train = parse_args([fill.get(a, a) for a in lines["train.py"]])
+    assert train.split_by == "work" and train.whole_works and train.max_steps > 0 and train.data == "corpus"
+    assert export.parse_args([fill.get(a, a) for a in lines["export.py"]]).dtype == "bf16"
+    helped = run_script("scripts/base_numbers.py", "--help", cwd=REPO)
+    assert helped.returncode == 0 and "held-out works" in helped.stdout

@@ -74,7 +74,9 @@ class TokenBlocks(Sequence):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def __getitem__(self, index: int) -> list[int]:
+    def __getitem__(self, index: int | slice) -> list[int] | list[list[int]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         start = int(self.starts[index])
         return self.tokens[start : start + int(self.lengths[index])].tolist()
 
