@@ -96,25 +96,19 @@ class TokenBlocks(Sequence):
         return counts.tolist()
 
 
-ENCODE_CHUNK = 16_384  # paragraphs per call into the tokenizer: the Python lists of one chunk live at a time
+ENCODE_CHUNK = 16_384  # paragraphs per call into the tokenizer when packing: one chunk's Python lists at a time
 
 
-def framed_stream(tokenizer, paragraphs: list[str], pack: bool) -> tuple[torch.Tensor, list[list[int]]]:
-    """The token ids of every paragraph framed as tokenize_paragraphs says, in one int32 tensor, encoded a
-    chunk at a time; pack=False also gives each framed paragraph's own ids (cut into blocks by the caller)."""
+def packed_stream(tokenizer, paragraphs: list[str]) -> torch.Tensor:
+    """`<start> p1 <end> <start> p2 <end> ...` in one int32 tensor, encoded ENCODE_CHUNK paragraphs at a time."""
     start, end = paragraph_frame(tokenizer)
     between = [end] if start == end else [end, start]
-    pieces, framed = [torch.tensor([start], dtype=torch.int32)] if pack else [], []
+    pieces = [torch.tensor([start], dtype=torch.int32)]
     for first in range(0, len(paragraphs), ENCODE_CHUNK):
         encoded = encode_batch(tokenizer, paragraphs[first : first + ENCODE_CHUNK])
-        if pack:
-            pieces.append(torch.tensor([t for ids in encoded for t in (*ids, *between)], dtype=torch.int32))
-        else:
-            framed.extend([start, *ids, end] for ids in encoded)
-    if not pack:
-        return torch.zeros(0, dtype=torch.int32), framed
+        pieces.append(torch.tensor([t for ids in encoded for t in (*ids, *between)], dtype=torch.int32))
     stream = torch.cat(pieces)
-    return (stream[:-1] if start != end and len(stream) > 1 else stream), framed
+    return stream[:-1] if start != end and len(stream) > 1 else stream  # no start token after the last end
 
 
 def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack: bool = False) -> TokenBlocks:
@@ -126,10 +120,13 @@ def tokenize_paragraphs(tokenizer, paragraphs: list[str], block_size: int, pack:
     paragraph is read after the one before it in `paragraphs`: a work's paragraphs in order, as pretraining
     reads documents (not its neighbour in the novel across a held-out paragraph).
     """
-    stream, framed = framed_stream(tokenizer, paragraphs, pack)
     if pack:
-        return TokenBlocks.windows(stream, block_size)
-    return TokenBlocks.from_lists([block for ids in framed for block in chunk_with_overlap(ids, block_size)])
+        return TokenBlocks.windows(packed_stream(tokenizer, paragraphs), block_size)
+    start, end = paragraph_frame(tokenizer)
+    encoded = encode_batch(tokenizer, paragraphs)
+    return TokenBlocks.from_lists(
+        [block for ids in encoded for block in chunk_with_overlap([start, *ids, end], block_size)]
+    )
 
 
 def cache_key(tokenizer, paragraphs: list[str], block_size: int, pack: bool) -> str:
