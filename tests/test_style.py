@@ -260,6 +260,25 @@ def test_data_cut_into_other_paragraphs_than_the_novels_is_refused(tmp_path):
         build_references(settings.references, settings.seed, train, val, 40)
 
 
+def test_an_author_of_one_novel_gets_a_classifier_that_is_said_to_be_unvalidated(tmp_path):
+    """--author-novels may be one novel's file: its author's P(author) classifier is fit on her held-out share
+    as any author's, but no novel of hers is left to validate it on, so none is claimed."""
+    from austen_gpt.data.paragraphs import load_paragraphs, split_paragraphs
+
+    raw_openings(REPO / "data/contrast", tmp_path / "contrast", 400)
+    raw_openings(REPO / "data/austen", tmp_path / "austen", 150)
+    novel = tmp_path / "contrast/jane_eyre.txt"
+    args = ["--models", "unused", "--data", str(novel), "--author-novels", str(novel), "--train-size", "0.6"]
+    settings = report_settings(parse_args(args + ["--contrast-novels", str(tmp_path / "austen")]))
+    train, val = split_paragraphs(load_paragraphs(settings.data.data), settings.data.train_size, settings.data.seed)
+    refs = build_references(settings.references, settings.seed, train, val, 40)
+    assert list(refs.classifier_novels) == list(load_novels(novel)) and len(refs.classifier_novels) == 1
+    assert refs.classifier.heldout_by_novel == {} and not refs.classifier.reliable
+    hers = refs.classifier.p_author(refs.held_out["author row"][:30])
+    theirs = refs.classifier.p_author([p for ps in refs.contrast_held_out.values() for p in ps][:30])
+    assert sum(hers) / len(hers) > sum(theirs) / len(theirs) + 0.2  # it still tells her from the contrast
+
+
 def test_the_two_sample_folds_keep_each_prompts_continuations_together():
     """Continuations of a prompt share what it sets going: with them on both sides of a split the classifier
     learns it and tells them from the author however well they are written. Here each prompt's texts share a

@@ -19,9 +19,9 @@ class ReferenceSettings:
     """The author's and the contrast novels, and the measures' own parameters."""
 
     author_novels: str = str(REPO / "data/austen")
-    """a folder of the author's novels (.txt)"""
+    """a folder of the author's novels (.txt), or her one novel's file"""
     contrast_novels: str = str(REPO / "data/contrast")
-    """a folder of other authors' novels (.txt)"""
+    """a folder of other authors' novels (.txt), two or more"""
     ngram: int = 8
     """the word n-gram length of the copying measure"""
     mfw: int = 150

@@ -49,8 +49,9 @@ def words(text: str) -> list[str]:
 
 
 def load_novels(folder: str | Path) -> dict[str, list[str]]:
-    """Title -> paragraphs of every `*.txt` novel in `folder` (title pages and headings removed)."""
-    files = sorted(Path(folder).glob("*.txt"))
+    """Title -> paragraphs of every `*.txt` novel in `folder`, or of the one novel a file is (title pages and
+    headings removed)."""
+    files = [Path(folder)] if Path(folder).is_file() else sorted(Path(folder).glob("*.txt"))
     if not files:
         raise UserError(f"no .txt novels in {folder}; point the flag at a folder of plain-text novels")
     return {novel_title(path): novel_paragraphs(read_text(path)) for path in files}
