@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.adapter:
         raise UserError(f"{source} is not an adapter folder (no {lora.ADAPTER_CONFIG}); pass a LoRA run's output")
     else:
-        model, done = load_model(source), f"copied {source}"
+        model, done = load_model(source, dtype=torch.float32), f"copied {source}"
     model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
     save_model_folder(out, model, load_tokenizer(source), replace=args.overwrite)
     print(f"{done}: {out} ({args.dtype})")
@@ -87,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def merged_model(adapters: str, base_model: str | None):
     """(the base's name, the adapters merged into it loaded in fp32)."""
+    import torch
+
     from austen_gpt.models import lora
     from austen_gpt.models.loading import load_model
 
     base = base_model or lora.adapter_base_model(adapters)
     try:
-        model = load_model(base)
+        # fp32 whatever the base's checkpoint holds (the shipped base is bf16): merged in bf16, the adapters'
+        # small updates would be rounded away; --dtype rounds the merged weights once, at the end
+        model = load_model(base, dtype=torch.float32)
     except UserError as err:
         raise UserError(f"the adapters in {adapters} need their base model {base}: {err}; pass --base-model") from None
     return base, lora.load_lora(model, Path(adapters), quantized=False, trainable=False).merge_and_unload()
