@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -214,19 +215,47 @@ def test_a_bf16_copy_is_half_the_size_and_trains_in_fp32(tmp_path, tiny_model_di
         assert {trained.get_tensor(name).dtype for name in trained.keys()} == {torch.float32}
 
 
-def test_the_recipe_script_asks_each_step_for_what_it_has():
-    """scripts/pretrain_base.sh runs for 90 minutes: a typo in a late step's flags must fail here, not at its end."""
+def script_commands(script: str) -> list[tuple[str, list[str]]]:
+    """(script run, its arguments) of each `python` line of a shell script (continued lines joined, an
+    environment prefix or `time` dropped, cut at a pipe), shell variables filled in with plain words."""
     import shlex
 
+    text = (REPO / script).read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line.split(" | ")[0].split(" 2>&1")[0], comments=True)
+        while words and (words[0] == "time" or "=" in words[0]):
+            words = words[1:]
+        if words[:1] == ["python"]:
+            commands.append((words[1], [re.sub(r"\$\{?(\w+)\}?", lambda m: m.group(1), word) for word in words[2:]]))
+    return commands
+
+
+def test_the_recipe_scripts_ask_each_step_for_what_it_has():
+    """scripts/pretrain_base.sh runs for 45 minutes to 2 hours, scripts/gpu_pretrain.sh on a lent GPU: a typo in a
+    late step's flags must fail here, not at its end."""
     import export
+    import style_report
     from austen_gpt.training.flags import parse_args
 
-    script = (REPO / "scripts/pretrain_base.sh").read_text()
-    lines = {shlex.split(line)[1]: shlex.split(line)[2:] for line in script.splitlines() if line.startswith("python ")}
-    assert list(lines) == ["dataset.py", "train.py", "export.py", "scripts/base_numbers.py"]
-    fill = {'"$corpus"': "corpus", '"$staged"': "staged", "$corpus": "corpus", "$staged": "staged"}
-    train = parse_args([fill.get(a, a) for a in lines["train.py"]])
-    assert train.split_by == "work" and train.whole_works and train.max_steps > 0 and train.data == "corpus"
-    assert export.parse_args([fill.get(a, a) for a in lines["export.py"]]).dtype == "bf16"
+    cpu = dict(script_commands("scripts/pretrain_base.sh"))
+    assert list(cpu) == ["dataset.py", "train.py", "export.py", "scripts/base_numbers.py"]
+    train = parse_args(cpu["train.py"])
+    assert train.split_by == "work" and train.whole_works and train.epochs == 1 and train.data == "corpus"
+    assert export.parse_args(cpu["export.py"]).dtype == "bf16"
     helped = run_script("scripts/base_numbers.py", "--help", cwd=REPO)
     assert helped.returncode == 0 and "held-out works" in helped.stdout
+
+    gpu = script_commands("scripts/gpu_pretrain.sh")
+    assert [name for name, _ in gpu] == ["train.py", "train.py", "style_report.py"]
+    pretrain, fine_tune = (parse_args(arguments) for _, arguments in gpu[:2])
+    assert (pretrain.split_by, pretrain.whole_works, pretrain.from_scratch) == ("work", True, True)
+    assert pretrain.keep_out == train.keep_out and pretrain.train_size == train.train_size
+    assert pretrain.model == "models/base-small-init" and pretrain.output_dir == "models/base-small"
+    assert fine_tune.model == "models/base-small" and not fine_tune.from_scratch
+    report = style_report.parse_args(gpu[2][1])
+    assert report.models == ["models/base-small", "models/austen-small"] and report.few_shot == [0, 3, 10]
+    small = json.loads((REPO / "configs/base-small/config.json").read_text())
+    tiny = json.loads((REPO / "configs/base-tiny/config.json").read_text())
+    assert (small["n_layer"], small["n_embd"], small["n_positions"]) == (12, 768, 1024)  # GPT-2 small's shape
+    assert small["vocab_size"] == tiny["vocab_size"]  # the script gives it the shipped base's tokenizer
