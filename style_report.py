@@ -1,7 +1,7 @@
 """Does the model write like the author, or is it copying her? A style report for models and texts.
 
   python style_report.py --models gpt2 models/austen-gpt2 --names base fine-tuned --out reports/gpt2
-  python style_report.py --models configs/austen-tiny models/austen-tiny --from-scratch --names untrained trained  # CPU
+  python style_report.py --models configs/austen-tiny models/austen-tiny-scratch --from-scratch --names random trained
   python style_report.py --texts chat=llama-samples.jsonl pastiche=pastiche.txt --out reports/others
   python style_report.py --models models/austen-gpt2 --few-shot-models gpt2 Qwen/Qwen2.5-0.5B-Instruct --few-shot 0 3 10
 

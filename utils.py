@@ -13,7 +13,7 @@ notebook takes the run's typed settings, with train.py's defaults for what they 
     from austen_gpt.training.loop import train
     from austen_gpt.training.settings import CheckpointSettings, OptimizationSettings, TrainSettings
 
-    train(TrainSettings(model=ModelSettings("configs/austen-tiny", from_scratch=True),
+    train(TrainSettings(model=ModelSettings("configs/base-tiny"),
                         optimization=OptimizationSettings(epochs=1),
                         checkpoints=CheckpointSettings(output_dir="models/austen-tiny")))
 """

@@ -274,10 +274,20 @@ def test_a_run_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
         0.003,
         ["", "A"],
     )
-    quickstart = vars(parse_args(["--config", str(REPO / "configs/quickstart.yaml")]))
-    spelled_out = "--model configs/austen-tiny --from-scratch --epochs 2 --max-input-length 128 --batch-size 16 "
-    spelled_out += "--lr 3e-3 --check-dir Checkpoints/tiny --output-dir models/austen-tiny"
-    assert {**quickstart, "config": None} == vars(parse_args(spelled_out.split()))
+    same = "--epochs 2 --max-input-length 128 --batch-size 16"
+    for run_file, spelled_out in [
+        (
+            "quickstart.yaml",
+            f"--model configs/base-tiny {same} --lr 1e-3 --check-dir Checkpoints/tiny --output-dir models/austen-tiny",
+        ),
+        (
+            "quickstart-scratch.yaml",
+            f"--model configs/austen-tiny --from-scratch {same} --lr 3e-3 --check-dir Checkpoints/tiny-scratch "
+            "--output-dir models/austen-tiny-scratch",
+        ),
+    ]:
+        from_file = vars(parse_args(["--config", str(REPO / "configs" / run_file)]))
+        assert {**from_file, "config": None} == vars(parse_args(spelled_out.split())), run_file
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ From a notebook, with no command line:
     from austen_gpt.training.settings import TrainSettings, OptimizationSettings
     from austen_gpt.training.loop import train
 
-    train(TrainSettings(model=ModelSettings("configs/austen-tiny", from_scratch=True),
+    train(TrainSettings(model=ModelSettings("configs/base-tiny"),
                         optimization=OptimizationSettings(epochs=1)))
 """
 
