@@ -81,6 +81,8 @@ def test_the_quickstarts_fine_tune_of_the_base_lowers_its_austen_loss(small_data
     """configs/quickstart.yaml as it is (its model a path relative to the repository), for 8 steps."""
     before, after = austen_loss_before_and_after(small_data, tmp_path, "--config", "configs/quickstart.yaml")
     assert after < before - 0.03, (before, after)
+    with safe_open(tmp_path / "out/model.safetensors", "pt") as trained:  # the bf16 base trained as fp32 weights
+        assert {trained.get_slice(name).get_dtype() for name in trained.keys()} == {"F32"}
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, assert_user_error, run_script, train_args
+from safetensors import safe_open
 
 from austen_gpt.cli import UserError
 from austen_gpt.data.paragraphs import blank_line_paragraphs, folder_works, refuse_kept_out, split_data
@@ -186,33 +187,17 @@ def test_whole_works_train_on_each_work_as_one_document_and_validate_by_paragrap
         split_data(DataSettings(data=str(SLICE), whole_works=True))
 
 
-@pytest.mark.slow
-def test_a_bf16_copy_is_half_the_size_and_trains_in_fp32(tmp_path, tiny_model_dir, small_data):
-    from safetensors import safe_open
+def test_a_bf16_copy_is_half_the_size(tmp_path, tiny_model_dir):
+    """export.py --dtype bf16, as the recipe ships the base; that training reads such a copy back as fp32 master
+    weights, tests/test_base.py checks on the shipped base itself."""
+    import export
 
     copy = tmp_path / "bf16"
-    result = run_script(
-        "export.py", "--model-path", str(tiny_model_dir), "--out", str(copy), "--dtype", "bf16", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert export.main(["--model-path", str(tiny_model_dir), "--out", str(copy), "--dtype", "bf16"]) == 0
     full, half = (folder / "model.safetensors" for folder in (tiny_model_dir, copy))
     assert half.stat().st_size < 0.55 * full.stat().st_size
-    flags = [
-        "--epochs",
-        "1",
-        "--max-steps",
-        "2",
-        "--max-input-length",
-        "64",
-        "--sample-every",
-        "0",
-        "--report-to",
-        "none",
-    ]
-    run = run_script("train.py", *train_args(tmp_path, copy, small_data, *flags, "--precision", "fp32"), cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    with safe_open(tmp_path / "out/model.safetensors", "pt") as trained:  # updated as fp32 master weights
-        assert {trained.get_tensor(name).dtype for name in trained.keys()} == {torch.float32}
+    with safe_open(half, "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
 
 
 def script_commands(script: str) -> list[tuple[str, list[str]]]:
