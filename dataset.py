@@ -2,7 +2,7 @@
 
     python dataset.py build                      # data/austen/*.txt -> austen_dataset.pkl
     python dataset.py build --src novels/ --out my_author.pkl
-    python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE and the quickstart model
+    python dataset.py tokenizer                  # configs/austen-tiny: a 4K BPE of Austen and a small model
     python dataset.py tokenizer --config configs/base-tiny-tokenizer.yaml   # the offline base's, on gutenberg/
 
 How a paragraph becomes a training example: austen_gpt/data/tokens.py and data/README.md.

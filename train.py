@@ -1,7 +1,7 @@
 """Fine-tune a causal language model on one author's paragraphs (default: GPT-2 on Jane Austen's six novels).
 
   python train.py                                                        # gpt2, austen_dataset.pkl, 4 epochs
-  python train.py --model configs/austen-tiny --from-scratch --epochs 2  # offline CPU quickstart
+  python train.py --config configs/quickstart.yaml                       # offline CPU: the shipped base
   python train.py --resume                                               # continue after an interruption
 
 Settings first, then set-up (everything that can fail on bad input fails there, before any work or

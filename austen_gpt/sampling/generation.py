@@ -5,7 +5,7 @@ Long texts slide a window: the model reads the whole prompt and writes until its
 newest WINDOW_KEPT of the context is encoded again as the new start and the writing goes on. The new tokens
 are only ever appended, so nothing is repeated or lost at a seam; what changes is how far back the model
 sees: all of the text until it fills the context, then at least the newest 3/4 of a context (768 tokens for
-GPT-2, 192 for the quickstart's 256) and at most a whole one. Only a prompt that leaves no room to write (as
+GPT-2, 192 for configs/austen-tiny's 256) and at most a whole one. Only a prompt that leaves no room to write (as
 long as the context) is read from its newest 3/4 at once, and `prompt_cut_note` says so. Each row keeps its
 own window, so a row of a batch sees what it would see alone.
 
