@@ -1,0 +1,93 @@
+"""The reranking judge (austen_gpt/style/judge.py): fit on the training split only, saved without pickle and
+reloaded to the same scores, refused when damaged or fit for another model, and the choice among candidates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from austen_gpt.cli import UserError
+from austen_gpt.data.paragraphs import load_split
+from austen_gpt.sampling.generation import sample_prompts
+from austen_gpt.sampling.loading import load_for_sampling
+from austen_gpt.settings import DataSettings, SamplingSettings
+from austen_gpt.style import judge
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model_dir, tokenizer):
+    """A judge of the tiny random model against Austen: 40 openings of her training split."""
+    model = load_for_sampling(str(tiny_model_dir))
+    train, val = load_split(DataSettings())
+    openings = judge.judged_openings(train, 40, seed=3)
+    settings = SamplingSettings(max_new_tokens=40, paragraphs=1)
+    generated = [texts[0] for texts in sample_prompts(model, tokenizer, [p for p, _ in openings], 1, settings, 7)]
+    record = {"fingerprint": judge.weights_fingerprint(str(tiny_model_dir))}
+    return model, judge.fit_judge(model, tokenizer, openings, generated, 48, record), openings, generated, train, val
+
+
+def test_its_texts_come_from_the_training_split_only(fitted):
+    _, _, openings, _, train, val = fitted
+    texts = [prompt + rest for prompt, rest in openings]
+    assert len(set(texts)) == 40 and set(texts) <= set(train) and not set(texts) & set(val)
+    assert judge.judged_openings(train, 40, seed=3) == openings  # a function of the seed
+    with pytest.raises(UserError, match="fitting a judge needs 4 training paragraphs"):
+        judge.judged_openings(["Too short."] * 10, 5, seed=0)
+
+
+def test_it_tells_the_authors_text_from_the_models(fitted, tokenizer):
+    model, fit, openings, generated, _, _ = fitted
+    assert fit.record["pairs"] == 40 and fit.record["held_out_accuracy"] >= 0.9  # a random model: easy to tell
+    real = judge.text_features(model, tokenizer, [p + r for p, r in openings], 48)
+    own = judge.text_features(model, tokenizer, generated, 48)
+    assert (fit.log_odds(real) > 0).float().mean() > 0.9 and (fit.log_odds(own) < 0).float().mean() > 0.9
+
+
+def test_it_reloads_from_its_safe_files_to_the_same_scores(fitted, tokenizer, tiny_model_dir, tmp_path):
+    model, fit, _, generated, _, _ = fitted
+    fit.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.json", "judge.safetensors"]
+    again = judge.Judge.load(tmp_path, judge.weights_fingerprint(str(tiny_model_dir)))
+    features = judge.text_features(model, tokenizer, generated, 48)
+    assert torch.equal(again.log_odds(features), fit.log_odds(features)) and again.record == fit.record
+    assert judge.Judge.load(tmp_path / "none", "any") is None  # no judge saved: one is fit
+
+
+def test_a_damaged_judge_or_one_for_another_model_is_refused(fitted, tiny_model_dir, tmp_path):
+    _, fit, _, _, _, _ = fitted
+    fingerprint = judge.weights_fingerprint(str(tiny_model_dir))
+    fit.save(tmp_path)
+    with pytest.raises(UserError, match="was fit for another model"):
+        judge.Judge.load(tmp_path, "0" * 64)
+    tensors = tmp_path / judge.JUDGE_TENSORS
+    tensors.write_bytes(tensors.read_bytes()[:-9])
+    with pytest.raises(UserError, match=r"is damaged .*delete"):
+        judge.Judge.load(tmp_path, fingerprint)
+    fit.save(tmp_path)
+    (tmp_path / judge.JUDGE_RECORD).write_text("{not json")
+    with pytest.raises(UserError, match="is damaged"):
+        judge.Judge.load(tmp_path, fingerprint)
+
+
+def test_the_fingerprint_follows_the_weights(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert judge.weights_fingerprint(str(copy)) == judge.weights_fingerprint(str(tiny_model_dir))
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert judge.weights_fingerprint(str(copy)) != judge.weights_fingerprint(str(tiny_model_dir))
+    assert judge.weights_fingerprint("gpt2") == "hub:gpt2"
+
+
+def test_the_choice_is_the_best_or_a_reproducible_draw_by_the_odds():
+    log_odds = torch.tensor([0.0, 3.0, -1.0, 2.5])
+    assert judge.choose(log_odds, "best", 1.0, torch.Generator().manual_seed(0)) == 1
+    draws = [judge.choose(log_odds, "sample", 1.0, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert draws == [judge.choose(log_odds, "sample", 1.0, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert set(draws) <= {0, 1, 2, 3} and draws.count(1) > draws.count(3) > draws.count(0) > draws.count(2)
+    cold = [judge.choose(log_odds, "sample", 0.05, torch.Generator().manual_seed(s)) for s in range(50)]
+    assert set(cold) == {1}  # a low temperature is the best
