@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # imported where used: torch and transformers take seconds, -
     from austen_gpt.sampling.few_shot import FewShot
 
 SAMPLING = SamplingSettings()  # the sampling flags' defaults and types
+MAX_RERANK = 64  # --rerank's candidates per sample: each is a whole sample, drawn, held and scored
 
 
 def build_parser() -> ArgumentParser:
@@ -83,6 +84,26 @@ def build_parser() -> ArgumentParser:
     add_split_flags(
         few, ("--split-seed",), "split_seed", "train.py's --seed: the excerpts come from its training split"
     )
+    judged = p.add_argument_group(
+        "reranking: keep the candidate a judge finds most like the author (docs/inference.md)"
+    )
+    add_flag(
+        judged,
+        "--rerank",
+        type=int,
+        default=1,
+        metavar="N",
+        help="draw N candidates for each sample and keep one by the model's judge of the author's text against its "
+        "own (fit on the training split the first time and saved beside the model); 1: every sample as drawn",
+    )
+    add_flag(
+        judged,
+        "--rerank-choice",
+        choices=("sample", "best"),
+        default="sample",
+        help="sample: a candidate drawn in proportion to the judge's odds; best: the likeliest (less varied)",
+    )
+    add_flag(judged, "--rerank-temperature", type=float, default=1.0, help="sample's temperature on the odds")
     add_flag(p, "--base-model", default=None, help="base model of an adapter folder (default: its adapter_config.json)")
     add_bool_flag(p, "--load-in-4bit", help="quantize the (base) model to 4-bit NF4 with bitsandbytes")
     add_original_qlora_flag(p)
@@ -121,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         [
             (not (args.interactive and args.prompts_file), "--interactive and --prompts-file: choose one"),
             (args.few_shot is None or args.few_shot >= 0, "--few-shot must be 0 or more excerpts"),
+            (1 <= args.rerank <= MAX_RERANK, f"--rerank must be 1 to {MAX_RERANK} candidates a sample"),
+            (args.rerank_temperature > 0, "--rerank-temperature must be positive, e.g. 1.0"),
+            (
+                args.rerank == 1 or not (args.interactive or args.few_shot is not None),
+                "--rerank works with --prompt and --prompts-file; --interactive and --few-shot do not rerank yet",
+            ),
         ]
     )
     quiet_libraries()
@@ -149,7 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     settings, where = sampling_of_run(args.model_path, settings, parser.given_dests(argv))
     print(where, file=sys.stderr)
     tokenizer = tokenizer or load_tokenizer(args.model_path)
+    judge = rerank_judge(args, parser.given_dests(argv), model, tokenizer, settings) if args.rerank > 1 else None
+    if judge:
+        prompt_flags += ("--rerank", str(args.rerank), "--rerank-choice", args.rerank_choice)
+        prompt_flags += ("--rerank-temperature", str(args.rerank_temperature))
     source = records.Source(args.model_path, args.base_model, args.load_in_4bit, prompt_flags)
+
+    def kept(prompt: str, candidates: list[str]) -> list[str]:
+        """The samples: as drawn, or one of each --rerank candidates, by the judge."""
+        if judge is None:
+            return candidates
+        from austen_gpt.sampling.generation import prompt_ids
+        from austen_gpt.style.judge import keep_one_in
+
+        ids, how, heat = prompt_ids(tokenizer, prompt), args.rerank_choice, args.rerank_temperature
+        return keep_one_in(args.rerank, candidates, judge, model, tokenizer, ids, how, heat, seed)
 
     def keep(prompt: str, texts: list[str], settings, seed: int, prompts_file: str | None = None, few=None) -> None:
         if output:
@@ -172,18 +213,41 @@ def main(argv: list[str] | None = None) -> int:
             keep(prompt, texts, settings, seed, args.prompts_file, record)
         return 0
     if not args.prompts_file:
-        texts = generate_paragraphs(model, tokenizer, args.prompt, args.n_return_seqs, settings, seed)
+        candidates = generate_paragraphs(
+            model, tokenizer, args.prompt, args.n_return_seqs * args.rerank, settings, seed
+        )
+        texts = kept(args.prompt, candidates)
         print("\n\n".join(f"{number}. {text}" for number, text in enumerate(texts, 1)) + "\n")
         keep(args.prompt, texts, settings, seed)
         return 0
     print(f"{len(prompts)} prompts x {args.n_return_seqs} samples, up to {rows_per_call(model)} in one call")
-    for number, (prompt, texts) in enumerate(
-        zip(prompts, sample_prompts(model, tokenizer, prompts, args.n_return_seqs, settings, seed), strict=True), 1
-    ):
+    drawn = sample_prompts(model, tokenizer, prompts, args.n_return_seqs * args.rerank, settings, seed)
+    for number, (prompt, candidates) in enumerate(zip(prompts, drawn, strict=True), 1):
+        texts = kept(prompt, candidates)
         print(f"\n[{number}/{len(prompts)}] {prompt}\n")
         print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)))
         keep(prompt, texts, settings, seed, args.prompts_file)
     return 0
+
+
+def run_split(args: argparse.Namespace, given: set[str]):
+    """The split the samples draw on (--few-shot's excerpts, --rerank's judge): the model's run's own where it is
+    a run's output (flags given override it), else the flags'."""
+    from austen_gpt.settings import DataSettings
+    from austen_gpt.style.report import take_split_from_runs
+
+    data = from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed}))
+    given = {"seed" if dest == "split_seed" else dest for dest in given}
+    return take_split_from_runs(data, [args.model_path], given)[0]
+
+
+def rerank_judge(args: argparse.Namespace, given: set[str], model, tokenizer, settings):
+    """--rerank's judge of the model: saved beside it, or fit now on its training split."""
+    from austen_gpt.data.paragraphs import load_split
+    from austen_gpt.style.judge import judge_for
+
+    data = run_split(args, given)
+    return judge_for(args.model_path, model, tokenizer, load_split(data)[0], str(data.data), settings, data.seed)
 
 
 def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tuple[FewShot | None, tuple[str, ...]]:
@@ -196,12 +260,8 @@ def few_shot_setup(args: argparse.Namespace, given: set[str], tokenizer) -> tupl
     from austen_gpt.data.paragraphs import load_split
     from austen_gpt.models.saving import run_settings
     from austen_gpt.sampling.few_shot import FewShot, chat_instruction, has_chat_template
-    from austen_gpt.settings import DataSettings
-    from austen_gpt.style.report import take_split_from_runs
 
-    data = from_flags(DataSettings, argparse.Namespace(**{**vars(args), "seed": args.split_seed}))
-    given = {"seed" if dest == "split_seed" else dest for dest in given}
-    data, _ = take_split_from_runs(data, [args.model_path], given)
+    data = run_split(args, given)
     train, _ = load_split(data)
     if args.few_shot > len(train):
         raise UserError(f"--few-shot {args.few_shot}: the training split has only {len(train)} passages; ask for fewer")

@@ -22,7 +22,8 @@ ADDED = {
         "--whole-works",
     },  # pretraining a base: held-out works, a kept-out author, a budget
     "inference.py": {"--config", "--few-shot", "--author", "--instruction"}  # few-shot prompting, and its split:
-    | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed", "--split-by"},
+    | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed", "--split-by"}
+    | {"--rerank", "--rerank-choice", "--rerank-temperature"},  # reranking by a judge of the model
     "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"}
     | {"--split-by"},
     "export.py": {"--config", "--model-path", "--gguf", "--gguf-type", "--dtype"},  # GGUF export; a bf16 folder

@@ -1,5 +1,6 @@
-"""The reranking judge (austen_gpt/style/judge.py): fit on the training split only, saved without pickle and
-reloaded to the same scores, refused when damaged or fit for another model, and the choice among candidates."""
+"""The reranking judge (austen_gpt/style/judge.py) and inference.py --rerank: the judge is fit on the training split
+only, saved without pickle and reloaded to the same scores, refused when damaged or fit for another model; the
+choice among candidates; --rerank 1 is sampling as it was, --rerank N keeps one of its N candidates reproducibly."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def fitted(tiny_model_dir, tokenizer):
     return model, judge.fit_judge(model, tokenizer, openings, generated, 48, record), openings, generated, train, val
 
 
+@pytest.mark.slow
 def test_its_texts_come_from_the_training_split_only(fitted):
     _, _, openings, _, train, val = fitted
     texts = [prompt + rest for prompt, rest in openings]
@@ -35,6 +37,7 @@ def test_its_texts_come_from_the_training_split_only(fitted):
         judge.judged_openings(["Too short."] * 10, 5, seed=0)
 
 
+@pytest.mark.slow
 def test_it_tells_the_authors_text_from_the_models(fitted, tokenizer):
     model, fit, openings, generated, _, _ = fitted
     assert fit.record["pairs"] == 40 and fit.record["held_out_accuracy"] >= 0.9  # a random model: easy to tell
@@ -43,6 +46,7 @@ def test_it_tells_the_authors_text_from_the_models(fitted, tokenizer):
     assert (fit.log_odds(real) > 0).float().mean() > 0.9 and (fit.log_odds(own) < 0).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_it_reloads_from_its_safe_files_to_the_same_scores(fitted, tokenizer, tiny_model_dir, tmp_path):
     model, fit, _, generated, _, _ = fitted
     fit.save(tmp_path)
@@ -53,6 +57,7 @@ def test_it_reloads_from_its_safe_files_to_the_same_scores(fitted, tokenizer, ti
     assert judge.Judge.load(tmp_path / "none", "any") is None  # no judge saved: one is fit
 
 
+@pytest.mark.slow
 def test_a_damaged_judge_or_one_for_another_model_is_refused(fitted, tiny_model_dir, tmp_path):
     _, fit, _, _, _, _ = fitted
     fingerprint = judge.weights_fingerprint(str(tiny_model_dir))
@@ -91,3 +96,69 @@ def test_the_choice_is_the_best_or_a_reproducible_draw_by_the_odds():
     assert set(draws) <= {0, 1, 2, 3} and draws.count(1) > draws.count(3) > draws.count(0) > draws.count(2)
     cold = [judge.choose(log_odds, "sample", 0.05, torch.Generator().manual_seed(s)) for s in range(50)]
     assert set(cold) == {1}  # a low temperature is the best
+
+
+def samples_of(stdout: str) -> list[str]:
+    """inference.py's numbered samples ("1. ...") from its output."""
+    import re
+
+    return [m.group(1) for m in re.finditer(r"^\d+\. (.*?)(?=\n\n\d+\. |\n*\Z)", stdout, re.S | re.M)]
+
+
+@pytest.mark.slow
+def test_inference_rerank_keeps_one_of_its_candidates_reproducibly(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    import inference
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)  # the judge is saved beside the model
+
+    def draw(*flags: str) -> tuple[list[str], str]:
+        args = ["--model-path", str(model), "--prompt", "Emma", "--seed", "1", "--max-new-tokens", "20", *flags]
+        assert inference.main(args) == 0
+        out = capsys.readouterr()
+        return samples_of(out.out), out.err
+
+    today, _ = draw("--n-return-seqs", "2")
+    assert len(today) == 2 and draw("--n-return-seqs", "2", "--rerank", "1")[0] == today  # 1: as drawn
+    candidates, _ = draw("--n-return-seqs", "6")
+    kept, said = draw("--n-return-seqs", "2", "--rerank", "3")
+    assert "fit a judge for" in said and (model / judge.JUDGE_TENSORS).exists()
+    assert kept[0] in candidates[:3] and kept[1] in candidates[3:6]
+    again, said = draw("--n-return-seqs", "2", "--rerank", "3")
+    assert again == kept and "judge of" in said  # the saved judge, the same draws
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--rerank", "0"], "--rerank must be 1 to 64"),
+        (["--rerank", "65"], "--rerank must be 1 to 64"),
+        (["--rerank", "2", "--rerank-temperature", "0"], "--rerank-temperature must be positive"),
+        (["--rerank", "2", "--interactive"], "--interactive and --few-shot do not rerank yet"),
+        (["--rerank", "2", "--few-shot", "2"], "--interactive and --few-shot do not rerank yet"),
+    ],
+)
+def test_inference_rerank_refuses_bad_input(flags, fragment, capsys):
+    from conftest import run_in_process
+
+    import inference
+
+    assert fragment in run_in_process(inference.main, ["--model-path", "nowhere", *flags], capsys)
+
+
+@pytest.mark.slow
+def test_inference_refuses_a_damaged_judge_in_one_line(fitted, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from conftest import run_in_process
+
+    import inference
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    fitted[1].save(model)
+    (model / judge.JUDGE_RECORD).write_text("{")
+    line = run_in_process(inference.main, ["--model-path", str(model), "--rerank", "2", "--prompt", "A"], capsys)
+    assert "is damaged" in line and (model / judge.JUDGE_TENSORS).exists()  # nothing deleted

@@ -18,7 +18,8 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from austen_gpt.cli import UserError
+from austen_gpt.sampling.generation import context_length, row_seed, sample_prompts
 
 JUDGE_TENSORS = "judge.safetensors"
 JUDGE_RECORD = "judge.json"
@@ -55,8 +57,10 @@ def weights_fingerprint(model_path: str) -> str:
 @torch.no_grad()
 def text_features(model, tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
     """(texts, hidden size + 2): each text's mean last hidden state and the mean and spread of its tokens'
-    log-probabilities, read from end-of-text on, at most `max_tokens` tokens (a text of none: zeros)."""
+    log-probabilities, read from end-of-text on, at most `max_tokens` tokens and what the model's context holds
+    (a text of none: zeros)."""
     device = next(model.parameters()).device
+    max_tokens = min(max_tokens, context_length(model) - 1)  # end-of-text takes a position
     rows = []
     for text in texts:
         ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]]
@@ -171,3 +175,57 @@ def choose(log_odds: torch.Tensor, how: str, temperature: float, generator: torc
     if not math.isfinite(float(weights.sum())):
         return int(torch.argmax(log_odds))
     return int(torch.multinomial(weights, 1, generator=generator))
+
+
+JUDGE_PAIRS = 64  # training-split openings a judge is fit on: seconds of sampling for a small model
+JUDGE_NEW_TOKENS = 96  # the model's continuation of each opening, one paragraph at most
+JUDGED_TOKENS = 128  # the tokens of a text the judge reads, its prompt included
+
+
+def judge_folder(model_path: str) -> Path:
+    """Where a model's judge lives: beside its weights in its folder, or (a Hub id) in the cache."""
+    folder = Path(model_path)
+    if folder.is_dir():
+        return folder
+    return Path("~/.cache/austen-gpt/judges").expanduser() / model_path.replace("/", "--")
+
+
+def judge_for(model_path: str, model, tokenizer, train: list[str], data: str, settings, seed: int) -> Judge:
+    """The model's saved judge, or one fit now on `train` (the training split of `data`) and saved, saying so
+    in one line either way."""
+    folder, fingerprint = judge_folder(model_path), weights_fingerprint(model_path)
+    saved = Judge.load(folder, fingerprint)
+    if saved is None:
+        openings = judged_openings(train, JUDGE_PAIRS, seed)
+        fitting = replace(settings, max_new_tokens=JUDGE_NEW_TOKENS, paragraphs=1)
+        generated = [texts[0] for texts in sample_prompts(model, tokenizer, [p for p, _ in openings], 1, fitting, seed)]
+        record = {"fingerprint": fingerprint, "data": data, "seed": seed, "judged_tokens": JUDGED_TOKENS}
+        saved = fit_judge(model, tokenizer, openings, generated, JUDGED_TOKENS, record)
+        saved.save(folder)
+        done = f"fit a judge for {model_path} on {len(openings)} openings of the training split of {data} (seed {seed})"
+    else:
+        done = f"judge of {model_path} from {folder / JUDGE_TENSORS}"
+    accuracy = saved.record["held_out_accuracy"]
+    print(f"{done}: it tells the author's continuations from the model's {accuracy:.0%} of the time", file=sys.stderr)
+    return saved
+
+
+def keep_one_in(
+    n: int,
+    candidates: list[str],
+    judge: Judge,
+    model,
+    tokenizer,
+    prompt: list[int],
+    how: str,
+    temperature: float,
+    seed: int,
+) -> list[str]:
+    """One text of each run of `n` candidates (sample k's are candidates k*n .. k*n+n-1 of a prompt), chosen by
+    the judge; sample k's draw is seeded by row_seed(seed, the prompt's tokens, k), so it is reproducible."""
+    log_odds = judge.log_odds(text_features(model, tokenizer, candidates, JUDGED_TOKENS))
+    kept = []
+    for k in range(len(candidates) // n):
+        generator = torch.Generator().manual_seed(row_seed(seed, prompt, k))
+        kept.append(candidates[k * n + choose(log_odds[k * n : (k + 1) * n], how, temperature, generator)])
+    return kept
