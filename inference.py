@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt_flags += ("--rerank-temperature", str(args.rerank_temperature))
     source = records.Source(args.model_path, args.base_model, args.load_in_4bit, prompt_flags)
 
+    seed = args.seed if args.seed is not None else fresh_seed()
+
     def kept(prompt: str, candidates: list[str]) -> list[str]:
         """The samples: as drawn, or one of each --rerank candidates, by the judge."""
         if judge is None:
@@ -204,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         chat = session.Session(model, tokenizer, settings, args.n_return_seqs, args.seed, check, keep, few_shot)
         return chat.run(lines)
 
-    seed = args.seed if args.seed is not None else fresh_seed()
     if few_shot:  # each prompt after its own excerpts: one call per prompt
         for number, prompt in enumerate(prompts, 1):
             texts, record = few_shot.write(model, tokenizer, prompt, args.n_return_seqs, settings, seed)

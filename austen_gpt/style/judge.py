@@ -62,6 +62,8 @@ def text_features(model, tokenizer, texts: list[str], max_tokens: int) -> torch.
     device = next(model.parameters()).device
     max_tokens = min(max_tokens, context_length(model) - 1)  # end-of-text takes a position
     rows = []
+    # One text a call, not a padded batch: a text's score then never depends on what shares its call (as a sample
+    # never does), so the same seed keeps the same candidate; reading 128 tokens costs less than writing them.
     for text in texts:
         ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]]
         inputs = torch.tensor([ids], device=device)
