@@ -43,10 +43,15 @@ TRAINER_STATE = MANIFEST_FILE  # position, metrics, settings, manifest; written 
 MUST_MATCH_ON_RESUME = ("model", "from_scratch", "data", "train_size", "seed", "max_input_length", "packing")
 MUST_MATCH_ON_RESUME += ("batch_size", "grad_accum_steps", "lora", "qlora", "load_in_8bit", "rank_lora", "alpha_lora")
 MUST_MATCH_ON_RESUME += ("targets_lora", "lora_dropout", "data_config", "data_split", "text_column", "split_by")
-MUST_MATCH_ON_RESUME += ("whole_works",)
+MUST_MATCH_ON_RESUME += ("whole_works", "self_play_rounds", "self_play_pairs", "self_play_prompt_tokens")
+MUST_MATCH_ON_RESUME += ("self_play_new_tokens",)
 SINCE = {
     "split_by": "paragraph",
     "whole_works": False,
+    "self_play_rounds": 0,
+    "self_play_pairs": 256,
+    "self_play_prompt_tokens": 16,
+    "self_play_new_tokens": 48,
 }  # settings newer than some checkpoints: what those were trained with
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
 DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again
@@ -206,7 +211,7 @@ def incomplete_checkpoints(check_dir: Path) -> list[str]:
     """Checkpoint folders an interrupted save left behind (no completion marker): never resumed from."""
     if not check_dir.is_dir():
         return []
-    pattern = re.compile(r"(Epoch|Step)_\d+(\.tmp|\.old)?")
+    pattern = re.compile(r"(Epoch|Step|Round)_\d+(\.tmp|\.old)?")
     return sorted(p.name for p in check_dir.iterdir() if pattern.fullmatch(p.name) and not is_checkpoint(p))
 
 
@@ -304,13 +309,20 @@ def plan_resume(settings: TrainSettings, processes: int, print_line: Callable[[s
             "(the data order and random states are per process)"
         )
     resume = Resume(checkpoint, tensors, TrainingState.from_json(saved, checkpoint))
-    if resume.state.epoch >= settings.optimization.epochs:
+    if resume.state.epoch >= planned_epochs(settings):
         if exported(Path(out.output_dir), resume.state):
+            done = settings.self_play.self_play_rounds and f"{resume.state.epoch} self-play rounds"
             raise UserError(
-                f"{checkpoint} already completed {resume.state.epoch} epochs; raise --epochs to train further"
+                f"{checkpoint} already completed {done or f'{resume.state.epoch} epochs'}; "
+                f"{'start a new self-play run from its final model' if done else 'raise --epochs'} to train further"
             )
         print_line(f"{checkpoint} completed the run, but its final model is not in {out.output_dir}: writing it")
     return resume
+
+
+def planned_epochs(settings: TrainSettings) -> int:
+    """The run's passes: --epochs over the training paragraphs, or --self-play-rounds (a round is self-play's epoch)."""
+    return settings.self_play.self_play_rounds or settings.optimization.epochs
 
 
 def exported(output_dir: Path, state: TrainingState) -> bool:
@@ -355,7 +367,7 @@ def check_resume_settings(
 
 def refuse_overwrites(settings: TrainSettings, resume: Resume, total_steps: int) -> None:
     """Stop before training if this run would overwrite, prune or mix up another run's checkpoints or logs."""
-    out, epochs = settings.checkpoints, settings.optimization.epochs
+    out, epochs = settings.checkpoints, planned_epochs(settings)
     check_dir = Path(out.check_dir)
     start = (resume.state.global_step, resume.state.epoch)
     later = [p.name for p in sorted_checkpoints(check_dir) if checkpoint_progress(p) > start]
@@ -364,7 +376,10 @@ def refuse_overwrites(settings: TrainSettings, resume: Resume, total_steps: int)
         where = f"beyond {resume.checkpoint.name}" if resume.checkpoint else "from another run"
         raise UserError(f"{check_dir} holds {found} {where}; continue with --resume, or use another --check-dir")
     to_come = range(resume.state.epoch + 1, epochs + 1)
-    planned = [check_dir / f"Epoch_{e}" for e in to_come if e % out.save_interval == 0 or e == epochs]
+    if settings.self_play.self_play_rounds:  # every round ends in a checkpoint
+        planned = [check_dir / f"Round_{e}" for e in to_come]
+    else:
+        planned = [check_dir / f"Epoch_{e}" for e in to_come if e % out.save_interval == 0 or e == epochs]
     if out.save_steps:
         steps = range(resume.state.global_step + 1, total_steps + 1)
         planned += [check_dir / f"Step_{s}" for s in steps if s % out.save_steps == 0]

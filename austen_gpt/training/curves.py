@@ -1,8 +1,9 @@
 """The training curves as one picture a person can open: <check-dir>/logs/curves.png, rewritten at each validation.
 
 Panels: the training loss (raw and smoothed) with the validation loss and its best point; the learning
-rate; and, when the run measures style (--eval-style), P(author), distinguishability from held-out
-text and the share of copied word 8-grams.
+rate; when the run measures style (--eval-style, self-play), P(author), distinguishability from held-out
+text and the share of copied word 8-grams; and with self-play, the chosen and rejected continuations'
+log-probabilities per token and their margin (in nats, against the round's reference).
 Drawn from the run's own metrics.jsonl records, so a resumed run draws the whole run.
 """
 
@@ -34,7 +35,9 @@ def plot_curves(records: list[dict], path: Path, best_step: int | None = None) -
     import matplotlib.pyplot as plt
 
     style = any("style_p_author" in r for r in records)
-    fig, axes = plt.subplots(1, 3 if style else 2, figsize=(15 if style else 10, 3.8))
+    pairs = any("self_play_margin" in r for r in records)
+    panels = 2 + style + pairs
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     loss_axis, lr_axis = axes[0], axes[1]
 
     steps, losses = series(records, "train_loss")
@@ -62,6 +65,15 @@ def plot_curves(records: list[dict], path: Path, best_step: int | None = None) -
             style_axis.plot(*told_apart, "^-", color="tab:gray", label="distinguishability (0.5 passes)")
         style_axis.set(title="style of the samples", xlabel="optimizer step", ylim=(-0.02, 1.02))
         style_axis.legend(fontsize=8)
+
+    if pairs:
+        pair_axis, margin_axis = axes[-1], axes[-1].twinx()
+        pair_axis.plot(*series(records, "self_play_chosen_logp"), color="tab:green", label="chosen (author's)")
+        pair_axis.plot(*series(records, "self_play_rejected_logp"), color="tab:red", label="rejected (model's)")
+        margin_axis.plot(*series(records, "self_play_margin"), ":", color="black", label="margin (right axis)")
+        pair_axis.set(title="self-play pairs: log-prob per token", xlabel="optimizer step")
+        handles = [h for axis in (pair_axis, margin_axis) for h in axis.get_legend_handles_labels()[0]]
+        pair_axis.legend(handles=handles, fontsize=8)
 
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")

@@ -23,7 +23,7 @@ def train_settings(argv: list[str] | None = None, description: str | None = None
     return from_flags(TrainSettings, parse_args(argv, description))
 
 
-def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+def build_parser(description: str | None = None) -> ArgumentParser:
     p = ArgumentParser(run_files=True, description=description)
     add_data_flags(p.add_argument_group("data"))
     add_model_flags(p.add_argument_group("model"))
@@ -31,7 +31,18 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     add_training_samples_flags(p.add_argument_group("samples during training"))
     add_validation_flags(p.add_argument_group("validation, the best model and early stopping"))
     add_outputs_flags(p.add_argument_group("checkpoints and outputs"))
+    add_self_play_flags(p.add_argument_group("self-play (SPIN) on a fine-tuned model"))
     add_original_resume_flags(p)
+    return p
+
+
+def given_settings(argv: list[str] | None = None) -> set[str]:
+    """The settings train.py's command line (or its run file) sets, as opposed to those left at their defaults."""
+    return build_parser().given_dests(argv)
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    p = build_parser(description)
     args = p.parse_args(argv)
     read_original_resume_flags(args)
     return args
@@ -85,3 +96,9 @@ def add_outputs_flags(group) -> None:
     add_settings(group, D.checkpoints, "check_dir", "save_interval", "save_steps", "keep_last", "resume")
     add_settings(group, D.checkpoints, "resume_from", resume_from={"metavar": "CHECKPOINT"})
     add_settings(group, D.checkpoints, "output_dir", "overwrite_output_dir")
+
+
+def add_self_play_flags(group) -> None:
+    """Self-play rounds on a fine-tuned model."""
+    add_settings(group, D.self_play, "self_play_rounds", "self_play_pairs", "self_play_beta")
+    add_settings(group, D.self_play, "self_play_likelihood_weight", "self_play_prompt_tokens", "self_play_new_tokens")

@@ -8,6 +8,7 @@ multi-process distribution: the same code runs on a CPU, one GPU or many.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -39,7 +40,7 @@ from austen_gpt.models.saving import EXPORT_NOTE, copy_model_folder, save_model_
 from austen_gpt.sampling.generation import model_positions, sample_texts, window_note
 from austen_gpt.settings import SamplingSettings, flat_settings
 from austen_gpt.style.probe import StyleProbe
-from austen_gpt.training import checkpoints, distributed, hot_path
+from austen_gpt.training import checkpoints, distributed, hot_path, self_play
 from austen_gpt.training.checkpoints import continue_from_weights
 from austen_gpt.training.distributed import StopSignals, full_state_dict, parallelism, unwrapped
 from austen_gpt.training.logs import NOT_SETTINGS, RunLog, tracker_settings, write_run_file
@@ -80,7 +81,9 @@ class Run:
     val_chars: int  # characters of the validation paragraphs, for bits per character
     total_steps: int  # optimizer steps of the whole run: --epochs of them, or --max-steps if fewer
     sharded: bool  # FSDP/DeepSpeed: checkpoints hold no optimizer state and are not resumed
-    style_probe: StyleProbe | None = None  # with --eval-style
+    style_probe: StyleProbe | None = None  # with --eval-style (and self-play)
+    openings: list[list[int]] | None = None  # self-play: the training paragraphs' openings a round draws from
+    pairs: self_play.Pairs | None = None  # self-play: the round's pairs, once drawn (or resumed)
 
     @cached_property
     def sampling(self) -> SamplingSettings:
@@ -122,6 +125,8 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
     casts = CastsPerStep(accelerator, run.sharded)
     model.train()
     with RunLog(logs_folder(settings), state.global_step, accelerator, flat_settings(settings)) as log:
+        if settings.self_play.self_play_rounds:
+            return self_play_loop(run, state, stop, resume_cmd, log)
         for epoch in range(state.epoch, opt.epochs if not cut else state.epoch):
             batches = epoch_batches(run.train_loader, epoch, state.batches_in_epoch, accelerator.device)
             targets = run.train_loader.batch_sampler.window_targets(accumulate)  # host integers, for each batch
@@ -168,6 +173,87 @@ def train_loop(settings: TrainSettings, stop: StopSignals, resume_cmd: str) -> i
     return 0
 
 
+def self_play_loop(run: Run, state: TrainingState, stop: StopSignals, resume_cmd: str, log: RunLog) -> int:
+    """--self-play-rounds: each round draws its pairs with the model as it stands (the round's reference), makes
+    one pass over them with the SPIN loss (training/self_play.py), then validates and checkpoints (Round_N). The
+    model as given is validated first, so that best/ is a round only where it beats it. The steps are the likelihood
+    loop's: the same accumulation, meter, schedule, log points, samples, Step_N checkpoints and stop signals."""
+
+    settings, accelerator, model, sp = run.settings, run.accelerator, run.model, run.settings.self_play
+    accumulate, early_stop, casts = settings.optimization.grad_accum_steps, False, CastsPerStep(accelerator, False)
+    if state.last_validation_step is None:
+        early_stop = validate(run, state, log)
+    for round_ in range(state.epoch, sp.self_play_rounds if not early_stop else state.epoch):
+        if run.pairs is None:  # not resumed inside this round
+            # read under autocast, as training computes: at the round's first step the policy's numbers are these
+            reference = unwrapped(accelerator, model)
+            run.pairs = self_play.draw_pairs(
+                reference, run.tokenizer, run.openings, settings, round_, accelerator.autocast()
+            )
+        batches = run.pairs.batches(
+            settings.optimization.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            settings.data.seed + round_,
+            accelerator.device,
+        )
+        pairs_per_batch, n_batches = settings.optimization.batch_size * accelerator.num_processes, len(batches)
+        bar = progress_bar(run, batches[state.batches_in_epoch :], round_, state.batches_in_epoch, n_batches)
+        meter, stats = StepMeter(accelerator), torch.zeros(len(self_play.PAIR_STATS), device=accelerator.device)
+        model.train()
+        for batch in bar:
+            state.batches_in_epoch += 1
+            step_now = ends_step(state.batches_in_epoch, n_batches, accumulate)
+            window = state.batches_in_epoch - (state.batches_in_epoch - 1) % accumulate - 1  # its first batch - 1
+            targets = pairs_per_batch * (min(window + accumulate, n_batches) - window)  # pairs in the step's window
+            casts.open()
+            with contextlib.nullcontext() if step_now else accelerator.no_sync(model):
+                loss_sum, batch_stats = self_play.pair_loss_sums(
+                    model, batch, run.pairs.opening, sp.self_play_beta, sp.self_play_likelihood_weight
+                )
+                accelerator.backward(loss_sum * accelerator.num_processes / targets)
+            meter.add(loss_sum.detach(), batch)
+            stats += batch_stats
+            if not step_now:
+                continue
+            casts.close()
+            skip = skip_flag(run, state, meter, targets)
+            lr = optimizer_step(
+                model, run.optimizer, run.scheduler, accelerator, settings.optimization.max_grad_norm, skip
+            )
+            state.global_step += 1
+            log_now, sample, _, checkpoint = scheduled(settings, state, n_batches, False)
+            if not log_now:
+                continue
+            pairs = meter.targets  # since the last log point (log_step restarts the count)
+            log_step(run, state, log, bar, meter, lr)
+            stats = log_pair_stats(run, state, log, stats, pairs)
+            if sample:
+                log_samples(run, state, log)
+            if save_or_stop(run, state, stop, checkpoint, f"Step_{state.global_step}"):
+                return stopped(run, state, stop, resume_cmd)
+        state.epoch, state.batches_in_epoch, run.pairs = round_ + 1, 0, None
+        early_stop = validate(run, state, log)
+        if save_or_stop(run, state, stop, True, f"Round_{state.epoch}"):
+            return stopped(run, state, stop, resume_cmd)
+        if early_stop:
+            break
+    write_final_model(run, state, early_stop)
+    return 0
+
+
+def log_pair_stats(run: Run, state: TrainingState, log: RunLog, stats: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Log the means per pair of the SPIN loss, the chosen and rejected log-probabilities (per token) and their
+    margin since the last log point (`stats`: this process's sums over them, `pairs`: all processes' count); returns
+    the zeroed sums for the next interval."""
+    totals = run.accelerator.reduce(stats, "sum").cpu().tolist()
+    means = {
+        f"self_play_{name}": total / max(1, pairs) for name, total in zip(self_play.PAIR_STATS, totals, strict=True)
+    }
+    log.metrics(state.global_step, state.current_epoch, **means)
+    return torch.zeros_like(stats)
+
+
 # ---- set-up: each step can fail on bad input, and does so before any training or write -----------------
 
 
@@ -185,13 +271,23 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
     check_lengths(settings, model, tokenizer)
     with processes.main_process_first():  # the first process fills the token cache, the others read it
         train_loader, val_loader = make_loaders(settings, tokenizer, train_paragraphs, val_paragraphs)
-    opt = settings.optimization
+    opt, sp = settings.optimization, settings.self_play
     total_steps = math.ceil(len(train_loader) / opt.grad_accum_steps) * opt.epochs
+    openings = None
+    if sp.self_play_rounds:
+        openings = self_play.training_openings(
+            tokenizer, train_paragraphs, sp.self_play_prompt_tokens, sp.self_play_new_tokens
+        )
+        self_play.check_openings(openings, settings, processes.num_processes, model)
+        batches = min(sp.self_play_pairs, len(openings)) // (opt.batch_size * processes.num_processes)
+        total_steps = math.ceil(batches / opt.grad_accum_steps) * sp.self_play_rounds
     total_steps = min(total_steps, opt.max_steps) if opt.max_steps else total_steps
     checkpoints.refuse_overwrites(settings, resume, total_steps)
     record_trained_positions(model, train_loader.dataset, settings.model.from_scratch, settings.model.adapters)
     accelerator = make_accelerator(settings, precision, resume)
     sharded = distributed.optimizer_state_is_split(accelerator)
+    if sharded and sp.self_play_rounds:
+        raise UserError("self-play runs on one process or under DDP, not FSDP or DeepSpeed: launch it without them")
     compute = compute_dtype(accelerator.mixed_precision)
     choices = hot_path.device_choices(accelerator.device, compute, resume.state.device_choices)
     if resume.state.device_choices is None:
@@ -209,16 +305,23 @@ def set_up(settings: TrainSettings) -> tuple[Run, TrainingState]:
         settings,
         *(accelerator, model, optimizer, scheduler, tokenizer, train_loader, val_loader),
         *(val_chars, total_steps, sharded),
+        openings=openings,
     )
+    if "self_play_pairs" in resume.tensors and resume.state.batches_in_epoch:  # resumed inside a round
+        run.pairs = self_play.Pairs.from_tensors(resume.tensors["self_play_pairs"])
     accelerator.print(describe_run(run, split))
     if note := window_note(unwrapped(accelerator, model)):  # samples during training keep to the trained positions
         accelerator.print(note)
     for warning in questionable_settings(settings, len(train_loader), total_steps):
         accelerator.print(f"warning: {warning}")
-    if (
-        samples := settings.samples
-    ).eval_style:  # on every process: under FSDP each forward gathers the sharded weights
+    samples = settings.samples
+    if samples.eval_style or sp.self_play_rounds:  # on every process: under FSDP each forward gathers the weights
         run.style_probe = style_probe(samples, settings.data.seed, train_paragraphs, val_paragraphs, accelerator.print)
+        if sp.self_play_rounds and run.style_probe.two_sample is None:
+            raise UserError(
+                "self-play picks best/ by distinguishability from held-out text, and this split holds too little "
+                f"validation text for {samples.eval_style_samples} samples; lower --eval-style-samples or --train-size"
+            )
     return run, resume.state
 
 
@@ -231,7 +334,10 @@ def trainable_model(
     set_seed(settings.data.seed)
     gradient_checkpointing = settings.optimization.gradient_checkpointing
     model = loading.load_trainable_model(settings.model, checkpoint, precision, gradient_checkpointing)
-    if settings.model.dropout is not None and (note := loading.set_dropout(model, settings.model.dropout)):
+    # Self-play without dropout (as TRL's DPO): the pairs' reference numbers are read without it, and dropout in
+    # the policy alone would move the SPIN margin by noise.
+    dropout = 0.0 if settings.self_play.self_play_rounds else settings.model.dropout
+    if dropout is not None and (note := loading.set_dropout(model, dropout)):
         processes.print(f"warning: {note}")
     if processes.num_processes > 1:
         set_seed(settings.data.seed + processes.process_index)
@@ -368,6 +474,11 @@ def describe_run(run: Run, split: Split) -> str:
         distributed += f", {parallelism(accelerator)}"
     step_path = hot_path.describe(run.model, accelerator.device, compute_dtype(accelerator.mixed_precision))
     steps_per_epoch = math.ceil(len(run.train_loader) / opt.grad_accum_steps)
+    unit, per_pass = "examples", f"{steps_per_epoch} steps per epoch"
+    if rounds := settings.self_play.self_play_rounds:
+        sp = settings.self_play
+        unit, per_pass = "pairs", f"{run.total_steps // rounds} steps per self-play round of {sp.self_play_pairs} pairs"
+        per_pass += f" ({sp.self_play_prompt_tokens} tokens of opening, {sp.self_play_new_tokens} of continuation)"
     tokens = [sum(loader.batch_sampler.targets) for loader in (run.train_loader, run.val_loader)]
     return (
         f"data: {split.describe()}; {tokens[0]:,} / {tokens[1]:,} tokens to predict\n"
@@ -376,8 +487,8 @@ def describe_run(run: Run, split: Split) -> str:
         f"model: {settings.model.model}{adapters}, {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), {footprint:,.0f} MiB in memory, on {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}, {step_path}\n"
-        f"batches: {effective_batch} examples per optimizer step ({opt.batch_size} x {opt.grad_accum_steps} "
-        f"accumulated x {distributed}), {steps_per_epoch} steps per epoch, {run.total_steps} in all\n"
+        f"batches: {effective_batch} {unit} per optimizer step ({opt.batch_size} x {opt.grad_accum_steps} "
+        f"accumulated x {distributed}), {per_pass}, {run.total_steps} in all\n"
         f"schedule: AdamW lr {opt.lr:g}, linear warm-up over {opt.warmup_steps} steps, then linear decay to 0 at "
         f"step {run.total_steps}"
     )
@@ -392,6 +503,8 @@ def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total
             f"--warmup-steps {opt.warmup_steps} is longer than the whole run ({total_steps} steps): the learning "
             f"rate never reaches --lr {opt.lr:g} (it peaks at {peak:.2g})"
         )
+    if settings.self_play.self_play_rounds:  # validated at each round's end, whatever --epochs and --eval-steps say
+        return warnings
     if val.eval_steps > total_steps:
         warnings.append(
             f"--eval-steps {val.eval_steps} is more than the run's {total_steps} steps: it validates at epoch ends"
@@ -411,13 +524,20 @@ def questionable_settings(settings: TrainSettings, batches_per_epoch: int, total
 # ---- what the loop does on its schedules ---------------------------------------------------------------
 
 
-def progress_bar(run: Run, batches, epoch: int, skip: int):
+def progress_bar(run: Run, batches, epoch: int, skip: int, n_batches: int | None = None):
+    """The bar of an epoch of `n_batches` batches (default: the training loader's), or of a self-play round."""
     from tqdm.auto import tqdm
 
-    opt, disable, n_batches = run.settings.optimization, not run.accelerator.is_main_process, len(run.train_loader)
+    opt, disable, n_batches = (
+        run.settings.optimization,
+        not run.accelerator.is_main_process,
+        n_batches or len(run.train_loader),
+    )
     steps_before = epoch * math.ceil(n_batches / opt.grad_accum_steps)
     total = min(n_batches, (run.total_steps - steps_before) * opt.grad_accum_steps)  # --max-steps may end it early
-    return tqdm(batches, f"epoch {epoch + 1}/{opt.epochs}", total=total, initial=skip, disable=disable)
+    rounds = run.settings.self_play.self_play_rounds
+    name = f"self-play round {epoch + 1}/{rounds}" if rounds else f"epoch {epoch + 1}/{opt.epochs}"
+    return tqdm(batches, name, total=total, initial=skip, disable=disable)
 
 
 def scheduled(settings: TrainSettings, state, n_batches: int, cut: bool) -> tuple[bool, bool, bool, bool]:
@@ -481,9 +601,13 @@ def validate(run: Run, state, log) -> bool:
         model = unwrapped(accelerator, run.model)
         with accelerator.autocast():
             metrics.update(run.style_probe(model, run.tokenizer, settings.data.seed + state.global_step))
-    verdict = judge_validation(state, metrics, val.early_stopping_threshold, val.max_copied_8grams)
+    measure, max_copied = "val_loss", val.max_copied_8grams
+    if settings.self_play.self_play_rounds:  # best/ is the round least told apart, among those that do not copy
+        metrics["self_play_round"] = state.epoch  # rounds completed: 0 is the model as given
+        measure, max_copied = self_play.BEST_BY, self_play.COPY_GUARD if max_copied is None else max_copied
+    verdict = judge_validation(state, metrics, val.early_stopping_threshold, max_copied, measure)
     log.metrics(state.global_step, state.current_epoch, **metrics, val_best_loss=state.best_val_loss)
-    accelerator.print(describe_validation(state, metrics, verdict, val.max_copied_8grams))
+    accelerator.print(describe_validation(state, metrics, verdict, max_copied, measure))
     if verdict == "best":
         save_best(run, state)
     log.curves(state.best_step)
@@ -491,9 +615,14 @@ def validate(run: Run, state, log) -> bool:
     return bool(patience) and state.validations_without_improvement >= patience
 
 
-def describe_validation(state, metrics: dict[str, float], verdict: str, max_copied: float | None) -> str:
+def describe_validation(
+    state, metrics: dict[str, float], verdict: str, max_copied: float | None, measure: str = "val_loss"
+) -> str:
     where = f"step {state.global_step} (epoch {state.current_epoch})"
-    best = "new best" if verdict == "best" else f"best {state.best_val_loss:.4f} at step {state.best_step}"
+    if "self_play_round" in metrics:
+        where = f"step {state.global_step} (self-play round {metrics['self_play_round']})"
+    by = "" if measure == "val_loss" else f"{measure.removeprefix('style_')} "
+    best = "new best" if verdict == "best" else f"best {by}{state.best_val_loss:.4f} at step {state.best_step}"
     lines = [
         f"{where}: validation loss {metrics['val_loss']:.4f} ({best}), perplexity {metrics['val_perplexity']:.2f}, "
         f"{metrics['val_bits_per_char']:.3f} bits/char"
@@ -508,8 +637,9 @@ def describe_validation(state, metrics: dict[str, float], verdict: str, max_copi
         )
     if verdict == "copying":
         lines.append(
-            f"{where}: the lowest validation loss so far, but its samples copy {metrics['style_copied_8grams']:.1%} "
-            f"of their word 8-grams (--max-copied-8grams {max_copied:g}): not kept as the best model"
+            f"{where}: the lowest {by or 'validation loss '}so far, but its samples copy "
+            f"{metrics['style_copied_8grams']:.1%} of their word 8-grams (--max-copied-8grams {max_copied:g}): "
+            "not kept as the best model"
         )
     return "\n".join(lines)
 
@@ -537,6 +667,8 @@ def save(run: Run, state, name: str) -> None:
     folder = Path(out.check_dir) / name
     # On every process: each sends its RNG state; under FSDP the weights are gathered from the shards.
     tensors = checkpoints.capture_states(accelerator, run.optimizer, run.scheduler, include_optimizer=not run.sharded)
+    if run.pairs is not None and state.batches_in_epoch:  # inside a self-play round: its pairs, to resume it
+        tensors["self_play_pairs"] = run.pairs.to_tensors()
     weights = full_state_dict(accelerator, run.model)
     if accelerator.is_main_process:
         model = unwrapped(accelerator, run.model)
@@ -580,9 +712,10 @@ def write_final_model(run: Run, state, stopped_early: bool) -> None:
 
     accelerator, settings, val = run.accelerator, run.settings, run.settings.validation
     if stopped_early:
+        by = "distinguishability" if settings.self_play.self_play_rounds else "validation loss"
         accelerator.print(
             f"early stopping at step {state.global_step}: {val.early_stopping_patience} validations in a row without "
-            f"a new best model (best: validation loss {state.best_val_loss:.4f} at step {state.best_step})"
+            f"a new best model (best: {by} {state.best_val_loss:.4f} at step {state.best_step})"
         )
     best = best_folder(settings) / BEST_NOTE
     best_step = json.loads(best.read_text())["step"] if best.is_file() else None
@@ -617,8 +750,11 @@ def describe_export(output_dir: str, exported: dict, last: dict, use_best: bool)
         return f"validation loss {point['val_loss']:.4f}, {point['val_bits_per_char']:.3f} bits/char"
 
     which = "the best model" if use_best else "the last step's model"
+    where = f"epoch {exported['epoch']}"
+    if "self_play_round" in exported:
+        where = f"self-play round {exported['self_play_round']}" + (", the model as given" * (not exported["step"]))
     return (
-        f"final model in {output_dir}: {which}, from step {exported['step']} (epoch {exported['epoch']}), "
+        f"final model in {output_dir}: {which}, from step {exported['step']} ({where}), "
         f"{numbers(exported)}; the last step, {last['step']}: {numbers(last)}\n"
         f'sample from it: python inference.py --model-path {output_dir} --prompt "..."'
     )

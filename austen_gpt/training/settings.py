@@ -132,6 +132,28 @@ class CheckpointSettings:
 
 
 @dataclass
+class SelfPlaySettings:
+    """Self-play (SPIN) rounds on a fine-tuned model, in place of likelihood epochs (docs/training.md)."""
+
+    self_play_rounds: int = 0
+    """rounds of self-play on --model, a fine-tuned model (or its adapters): each samples the model's continuations
+    of training openings and trains it to prefer the author's own, against the model as the round found it. Each
+    round is validated (held-out perplexity, distinguishability, copying) and checkpointed (Round_N); best/ is the
+    least distinguishable round. --epochs is not used. 0: off, ordinary fine-tuning"""
+    self_play_pairs: int = 256
+    """openings (author's continuation against the model's) a round draws and trains on, once each"""
+    self_play_beta: float = 0.1
+    """the SPIN (DPO) loss's beta: how far from the round's reference the log-probability gains may go"""
+    self_play_likelihood_weight: float = 1.0
+    """weight of the author's continuations' own loss per token, beside the SPIN loss (keeps their likelihood from
+    falling with the model's); 0: the SPIN loss alone"""
+    self_play_prompt_tokens: int = 16
+    """tokens of a training paragraph both continuations start from"""
+    self_play_new_tokens: int = 48
+    """tokens of each continuation: the author's next ones, and as many of the model's"""
+
+
+@dataclass
 class TrainSettings:
     """Everything a training run is told: the groups of train.py's flags."""
 
@@ -141,11 +163,13 @@ class TrainSettings:
     samples: TrainingSamplesSettings = field(default_factory=TrainingSamplesSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings)
+    self_play: SelfPlaySettings = field(default_factory=SelfPlaySettings)
 
 
 def check_settings(s: TrainSettings) -> None:
     """Reject impossible settings before anything is loaded or written (named by their flags)."""
     data, model, opt, samples, val, out = s.data, s.model, s.optimization, s.samples, s.validation, s.checkpoints
+    sp = s.self_play
     rules = [
         (opt.batch_size >= 1, "--batch-size must be at least 1"),
         (opt.epochs >= 1, "--epochs must be at least 1"),
@@ -187,6 +211,21 @@ def check_settings(s: TrainSettings) -> None:
             "--max-copied-8grams is a share in [0, 1], e.g. 0.01 for 1%",
         ),
         ("none" not in val.report_to or val.report_to == ["none"], "--report-to none goes alone"),
+        (sp.self_play_rounds >= 0, "--self-play-rounds must be 0 (off) or more"),
+        (sp.self_play_pairs >= 1, "--self-play-pairs must be at least 1"),
+        (sp.self_play_beta > 0, "--self-play-beta must be positive, e.g. 0.1"),
+        (sp.self_play_likelihood_weight >= 0, "--self-play-likelihood-weight must be 0 or more, e.g. 1"),
+        (sp.self_play_prompt_tokens >= 1, "--self-play-prompt-tokens must be at least 1"),
+        (sp.self_play_new_tokens >= 1, "--self-play-new-tokens must be at least 1"),
+        (
+            not (sp.self_play_rounds and model.from_scratch),
+            "self-play trains a fine-tuned model against its own samples: drop --from-scratch and give the "
+            "fine-tuned model as --model",
+        ),
+        (
+            not (sp.self_play_rounds and samples.eval_style_samples < 10),
+            "self-play picks best/ by distinguishability, which takes --eval-style-samples 10 or more",
+        ),
     ]
     require(rules)
     for tracker in set(val.report_to) - {"none"}:

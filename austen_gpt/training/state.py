@@ -10,19 +10,22 @@ from typing import Any
 FORMAT_VERSION = 2  # of trainer_state.json; checkpoints without one are version 1 (read the same way)
 
 
-def judge_validation(state, metrics: dict[str, float], threshold: float, max_copied: float | None) -> str:
+def judge_validation(
+    state, metrics: dict[str, float], threshold: float, max_copied: float | None, measure: str = "val_loss"
+) -> str:
     """Record a validation in `state` (a checkpoints.TrainingState) and say what it is.
 
-    'best': the loss improves on the best so far by more than `threshold`, and (with `max_copied`) the
+    'best': the `measure` (lower is better: the validation loss, or with self-play the distinguishability)
+    improves on the best so far by more than `threshold`, and (with `max_copied`) the
     samples copy no more than that share of their word 8-grams: the model of this point is the new best.
     'copying': it would have been best, but its samples copy too much. 'worse': no improvement.
     Early stopping counts every validation that is not 'best'.
     """
     state.metrics, state.last_validation_step = metrics, state.global_step
-    improved = metrics["val_loss"] < state.best_val_loss - threshold
+    improved = metrics[measure] < state.best_val_loss - threshold
     copying = max_copied is not None and metrics.get("style_copied_8grams", 0.0) > max_copied
     if improved and not copying:
-        state.best_val_loss, state.best_metrics = metrics["val_loss"], dict(metrics)
+        state.best_val_loss, state.best_metrics = metrics[measure], dict(metrics)
         state.best_step, state.best_epoch = state.global_step, state.current_epoch
         state.validations_without_improvement = 0
         return "best"
@@ -44,7 +47,7 @@ class TrainingState:
     batches_in_epoch: int = 0  # batches of the current epoch already trained on
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
     last_validation_step: int | None = None
-    best_val_loss: float = math.inf  # the best validation loss a candidate for best/ reached
+    best_val_loss: float = math.inf  # the best validation loss (self-play: distinguishability) a candidate reached
     best_step: int | None = None  # where the model in <check-dir>/best/ comes from
     best_epoch: int | None = None  # the epoch (counted from 1) that step is in
     best_metrics: dict[str, float] = field(default_factory=dict)
