@@ -35,12 +35,12 @@ from austen_gpt.cli import (
 )
 from austen_gpt.flags import add_sampling_flags, add_split_flags, sampling_rules
 from austen_gpt.settings import SamplingSettings, from_flags
+from austen_gpt.style.settings import MAX_RERANK
 
 if TYPE_CHECKING:  # imported where used: torch and transformers take seconds, --help answers at once
     from austen_gpt.sampling.few_shot import FewShot
 
 SAMPLING = SamplingSettings()  # the sampling flags' defaults and types
-MAX_RERANK = 64  # --rerank's candidates per sample: each is a whole sample, drawn, held and scored
 
 
 def build_parser() -> ArgumentParser:
@@ -144,10 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             (args.few_shot is None or args.few_shot >= 0, "--few-shot must be 0 or more excerpts"),
             (1 <= args.rerank <= MAX_RERANK, f"--rerank must be 1 to {MAX_RERANK} candidates a sample"),
             (args.rerank_temperature > 0, "--rerank-temperature must be positive, e.g. 1.0"),
-            (
-                args.rerank == 1 or not (args.interactive or args.few_shot is not None),
-                "--rerank works with --prompt and --prompts-file; --interactive and --few-shot do not rerank yet",
-            ),
         ]
     )
     quiet_libraries()
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seed = args.seed if args.seed is not None else fresh_seed()
 
-    def kept(prompt: str, candidates: list[str]) -> list[str]:
+    def kept(prompt: str, candidates: list[str], seed: int) -> list[str]:
         """The samples: as drawn, or one of each --rerank candidates, by the judge."""
         if judge is None:
             return candidates
@@ -204,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         lines = session.terminal_lines() if at_terminal else session.piped_lines(sys.stdin)
         check = functools.partial(check_settings, prefix=":")
         chat = session.Session(model, tokenizer, settings, args.n_return_seqs, args.seed, check, keep, few_shot)
+        chat.candidates, chat.pick = args.rerank, kept
         return chat.run(lines)
 
     if few_shot:  # each prompt after its own excerpts: one call per prompt
         for number, prompt in enumerate(prompts, 1):
-            texts, record = few_shot.write(model, tokenizer, prompt, args.n_return_seqs, settings, seed)
+            texts, record = few_shot.write(model, tokenizer, prompt, args.n_return_seqs * args.rerank, settings, seed)
+            texts = kept(prompt, texts, seed)
             print(f"\n[{number}/{len(prompts)}] {prompt}\n" if args.prompts_file else "", end="")
             print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)) + "\n")
             keep(prompt, texts, settings, seed, args.prompts_file, record)
@@ -217,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         candidates = generate_paragraphs(
             model, tokenizer, args.prompt, args.n_return_seqs * args.rerank, settings, seed
         )
-        texts = kept(args.prompt, candidates)
+        texts = kept(args.prompt, candidates, seed)
         print("\n\n".join(f"{number}. {text}" for number, text in enumerate(texts, 1)) + "\n")
         keep(args.prompt, texts, settings, seed)
         return 0
     print(f"{len(prompts)} prompts x {args.n_return_seqs} samples, up to {rows_per_call(model)} in one call")
     drawn = sample_prompts(model, tokenizer, prompts, args.n_return_seqs * args.rerank, settings, seed)
     for number, (prompt, candidates) in enumerate(zip(prompts, drawn, strict=True), 1):
-        texts = kept(prompt, candidates)
+        texts = kept(prompt, candidates, seed)
         print(f"\n[{number}/{len(prompts)}] {prompt}\n")
         print("\n\n".join(f"{k}. {text}" for k, text in enumerate(texts, 1)))
         keep(prompt, texts, settings, seed, args.prompts_file)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics()
     engine = Engine(model, tokenizer, args.max_batch, args.max_queue, metrics.observe, args.batch_window_ms / 1000)
     limits = Limits(args.max_tokens, context_length(model), args.max_batch, defaults, args.max_request_kb * 1024)
-    app = create_app(engine, name, limits, api_key, metrics)
+    app = create_app(engine, name, limits, api_key, metrics, saved_judge(args.model_path))
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"serving {name} at {where} (the page at /, the API at /v1){' with an API key' if api_key else ''}")
     sys.stdout.flush()
@@ -123,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     print("stopped")
     return 0
+
+
+def saved_judge(model_path: str):
+    """The judge saved beside the model (inference.py --rerank fits one), for requests that rerank; None if none."""
+    from austen_gpt.style.judge import Judge, judge_folder, weights_fingerprint
+
+    judge = Judge.load(judge_folder(model_path), weights_fingerprint(model_path))
+    found = f"the judge saved beside {model_path}" if judge else "no judge saved beside the model: requests cannot"
+    print(f"rerank: {found}")
+    return judge
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -81,6 +81,32 @@ def build_parser() -> ArgumentParser:
         few, "--author", default=None, help="the author a chat model is asked to write as (bundled data: Jane Austen)"
     )
     add_flag(few, "--instruction", default=None, help="a chat model's instruction (default: continue as --author)")
+    rerank = p.add_argument_group("rerank rows: samples kept by the model's judge (docs/inference.md)")
+    add_flag(
+        rerank,
+        "--rerank",
+        nargs="+",
+        type=int,
+        default=DEFAULTS.rerank,
+        metavar="N",
+        help="candidates per sample: a row for each --models entry and N, each sample one of N kept by the judge, "
+        "as inference.py --rerank N",
+    )
+    add_flag(
+        rerank,
+        "--rerank-choice",
+        nargs="+",
+        choices=["sample", "best"],
+        default=DEFAULTS.rerank_choice,
+        help="sample: a candidate drawn in proportion to the judge's odds; best: its likeliest; a row for each",
+    )
+    add_flag(
+        rerank,
+        "--rerank-temperature",
+        type=float,
+        default=DEFAULTS.rerank_temperature,
+        help="the temperature on the judge's odds of --rerank-choice sample",
+    )
     sampling = p.add_argument_group("sampling")
     add_flag(sampling, "--prompts", default=DEFAULTS.prompts, help="prompt file, one per line")
     add_flag(
@@ -133,6 +159,7 @@ def report_settings(args: argparse.Namespace) -> ReportSettings:
         **{name: getattr(args, name) for name in ("models", "names", "texts", "out", "overwrite", "from_scratch")},
         **{name: getattr(args, name) for name in ("few_shot_models", "few_shot_names", "few_shot", "author")},
         instruction=args.instruction,
+        **{name: getattr(args, name) for name in ("rerank", "rerank_choice", "rerank_temperature")},
         prompts=args.prompts,
         n_samples=args.n_samples,
         sampling=replace(from_flags(SamplingSettings, args), paragraphs=DEFAULTS.sampling.paragraphs),

@@ -20,12 +20,17 @@ ADDED = {
         "--keep-out",
         "--max-steps",
         "--whole-works",
-    },  # pretraining a base: held-out works, a kept-out author, a budget
+    }  # pretraining a base: held-out works, a kept-out author, a budget
+    | {
+        f"--self-play-{name}"
+        for name in ("rounds", "pairs", "beta", "likelihood-weight", "prompt-tokens", "new-tokens")
+    },
     "inference.py": {"--config", "--few-shot", "--author", "--instruction"}  # few-shot prompting, and its split:
     | {"--data", "--data-config", "--data-split", "--text-column", "--train-size", "--split-seed", "--split-by"}
     | {"--rerank", "--rerank-choice", "--rerank-temperature"},  # reranking by a judge of the model
     "style_report.py": {"--config", "--few-shot-models", "--few-shot-names", "--few-shot", "--author", "--instruction"}
-    | {"--split-by"},
+    | {"--split-by"}
+    | {"--rerank", "--rerank-choice", "--rerank-temperature"},  # rerank rows
     "export.py": {"--config", "--model-path", "--gguf", "--gguf-type", "--dtype"},  # GGUF export; a bf16 folder
     "bench.py": {"--model-config"}  # was --config (still read so), which now takes a run file
     | {"--serving", "--serving-streams", "--serving-requests", "--serving-model"},  # serve.py under load

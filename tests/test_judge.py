@@ -136,8 +136,6 @@ def test_inference_rerank_keeps_one_of_its_candidates_reproducibly(tiny_model_di
         (["--rerank", "0"], "--rerank must be 1 to 64"),
         (["--rerank", "65"], "--rerank must be 1 to 64"),
         (["--rerank", "2", "--rerank-temperature", "0"], "--rerank-temperature must be positive"),
-        (["--rerank", "2", "--interactive"], "--interactive and --few-shot do not rerank yet"),
-        (["--rerank", "2", "--few-shot", "2"], "--interactive and --few-shot do not rerank yet"),
     ],
 )
 def test_inference_rerank_refuses_bad_input(flags, fragment, capsys):
@@ -162,3 +160,61 @@ def test_inference_refuses_a_damaged_judge_in_one_line(fitted, tiny_model_dir, t
     (model / judge.JUDGE_RECORD).write_text("{")
     line = run_in_process(inference.main, ["--model-path", str(model), "--rerank", "2", "--prompt", "A"], capsys)
     assert "is damaged" in line and (model / judge.JUDGE_TENSORS).exists()  # nothing deleted
+
+
+@pytest.mark.slow
+def test_few_shot_and_interactive_sampling_rerank_too(fitted, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import inference
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    fitted[1].save(model)  # fit for these weights: loaded, not refit
+    common = ["--model-path", str(model), "--seed", "4", "--max-new-tokens", "12", "--data", "austen_dataset.pkl"]
+
+    (tmp_path / "prompts.txt").write_text("Emma\n")
+
+    def draw(*flags: str, piped: bool = False) -> list[str]:
+        with (tmp_path / "prompts.txt").open() as stdin:  # a file, as `< prompts.txt` pipes it
+            if piped:
+                monkeypatch.setattr("sys.stdin", stdin)
+            assert inference.main([*common, *flags]) == 0
+        return samples_of(capsys.readouterr().out)
+
+    few = ["--few-shot", "2", "--prompt", "Emma"]
+    candidates, kept = draw(*few, "--n-return-seqs", "4"), draw(*few, "--n-return-seqs", "2", "--rerank", "2")
+    assert len(kept) == 2 and kept[0] in candidates[:2] and kept[1] in candidates[2:]
+    candidates = draw("--interactive", "--n-return-seqs", "4", piped=True)
+    kept = draw("--interactive", "--n-return-seqs", "2", "--rerank", "2", piped=True)
+    assert len(kept) == 2 and kept[0] in candidates[:2] and kept[1] in candidates[2:]
+
+
+@pytest.mark.slow
+def test_reranked_report_samples_are_generate_samples_at_one_candidate_and_kept_from_theirs(fitted, tokenizer):
+    from austen_gpt.sampling.generation import generate_samples
+
+    model, fit = fitted[0], fitted[1]
+    settings, prompt = SamplingSettings(max_new_tokens=12, paragraphs=None), ["The ball at"]
+    plain = generate_samples(model, tokenizer, prompt, 6, settings, 5)
+    assert judge.reranked_samples(model, tokenizer, prompt, 6, settings, 5, judge.Rerank(fit, 1)) == plain
+    kept = judge.reranked_samples(model, tokenizer, prompt, 2, settings, 5, judge.Rerank(fit, 3, "best"))
+    texts = [s["text"] for s in plain]
+    assert kept[0]["text"] in texts[:3] and kept[1]["text"] in texts[3:]
+
+
+@pytest.mark.slow
+def test_the_judge_shares_no_text_with_the_reports_distinguishability(fitted):
+    """The reranking judge is fit on training-split openings; the report's two-sample classifier reads held-out
+    text only, and n-grams and prose shape, not the model: neither rows nor features in common."""
+    from austen_gpt.style.report import build_references
+    from austen_gpt.style.settings import ReferenceSettings
+    from austen_gpt.style.two_sample import make_classifier
+
+    _, _, openings, _, train, val = fitted
+    refs = build_references(ReferenceSettings(), 42, train, val, 100)
+    judged = {prompt + rest for prompt, rest in openings}
+    held_out = {p for part in refs.held_out.values() for p in part}
+    assert judged <= set(train) and not judged & held_out and held_out <= set(val)
+    steps = [type(step).__name__ for _, step in make_classifier(None).steps[0][1].transformer_list]
+    assert steps == ["TfidfVectorizer", "TfidfVectorizer", "Pipeline"]  # n-grams and ProseFeatures: text alone

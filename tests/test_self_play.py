@@ -152,3 +152,28 @@ def test_self_play_on_a_model_with_no_training_run_needs_data(tiny_model_dir, tm
     result = run_script("train.py", "--model", str(tiny_model_dir), "--self-play-rounds", "1", *out, cwd=tmp_path)
     assert_user_error(result, "records no training run", "give --data")
     assert not (tmp_path / "Checkpoints").exists()
+
+
+MEASURES = {"distinguishability", "distinguishability_spread", "delta_to_author", "copied_ngram_share"}
+MEASURES |= {"val_perplexity", "distinct_1", "overused_phrase_share", "sampling_seconds"}
+
+
+@pytest.mark.slow
+def test_the_reports_self_play_and_rerank_rows_carry_every_measure(uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted / "out", tmp_path / "model")  # the judge is written beside the model
+    rounds = [str(uninterrupted / f"Checkpoints/Round_{n}") for n in (1, 2)]
+    flags = ["--models", str(tmp_path / "model"), *rounds, "--names", "fine-tuned", "round 1", "round 2"]
+    flags += ["--rerank", "2", "--n-samples", "10", "--max-new-tokens", "24", "--draws", "2", "--out", "report"]
+    result = run_script("style_report.py", *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report/report.json").read_text())
+    rows = {row["name"]: row for row in report["models"]}
+    assert list(rows) == [
+        f"{name}{rerank}" for name in ("fine-tuned", "round 1", "round 2") for rerank in ("", ", rerank 2")
+    ]
+    assert all(MEASURES <= row.keys() for row in rows.values())
+    assert rows["fine-tuned, rerank 2"]["rerank"] == 2 and "rerank 2" in (tmp_path / "report/report.md").read_text()
+    author = next(row for row in report["references"] if row["name"] == "author, held out")
+    assert MEASURES - {"val_perplexity", "sampling_seconds"} <= author.keys()  # the floor, beside them

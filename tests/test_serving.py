@@ -212,7 +212,7 @@ def test_health_metrics_and_the_page(server):
     assert "http://" not in page.text and "https://" not in page.text  # no external assets: it works offline
 
 
-def in_process(model_dir, limits, key: str | None = None, max_batch: int = 4, max_queue: int = 4):
+def in_process(model_dir, limits, key: str | None = None, max_batch: int = 4, max_queue: int = 4, judge=None):
     """An engine on the model and the app on it, for FastAPI's TestClient as a loopback client
     (http://localhost): (the engine, the client)."""
     from fastapi.testclient import TestClient
@@ -225,7 +225,8 @@ def in_process(model_dir, limits, key: str | None = None, max_batch: int = 4, ma
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), load_tokenizer(str(model_dir))
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, observe=metrics.observe)
-    return engine, TestClient(create_app(engine, "tiny", limits, key, metrics), base_url="http://localhost")
+    app = create_app(engine, "tiny", limits, key, metrics, judge)
+    return engine, TestClient(app, base_url="http://localhost")
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir):
@@ -594,3 +595,35 @@ def test_the_stop_check_is_linear_in_the_stop_strings_length(tokenizer):
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), timeout=60, capture_output=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_rerank_keeps_one_of_each_samples_candidates_by_the_judge(tiny_model_dir):
+    """The extension field rerank N: sample k is one of the prompt's samples kN .. kN+N-1, reproducibly; refused
+    without a judge, and with stream."""
+    import torch
+
+    from austen_gpt.serving.app import Limits
+    from austen_gpt.style.judge import Judge
+
+    torch.manual_seed(0)
+    judge = Judge(
+        {"weight": torch.randn(66), "bias": torch.zeros(1), "mean": torch.zeros(66), "std": torch.ones(66)}, {}
+    )
+    body = {"model": "tiny", "prompt": "Emma", "max_tokens": 12, "paragraphs": None, "seed": 5}
+    _, client = in_process(tiny_model_dir, Limits(100, 128, 16), judge=judge)
+    with client as http:
+
+        def texts(**fields) -> list[str]:
+            answer = http.post("/v1/completions", json={**body, **fields}).json()
+            return [choice["text"] for choice in answer["choices"]]
+
+        candidates = texts(n=6)
+        kept = texts(n=2, rerank=3)
+        assert len(kept) == 2 and kept[0] in candidates[:3] and kept[1] in candidates[3:]
+        assert texts(n=2, rerank=3) == kept and texts(n=2, rerank=3, rerank_choice="best") != []
+        refused = http.post("/v1/completions", json={**body, "rerank": 2, "stream": True}).json()["error"]
+        assert refused["param"] == "rerank" and "cannot stream" in refused["message"]
+    _, client = in_process(tiny_model_dir, Limits(100, 128, 16))
+    with client as http:
+        refused = http.post("/v1/completions", json={**body, "rerank": 2}).json()["error"]
+        assert refused["param"] == "rerank" and "no judge" in refused["message"]

@@ -87,6 +87,9 @@ class Session:
     keep: Callable[[str, list[str], SamplingSettings, int, None, dict | None], None]
     few_shot: FewShot | None = None  # each prompt after its own excerpts (inference.py --few-shot K)
     out: TextIO = sys.stdout
+    candidates: int = 1  # inference.py --rerank N: each sample kept of N candidates by `pick`
+    # (prompt, the n x N candidates, seed) -> the n kept
+    pick: Callable[[str, list[str], int], list[str]] | None = None
 
     def run(self, lines: Iterator[str]) -> int:
         for line in lines:
@@ -139,8 +142,8 @@ class Session:
 
     def sample(self, prompt: str) -> None:
         seed = self.seed if self.seed is not None else fresh_seed()
-        stream, record = None, None
-        if self.n == 1:
+        stream, record, drawn = None, None, self.n * self.candidates
+        if drawn == 1:  # streamed as drawn; candidates are shown once one is kept
             self.out.write(prompt)
             stream = TextStream(
                 self.tokenizer, self.out, chat=self.few_shot is not None and has_chat_template(self.tokenizer)
@@ -148,10 +151,12 @@ class Session:
         try:
             if self.few_shot:
                 texts, record = self.few_shot.write(
-                    self.model, self.tokenizer, prompt, self.n, self.settings, seed, stream
+                    self.model, self.tokenizer, prompt, drawn, self.settings, seed, stream
                 )
             else:
-                texts = generate_paragraphs(self.model, self.tokenizer, prompt, self.n, self.settings, seed, stream)
+                texts = generate_paragraphs(self.model, self.tokenizer, prompt, drawn, self.settings, seed, stream)
+            if self.pick:
+                texts = self.pick(prompt, texts, seed)
         except KeyboardInterrupt:
             self.say("\n[stopped]")
             return

@@ -34,11 +34,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from austen_gpt.sampling.generation import fresh_seed, prompt_ids, sample_numbers
+from austen_gpt.sampling.generation import as_text, fresh_seed, prompt_ids, sample_numbers
 from austen_gpt.serving.engine import Engine, Job, QueueFull, Row
 from austen_gpt.serving.gate import Gate, error_json
 from austen_gpt.serving.schemas import DEFAULT_MAX_TOKENS, PROMPT_RULE, ChatRequest, CompletionRequest, Sampling
 from austen_gpt.settings import SamplingSettings
+from austen_gpt.style.judge import Judge, Rerank
 
 PAGE = Path(__file__).with_name("page.html")
 STOPPING_GRACE = 20  # seconds a stream in flight may still run once the server is told to stop (uvicorn waits 30)
@@ -149,7 +150,9 @@ def route_of(app: FastAPI, scope) -> str:
     return "other"
 
 
-def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, metrics: Metrics) -> FastAPI:
+def create_app(
+    engine: Engine, name: str, limits: Limits, api_key: str | None, metrics: Metrics, judge: Judge | None = None
+) -> FastAPI:
     """The app serving `engine`'s model as `name`; with `api_key`, /v1 requests need it as a Bearer token."""
 
     @asynccontextmanager
@@ -208,14 +211,38 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
             raise ApiError(400, f"max_tokens {body.asked_tokens()} is over this server's cap of "
                            f"{limits.max_tokens}; ask for fewer", "max_tokens")  # fmt: skip
         seed = body.seed if body.seed is not None else fresh_seed()
-        if len(prompts) * body.n > limits.samples:
-            raise ApiError(400, f"{len(prompts) * body.n} samples (prompts times n) are more than this server "
-                           f"draws at once ({limits.samples}); ask for fewer", "n")  # fmt: skip
-        encoded = [ids for ids in (prompt_ids(engine.tokenizer, prompt) for prompt in prompts) for _ in range(body.n)]
+        check_rerank(body)
+        drawn = body.n * body.rerank  # a sample's candidates are drawn as samples of their own
+        if len(prompts) * drawn > limits.samples:
+            raise ApiError(400, f"{len(prompts) * drawn} samples (prompts times n times rerank) are more than this "
+                           f"server draws at once ({limits.samples}); ask for fewer", "n")  # fmt: skip
+        encoded = [ids for ids in (prompt_ids(engine.tokenizer, prompt) for prompt in prompts) for _ in range(drawn)]
         rows = []
         for ids, number in zip(encoded, sample_numbers(encoded), strict=True):
             rows.append(Row(ids, number, seed, settings, new_tokens(body, len(ids)), body.stops()))
         return rows, seed
+
+    def check_rerank(body: Sampling) -> None:
+        if body.rerank > 1 and judge is None:
+            raise ApiError(400, "rerank: this server has no judge for its model; fit one with inference.py "
+                           "--model-path <the model> --rerank 2 --prompt ... (saved beside the model), then restart "
+                           "the server", "rerank")  # fmt: skip
+        if body.rerank > 1 and body.stream:
+            raise ApiError(400, "rerank keeps one of whole candidates, so it cannot stream; leave out stream or "
+                           "rerank", "rerank")  # fmt: skip
+
+    def kept_rows(rows: list[Row], body: Sampling) -> list[Row]:
+        """With rerank N, the row kept of each sample's N candidates (prompt by prompt, sample k's are the prompt's
+        samples kN .. kN+N-1), as inference.py --rerank keeps them: the judge reads the prompt and its continuation."""
+        if body.rerank == 1:
+            return rows
+        rerank, per_prompt, kept = Rerank(judge, body.rerank, body.rerank_choice), body.n * body.rerank, []
+        for first in range(0, len(rows), per_prompt):
+            candidates = rows[first : first + per_prompt]
+            texts = [as_text(engine.tokenizer, row.prompt[1:] + row.tokens) for row in candidates]
+            kept += [candidates[i] for i in rerank.kept(engine.model, engine.tokenizer, texts, candidates[0].prompt,
+                                                        candidates[0].seed)]  # fmt: skip
+        return kept
 
     def new_tokens(body: Sampling, prompt_tokens: int) -> int:
         """The row's new tokens: what the request asks for, which must fit the context after its prompt, or as
@@ -313,7 +340,8 @@ def create_app(engine: Engine, name: str, limits: Limits, api_key: str | None, m
         if body.stream:
             return stream(job, shape, bool(body.stream_options and body.stream_options.include_usage))
         await finished(job, request)
-        choices = [shape.choice(row.index, row.text.final(), row.finish_reason) for row in job.rows]
+        kept = await run_in_threadpool(kept_rows, job.rows, body)  # reading the candidates takes model calls
+        choices = [shape.choice(index, row.text.final(), row.finish_reason) for index, row in enumerate(kept)]
         return shape.whole(choices, usage(job))
 
     def stream(job: Job, shape, include_usage: bool) -> EventSourceResponse:

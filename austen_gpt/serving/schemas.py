@@ -55,6 +55,9 @@ class Sampling(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float = Field(DEFAULTS.repetition_penalty, gt=0)
     paragraphs: int | None = Field(DEFAULTS.paragraphs, ge=1)
+    # each sample kept of `rerank` candidates by the model's judge, as inference.py --rerank N --rerank-choice
+    rerank: int = Field(1, ge=1, le=16)
+    rerank_choice: Literal["sample", "best"] = "sample"
     # not implemented: refused unless neutral
     logprobs: bool | int | None = None
     top_logprobs: int | None = None

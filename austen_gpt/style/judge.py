@@ -28,7 +28,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from austen_gpt.cli import UserError
-from austen_gpt.sampling.generation import context_length, row_seed, sample_prompts
+from austen_gpt.data.tokens import paragraph_frame
+from austen_gpt.sampling.generation import (
+    as_text,
+    context_length,
+    prompt_ids,
+    row_seed,
+    rows_per_call,
+    sample_ids,
+    sample_prompts,
+    special_token_ids,
+)
 
 JUDGE_TENSORS = "judge.safetensors"
 JUDGE_RECORD = "judge.json"
@@ -212,6 +222,27 @@ def judge_for(model_path: str, model, tokenizer, train: list[str], data: str, se
     return saved
 
 
+@dataclass
+class Rerank:
+    """How a reranked sample is kept: one of `candidates`, by `judge`, the best or drawn (`how`) at `temperature`."""
+
+    judge: Judge
+    candidates: int
+    how: str = "sample"
+    temperature: float = 1.0
+
+    def kept(self, model, tokenizer, texts: list[str], prompt: list[int], seed: int) -> list[int]:
+        """The index of the text kept of each run of `candidates` `texts` (sample k's are texts k*N .. k*N+N-1 of
+        `prompt`'s tokens); sample k's draw is seeded by row_seed(seed, prompt, k), so it is reproducible."""
+        n = self.candidates
+        log_odds = self.judge.log_odds(text_features(model, tokenizer, texts, JUDGED_TOKENS))
+        kept = []
+        for k in range(len(texts) // n):
+            generator = torch.Generator().manual_seed(row_seed(seed, prompt, k))
+            kept.append(k * n + choose(log_odds[k * n : (k + 1) * n], self.how, self.temperature, generator))
+        return kept
+
+
 def keep_one_in(
     n: int,
     candidates: list[str],
@@ -224,10 +255,25 @@ def keep_one_in(
     seed: int,
 ) -> list[str]:
     """One text of each run of `n` candidates (sample k's are candidates k*n .. k*n+n-1 of a prompt), chosen by
-    the judge; sample k's draw is seeded by row_seed(seed, the prompt's tokens, k), so it is reproducible."""
-    log_odds = judge.log_odds(text_features(model, tokenizer, candidates, JUDGED_TOKENS))
-    kept = []
-    for k in range(len(candidates) // n):
-        generator = torch.Generator().manual_seed(row_seed(seed, prompt, k))
-        kept.append(candidates[k * n + choose(log_odds[k * n : (k + 1) * n], how, temperature, generator)])
-    return kept
+    the judge (Rerank.kept)."""
+    kept = Rerank(judge, n, how, temperature).kept(model, tokenizer, candidates, prompt, seed)
+    return [candidates[i] for i in kept]
+
+
+def reranked_samples(
+    model, tokenizer, prompts: list[str], n: int, settings, seed: int, rerank: Rerank
+) -> list[dict[str, str]]:
+    """generate_samples' `n` samples {prompt, text}, each the one of `rerank.candidates` that `rerank` keeps: sample
+    k of a prompt is kept from its samples k*N .. k*N+N-1, so with N = 1 these are generate_samples' own."""
+    eot, special, size = paragraph_frame(tokenizer)[1], special_token_ids(tokenizer), rows_per_call(model)
+    samples = []
+    for i, prompt in enumerate(prompts[:n]):
+        ids, count = prompt_ids(tokenizer, prompt), len(range(i, n, len(prompts))) * rerank.candidates
+        drawn = []
+        for first in range(0, count, size):
+            numbers = list(range(first, min(count, first + size)))
+            drawn += sample_ids(model, [ids] * len(numbers), settings, seed, eot, samples=numbers, special_ids=special)
+        judged = [as_text(tokenizer, ids[1:] + row) for row in drawn]  # the judge reads the prompt too, as it was fit
+        kept = rerank.kept(model, tokenizer, judged, ids, seed)
+        samples += [{"prompt": prompt, "text": as_text(tokenizer, drawn[k])} for k in kept]
+    return samples

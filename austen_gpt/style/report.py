@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from austen_gpt.sampling import few_shot
 from austen_gpt.sampling.generation import context_length, generate_samples, read_prompts
 from austen_gpt.sampling.loading import load_for_sampling
 from austen_gpt.settings import DataSettings
-from austen_gpt.style import text
+from austen_gpt.style import judge, text
 from austen_gpt.style.settings import ReferenceSettings, ReportSettings
 from austen_gpt.style.two_sample import FOLDS, ProseFeatures, TwoSampleTest
 
@@ -76,6 +77,7 @@ class References:
     delta: object  # style.Delta
     copying: object  # style.Copying
     two_sample: TwoSampleTest
+    overused: object  # style.OverusedPhrases
 
 
 def classifier_text(
@@ -139,6 +141,7 @@ def build_references(
         delta=text.Delta(text.without(novels, val) | contrast_train, all_names, n_words=settings.mfw),
         copying=text.Copying(train, author_names, n=settings.ngram),
         two_sample=TwoSampleTest(held_out["two-sample pool"], prose, all_names, settings.draws, seed),
+        overused=text.OverusedPhrases(train),
     )
 
 
@@ -191,6 +194,8 @@ def style_metrics(texts: list[str], refs: References, prompts: list[str] | None 
         "distinct_1": text.distinct_n(texts, 1),
         "distinct_2": text.distinct_n(texts, 2),
         "repetition_rate": text.repetition_rate(texts),
+        "overused_phrase_share": refs.overused.share(texts),
+        "overused_phrases": dict(list(refs.overused.find(texts)[0].items())[:5]),
         "words": sum(len(text.words(t)) for t in texts),
     }
 
@@ -230,9 +235,11 @@ COLUMNS = [  # (key, heading, format)
     ("delta_to_nearest_contrast", "Delta to nearest contrast", "{:.3f}"),
     ("longest_copied_run", "longest copied run (words)", "{}"),
     ("names_per_1000_words", "names per 1,000 words", "{:.1f}"),
-    ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_1", "type-token ratio (distinct-1)", "{:.3f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("repetition_rate", "repetition", "{:.1%}"),
+    ("overused_phrase_share", "over-used phrases", "{:.1%}"),
+    ("sampling_seconds", "sampling (s)", "{:,.1f}"),
 ]
 
 
@@ -326,8 +333,14 @@ def markdown_report(settings: ReportSettings, rows: list[dict], references: list
         "row is its ceiling; a row above it uses the author's favourite words more than she does.",
         f"- **Delta**: Burrows' Delta, cosine variant, over the {measures.mfw} most frequent words (names excluded); "
         "0 is the same profile, about 1 unrelated; lower to the author than to the contrast novels reads as her.",
-        "- **Fluency**, per sample then averaged: distinct-n = distinct word n-grams over all n-grams; repetition = "
-        "share of a sample's word 4-grams that already occurred in it.",
+        "- **Fluency**, per sample then averaged: distinct-n = distinct word n-grams over all n-grams (distinct-1 is "
+        "the type-token ratio); repetition = share of a sample's word 4-grams that already occurred in it. "
+        f"**Over-used phrases**: the share of the texts' word {refs.overused.n}-grams that occur "
+        f"{refs.overused.min_count} times or more and at least {refs.overused.ratio:g} times as often as in the "
+        "training text (add-one smoothed); report.json lists each row's most frequent ones.",
+        "- **Sampling (s)**: the wall-clock seconds of the row's sampling (a reranked row's judging included), in "
+        "this one run: the cost of --rerank N read against its plain row.",
+        *([rerank_note(settings)] if settings.rerank else []),
         *([few_shot_note(settings)] if settings.few_shot_models else []),
         "",
         "![style](style.png)",
@@ -341,6 +354,17 @@ def markdown_report(settings: ReportSettings, rows: list[dict], references: list
         for sample in model_samples[: settings.show_samples]:
             parts += [f"**{sample['prompt']}** {sample['text']}", "", "---", ""]
     return "\n".join(parts).rstrip("-\n ") + "\n"
+
+
+def rerank_note(settings: ReportSettings) -> str:
+    return (
+        "- **Rerank rows** (`NAME, rerank N`): each sample is one of N candidates, kept by the model's judge as "
+        "`inference.py --rerank N` keeps it (a logistic regression on the model's own hidden states and token "
+        "log-probabilities, fit on openings of the training split); `best` takes the judge's likeliest, otherwise "
+        f"one is drawn in proportion to its odds (temperature {settings.rerank_temperature:g}). The judge shares "
+        "neither features nor text with the distinguishability's classifier, which reads n-grams and prose shape and "
+        "is fit on held-out text only."
+    )
 
 
 def few_shot_note(settings: ReportSettings) -> str:
@@ -409,18 +433,51 @@ def write_report(settings: ReportSettings, rows: list[dict], references: list[di
     return out / "report.md"
 
 
-def sample_models(settings: ReportSettings, prompts: list[str], val_paragraphs: list[str]) -> list[tuple[dict, list]]:
-    """(row with the held-out perplexity, samples) for every --models entry, one model in memory at a time."""
+def sample_models(
+    settings: ReportSettings, prompts: list[str], train: list[str], val_paragraphs: list[str]
+) -> list[tuple[dict, list]]:
+    """(row with the held-out perplexity, samples) for every --models entry (and its --rerank rows), one model in
+    memory at a time."""
 
     sampled, data = [], settings.data
     for name, path in zip(settings.names or settings.models, settings.models, strict=True):
         print(f"{name}: sampling {settings.n_samples} x {settings.sampling.max_new_tokens} tokens ...", flush=True)
         model, tokenizer = load_scored_model(path, settings.from_scratch, data.seed)
+        started = time.perf_counter()
         samples = generate_samples(model, tokenizer, prompts, settings.n_samples, settings.sampling, settings.seed)
+        seconds = time.perf_counter() - started
         perplexity = held_out_perplexity(model, tokenizer, val_paragraphs, data.max_input_length, settings.batch_size)
-        sampled.append(({"name": name, "model": path, **perplexity}, samples))
+        sampled.append(({"name": name, "model": path, **perplexity, "sampling_seconds": seconds}, samples))
+        sampled += reranked_rows(settings, name, path, model, tokenizer, prompts, train, perplexity)
         del model
     return sampled
+
+
+def reranked_rows(settings: ReportSettings, name: str, path: str, model, tokenizer, prompts, train, perplexity):
+    """(row, samples) of the model for each --rerank N and --rerank-choice: its judge loaded or fit (on `train`)."""
+    if not settings.rerank:
+        return []
+    data = settings.data
+    fitting = replace(settings.sampling, paragraphs=1)  # the judge's fitting samples are one paragraph, as inference's
+    found = judge.judge_for(path, model, tokenizer, train, str(data.data), fitting, data.seed)
+    rows = []
+    for n in settings.rerank:
+        for how in settings.rerank_choice:
+            label = f"{name}, rerank {n}" + ("" if settings.rerank_choice == ["sample"] else f" ({how})")
+            print(f"{label}: sampling {settings.n_samples} x {n} candidates ...", flush=True)
+            started = time.perf_counter()
+            samples = judge.reranked_samples(
+                model,
+                tokenizer,
+                prompts,
+                settings.n_samples,
+                settings.sampling,
+                settings.seed,
+                judge.Rerank(found, n, how, settings.rerank_temperature),
+            )
+            row = {"name": label, "model": path, **perplexity, "rerank": n, "rerank_choice": how}
+            rows.append((row | {"sampling_seconds": time.perf_counter() - started}, samples))
+    return rows
 
 
 def few_shot_samples(
@@ -514,7 +571,7 @@ def run_report(settings: ReportSettings) -> Path:
     prompts, texts = read_prompts(settings.prompts), read_texts(settings.texts)
     train, val = load_split(settings.data)
     check_few_shot(settings, train)
-    sampled = sample_models(settings, prompts, val) + sample_few_shot_models(settings, prompts, train, val)
+    sampled = sample_models(settings, prompts, train, val) + sample_few_shot_models(settings, prompts, train, val)
     # the classifiers read passages as long as the first row's texts
     first = [s["text"] for s in sampled[0][1]] if sampled else next(iter(texts.values()))
     passage_words = max(20, round(sum(len(t.split()) for t in first) / len(first)))

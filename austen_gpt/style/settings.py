@@ -11,6 +11,8 @@ from austen_gpt.flags import REPO, sampling_rules
 from austen_gpt.settings import DataSettings, SamplingSettings
 from austen_gpt.style.two_sample import TwoSampleTest
 
+MAX_RERANK = 64  # candidates per sample: each is a whole sample, drawn, held and scored
+
 N_SAMPLES = 48  # per model: the two-sample test's spread across draws stays under 0.05 (docs/style.md)
 
 
@@ -56,6 +58,12 @@ class ReportSettings:
     """the author a chat model is asked to write as (the bundled data: Jane Austen)"""
     instruction: str | None = None
     """a chat model's instruction (default: continue as the author)"""
+    rerank: list[int] = field(default_factory=list)
+    """candidates per sample of the rerank rows: a row for each --models entry and N, as inference.py --rerank N"""
+    rerank_choice: list[str] = field(default_factory=lambda: ["sample"])
+    """how the rerank rows keep a candidate: sample (in proportion to the judge's odds) or best; a row for each"""
+    rerank_temperature: float = 1.0
+    """the temperature on the judge's odds of --rerank-choice sample"""
     prompts: str = str(REPO / "data/eval_prompts.txt")
     """the prompt file, one per line, cycled in order"""
     n_samples: int = N_SAMPLES
@@ -93,6 +101,12 @@ def check_report_settings(settings: ReportSettings) -> None:
                 "give one --few-shot-names label per --few-shot-models entry",
             ),
             (s.few_shot and min(s.few_shot) >= 0, "--few-shot takes numbers of excerpts, 0 or more, e.g. 0 3 10"),
+            (
+                all(2 <= n <= MAX_RERANK for n in s.rerank),
+                f"--rerank takes candidates per sample, 2 to {MAX_RERANK}, e.g. 4 16",
+            ),
+            (not s.rerank or s.models, "--rerank reranks the --models rows: give --models"),
+            (s.rerank_temperature > 0, "--rerank-temperature must be positive, e.g. 1.0"),
             *sampling_rules(sampling.top_k, sampling.top_p, sampling.temperature),
         ]
     )

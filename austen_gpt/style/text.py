@@ -315,3 +315,37 @@ def distinct_n(texts: list[str], n: int) -> float:
 def repetition_rate(texts: list[str], n: int = 4) -> float:
     """Share of a text's word n-grams that already occurred earlier in the same text, averaged."""
     return 1 - distinct_n(texts, n) if texts else 0.0
+
+
+class OverusedPhrases:
+    """Word n-grams much more frequent in a set of texts than in the author's training text: the tics a model
+    picks up (a phrase it reaches for in every sample), which DPO-style training is known to breed.
+
+    An n-gram of the texts is over-used where it occurs `min_count` times or more and its rate there is at least
+    `ratio` times its rate in the author's text (add-one smoothed, so a phrase she never wrote counts as once).
+    """
+
+    def __init__(self, author_paragraphs: list[str], n: int = 3, ratio: float = 5.0, min_count: int = 3):
+        self.n, self.ratio, self.min_count = n, ratio, min_count
+        self.author = Counter(gram for p in author_paragraphs for gram in self._grams(p))
+        self.author_total = max(1, sum(self.author.values()))
+
+    def _grams(self, text: str) -> list[str]:
+        ws = words(text)
+        return [" ".join(ws[i : i + self.n]) for i in range(len(ws) - self.n + 1)]
+
+    def find(self, texts: list[str]) -> tuple[dict[str, int], int]:
+        """({over-used n-gram: its count in the texts}, most frequent first; the texts' number of n-grams)."""
+        counts = Counter(gram for t in texts for gram in self._grams(t))
+        total = max(1, sum(counts.values()))
+        over = {
+            gram: count
+            for gram, count in counts.most_common()
+            if count >= self.min_count and count / total >= self.ratio * (self.author[gram] + 1) / self.author_total
+        }
+        return over, total
+
+    def share(self, texts: list[str]) -> float:
+        """The share of the texts' n-grams that are over-used ones."""
+        over, total = self.find(texts)
+        return sum(over.values()) / total
