@@ -177,3 +177,19 @@ def test_the_reports_self_play_and_rerank_rows_carry_every_measure(uninterrupted
     assert rows["fine-tuned, rerank 2"]["rerank"] == 2 and "rerank 2" in (tmp_path / "report/report.md").read_text()
     author = next(row for row in report["references"] if row["name"] == "author, held out")
     assert MEASURES - {"val_perplexity", "sampling_seconds"} <= author.keys()  # the floor, beside them
+
+
+def test_the_gpu_script_asks_each_step_for_what_it_has():
+    """scripts/gpu_self_play.sh runs on a lent GPU only: a typo in its flags must fail here."""
+    from test_pretraining import script_commands
+
+    import style_report
+    from austen_gpt.training.flags import parse_args
+
+    steps = script_commands("scripts/gpu_self_play.sh")
+    assert [name for name, _ in steps] == ["train.py", "style_report.py"]
+    train = parse_args(steps[0][1])
+    assert train.model == "models/austen-small" and train.self_play_rounds == 3 and not train.from_scratch
+    report = style_report.parse_args(steps[1][1])
+    assert report.models[0] == "models/austen-small" and report.rerank == [4, 16]
+    assert report.models[1:] == [f"{train.check_dir}/Round_{n}" for n in (1, 2, 3)]
