@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,19 @@ def wide_model_dir(tmp_path_factory, tokenizer) -> Path:
     GPT2LMHeadModel(tiny_config(n_positions=512)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def script_commands(script: str) -> list[tuple[str, list[str]]]:
+    """(script run, its arguments) of each `python` line of a shell script (continued lines joined, an
+    environment prefix or `time` dropped, cut at a pipe), shell variables filled in with plain words."""
+    import shlex
+
+    text = (REPO / script).read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line.split(" | ")[0].split(" 2>&1")[0], comments=True)
+        while words and (words[0] == "time" or "=" in words[0]):
+            words = words[1:]
+        if words[:1] == ["python"]:
+            commands.append((words[1], [re.sub(r"\$\{?(\w+)\}?", lambda m: m.group(1), word) for word in words[2:]]))
+    return commands

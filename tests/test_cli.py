@@ -285,6 +285,11 @@ def test_a_run_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
             f"--model configs/austen-tiny --from-scratch {same} --lr 3e-3 --check-dir Checkpoints/tiny-scratch "
             "--output-dir models/austen-tiny-scratch",
         ),
+        (
+            "self-play.yaml",
+            "--model models/austen-tiny --self-play-rounds 4 --batch-size 16 --lr 1e-4 --warmup-steps 10 "
+            "--sample-every 0 --check-dir Checkpoints/self-play --output-dir models/austen-tiny-self-play",
+        ),
     ]:
         from_file = vars(parse_args(["--config", str(REPO / "configs" / run_file)]))
         assert {**from_file, "config": None} == vars(parse_args(spelled_out.split())), run_file

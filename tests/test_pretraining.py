@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_script, train_args
+from conftest import REPO, assert_user_error, run_script, script_commands, train_args
 from safetensors import safe_open
 
 from austen_gpt.cli import UserError
@@ -198,22 +197,6 @@ def test_a_bf16_copy_is_half_the_size(tmp_path, tiny_model_dir):
     assert half.stat().st_size < 0.55 * full.stat().st_size
     with safe_open(half, "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
-
-
-def script_commands(script: str) -> list[tuple[str, list[str]]]:
-    """(script run, its arguments) of each `python` line of a shell script (continued lines joined, an
-    environment prefix or `time` dropped, cut at a pipe), shell variables filled in with plain words."""
-    import shlex
-
-    text = (REPO / script).read_text().replace("\\\n", " ")
-    commands = []
-    for line in text.splitlines():
-        words = shlex.split(line.split(" | ")[0].split(" 2>&1")[0], comments=True)
-        while words and (words[0] == "time" or "=" in words[0]):
-            words = words[1:]
-        if words[:1] == ["python"]:
-            commands.append((words[1], [re.sub(r"\$\{?(\w+)\}?", lambda m: m.group(1), word) for word in words[2:]]))
-    return commands
 
 
 def test_the_recipe_scripts_ask_each_step_for_what_it_has():

@@ -14,12 +14,13 @@ import torch
 from conftest import assert_user_error, run_script, script_env, train_args
 from safetensors.torch import load_file
 
-# 2 rounds of 32 pairs, 8 batches of 4 a round, 2 accumulated a step: 4 steps a round; Step_3 falls inside round 1,
+# 2 rounds of 32 pairs of 48 new tokens (the tiny model has 128 positions), 8 batches of 4 a round, 2 accumulated
+# a step: 4 steps a round; Step_3 falls inside round 1,
 # Step_6 inside round 2. --train-size 0.5 leaves the style probe the validation text of 10 samples.
 COMMON = (
     "--self-play-rounds 2 --self-play-pairs 32 --batch-size 4 --grad-accum-steps 2 --lr 1e-3 --warmup-steps 1 "
     "--train-size 0.5 --eval-style-samples 10 --sample-every 0 --report-to none --log-every 1 --precision fp32 "
-    "--save-steps 3 --seed 3"
+    "--save-steps 3 --seed 3 --self-play-new-tokens 48"
 ).split()
 LORA = ["--lora", "--rank-lora", "4", "--targets-lora", "c_attn"]
 
@@ -181,7 +182,7 @@ def test_the_reports_self_play_and_rerank_rows_carry_every_measure(uninterrupted
 
 def test_the_gpu_script_asks_each_step_for_what_it_has():
     """scripts/gpu_self_play.sh runs on a lent GPU only: a typo in its flags must fail here."""
-    from test_pretraining import script_commands
+    from conftest import script_commands
 
     import style_report
     from austen_gpt.training.flags import parse_args

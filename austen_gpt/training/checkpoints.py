@@ -49,9 +49,9 @@ SINCE = {
     "split_by": "paragraph",
     "whole_works": False,
     "self_play_rounds": 0,
-    "self_play_pairs": 256,
+    "self_play_pairs": 512,
     "self_play_prompt_tokens": 16,
-    "self_play_new_tokens": 48,
+    "self_play_new_tokens": 112,
 }  # settings newer than some checkpoints: what those were trained with
 RESUME_ELSEWHERE = "move that checkpoint away, or resume from an earlier one with --resume-from NAME"
 DAMAGED = ".damaged"  # the suffix --resume gives a damaged checkpoint, so that it is never chosen again

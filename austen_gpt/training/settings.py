@@ -140,17 +140,18 @@ class SelfPlaySettings:
     of training openings and trains it to prefer the author's own, against the model as the round found it. Each
     round is validated (held-out perplexity, distinguishability, copying) and checkpointed (Round_N); best/ is the
     least distinguishable round. --epochs is not used. 0: off, ordinary fine-tuning"""
-    self_play_pairs: int = 256
+    self_play_pairs: int = 512
     """openings (author's continuation against the model's) a round draws and trains on, once each"""
     self_play_beta: float = 0.1
     """the SPIN (DPO) loss's beta: how far from the round's reference the log-probability gains may go"""
-    self_play_likelihood_weight: float = 1.0
+    self_play_likelihood_weight: float = 4.0
     """weight of the author's continuations' own loss per token, beside the SPIN loss (keeps their likelihood from
     falling with the model's); 0: the SPIN loss alone"""
     self_play_prompt_tokens: int = 16
     """tokens of a training paragraph both continuations start from"""
-    self_play_new_tokens: int = 48
-    """tokens of each continuation: the author's next ones, and as many of the model's"""
+    self_play_new_tokens: int = 112
+    """tokens of each continuation: the author's next ones, and as many of the model's (with the opening, the
+    length of the style report's 128-token samples, so the model is shown its repetition over a whole sample)"""
 
 
 @dataclass
