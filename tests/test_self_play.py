@@ -14,6 +14,8 @@ import torch
 from conftest import assert_user_error, run_script, script_env, train_args
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.xdist_group("self-play")  # one worker: the uninterrupted run is made once
+
 # 2 rounds of 32 pairs of 48 new tokens (the tiny model has 128 positions), 8 batches of 4 a round, 2 accumulated
 # a step: 4 steps a round; Step_3 falls inside round 1,
 # Step_6 inside round 2. --train-size 0.5 leaves the style probe the validation text of 10 samples.

@@ -14,7 +14,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 from austen_gpt.cli import UserError
@@ -86,7 +86,7 @@ class Session:
     # called with every finished prompt's samples (prompt, texts, settings, seed, prompts file, few-shot record)
     keep: Callable[[str, list[str], SamplingSettings, int, None, dict | None], None]
     few_shot: FewShot | None = None  # each prompt after its own excerpts (inference.py --few-shot K)
-    out: TextIO = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # the stdout of the moment, not of the import
     candidates: int = 1  # inference.py --rerank N: each sample kept of N candidates by `pick`
     # (prompt, the n x N candidates, seed) -> the n kept
     pick: Callable[[str, list[str], int], list[str]] | None = None
